@@ -224,7 +224,7 @@ class PreparedSeries:
         _check_shape(model_grid, (n, size, size), "model_grid")
         step = self.spec.pixel_spacing_mm
         origin = self._model_origin_mm()
-        return _resample_stack(
+        resampled = _resample_stack(
             np.asarray(model_grid, dtype=np.float32),
             input_spacing=(step, step),
             input_origin=origin,
@@ -234,6 +234,7 @@ class PreparedSeries:
             interpolation=interpolation,
             outside_value=0.0,
         )
+        return sitk.GetArrayFromImage(resampled)
 
     def to_model_grid(
         self,
@@ -263,7 +264,7 @@ class PreparedSeries:
         n, size = len(self.slices), self.spec.matrix_size
         _check_shape(source_grid, (n, *self.source_shape), "source_grid")
         step = self.spec.pixel_spacing_mm
-        return _resample_stack(
+        resampled = _resample_stack(
             np.asarray(source_grid, dtype=np.float32),
             input_spacing=self.source_pixel_spacing_mm,
             input_origin=(0.0, 0.0),
@@ -273,6 +274,7 @@ class PreparedSeries:
             interpolation=interpolation,
             outside_value=0.0,
         )
+        return sitk.GetArrayFromImage(resampled)
 
     @property
     def slice_spacing_mm(self) -> np.ndarray:
@@ -386,7 +388,10 @@ def prepare_hu_volume(
         raise SeriesError(
             series_label, f"HU volume must be (slices, rows, columns), got {volume.shape}"
         )
-    if not np.issubdtype(volume.dtype, np.number) or not np.all(np.isfinite(volume)):
+    # min/max propagate NaN and expose inf without a volume-sized temporary
+    if not np.issubdtype(volume.dtype, np.number) or not (
+        np.isfinite(volume.min()) and np.isfinite(volume.max())
+    ):
         raise SeriesError(series_label, "HU volume holds non-finite or non-numeric values")
     spacing = (float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1]))
     if not all(np.isfinite(s) and s > 0 for s in spacing):
@@ -421,7 +426,8 @@ def prepare_hu_volume(
         )
         for k in range(n)
     )
-    hu_f32 = volume.astype(np.float32, copy=True)
+    # a read-only view (no copy of a large volume): the HuSeries lives only inside this call
+    hu_f32 = np.asarray(volume, dtype=np.float32).view()
     hu_f32.setflags(write=False)
     series = HuSeries(
         study_instance_uid=study_instance_uid,
@@ -863,7 +869,7 @@ def _prepare(series: HuSeries, spec: PreprocessSpec) -> PreparedSeries:
         [[step / dr, 0.0, origin_row_px], [0.0, step / dc, origin_col_px], [0.0, 0.0, 1.0]]
     )
     model_to_source.setflags(write=False)
-    hu_model = _resample_stack(
+    resampled = _resample_stack(
         series.hu,
         input_spacing=(dr, dc),
         input_origin=(0.0, 0.0),
@@ -873,7 +879,9 @@ def _prepare(series: HuSeries, spec: PreprocessSpec) -> PreparedSeries:
         interpolation="linear",
         outside_value=AIR_HU,
     )
-    image = window(hu_model, spec)
+    # window() writes a new array, so a view on the SimpleITK buffer saves one full copy
+    image = window(sitk.GetArrayViewFromImage(resampled), spec)
+    del resampled
     image.setflags(write=False)
     return PreparedSeries(
         study_instance_uid=series.study_instance_uid,
@@ -951,12 +959,17 @@ def _resample_stack(
     output_origin: tuple[float, float],
     interpolation: str,
     outside_value: float,
-) -> np.ndarray:
+) -> sitk.Image:
     """Resample every slice of (n, rows, cols) in its own plane; spacings, origins: (row, col) mm.
 
     The stack is one 3-D SimpleITK image whose slice axis has spacing 1 and the same sampling on
     both sides, so every output slice is interpolated from its own input slice only (no mixing
-    along z).
+    along z). Returns the float32 SimpleITK image; take its array with ``GetArrayFromImage``.
+
+    Raises
+    ------
+    ValueError
+        If ``interpolation`` is not ``"linear"`` or ``"nearest"``.
     """
     if interpolation not in _INTERPOLATORS:
         raise ValueError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
@@ -971,7 +984,7 @@ def _resample_stack(
     resampler.SetInterpolator(_INTERPOLATORS[interpolation])
     resampler.SetDefaultPixelValue(float(outside_value))
     resampler.SetOutputPixelType(sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(resampler.Execute(image))
+    return resampler.Execute(image)
 
 
 def _check_shape(array: np.ndarray, expected: tuple[int, ...], name: str) -> None:
