@@ -1,0 +1,218 @@
+"""The training configuration: one TOML file validated once into a frozen pydantic object.
+
+``training/default_train.toml`` holds the paper's recipe; a user's file only needs the keys it
+changes. An unknown key or a bad value stops the run with a ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from radnet_node.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "default_train.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """Network: variant and the RadnetConfig hyper-parameters (see radnet_node.model)."""
+
+    variant: Literal["densenet", "densenet_a", "radnet"] = "radnet"
+    growth_rate: int = Field(12, ge=1)
+    layers_per_block: int = Field(12, ge=1)
+    stem_channels: int = Field(16, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    lstm_hidden: int = Field(128, ge=1)
+
+
+class PreprocessSection(_Section):
+    """Model input geometry and window (radnet_node.preprocess.PreprocessSpec)."""
+
+    window_level_hu: float = 40.0
+    window_width_hu: float = Field(80.0, gt=0.0)
+    pixel_spacing_mm: float = Field(1.0, gt=0.0)
+    field_of_view_mm: float = Field(250.0, gt=0.0)
+    min_slices: int = Field(5, ge=1)
+
+
+class DataSection(_Section):
+    """Where the cases come from and how they are split."""
+
+    specs: tuple[str, ...] = ()
+    cache_dir: str | None = None
+    max_cases: int | None = Field(None, ge=2)
+    train_fraction: float = Field(0.7, gt=0.0, lt=1.0)
+
+
+class OptimSection(_Section):
+    """SGD with momentum and the paper's step schedule (lr / 10 after 1/3 and 2/3 of the epochs)."""
+
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    nesterov: bool = False
+    milestones: tuple[float, ...] = (1 / 3, 2 / 3)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    grad_clip_norm: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _milestones_are_fractions(self) -> OptimSection:
+        if any(not 0.0 < m < 1.0 for m in self.milestones) or list(self.milestones) != sorted(
+            self.milestones
+        ):
+            raise ValueError("milestones must be ascending fractions of the epochs, each in (0, 1)")
+        return self
+
+
+class LossSection(_Section):
+    """Main slice BCE plus the weighted auxiliary segmentation losses."""
+
+    main_weight: float = Field(1.0, gt=0.0)
+    aux_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
+    aux_dice: bool = True
+
+    @model_validator(mode="after")
+    def _weights_non_negative(self) -> LossSection:
+        if any(w < 0.0 for w in self.aux_weights):
+            raise ValueError("aux_weights must be >= 0")
+        return self
+
+
+class AugmentSection(_Section):
+    """Augmentation applied to every sampled sequence, and the class balancing of the sampler."""
+
+    rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
+    hflip_probability: float = Field(0.5, ge=0.0, le=1.0)
+    positive_sequence_fraction: float | None = Field(0.5, gt=0.0, lt=1.0)
+
+
+class TrainSection(_Section):
+    """Loop, sampling, evaluation and the compute settings."""
+
+    epochs: int = Field(60, ge=1)
+    sequence_length: int = Field(8, ge=1)
+    batch_size: int = Field(1, ge=1)
+    epoch_size: int | None = Field(None, ge=1)
+    seed: int = 0
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    min_consecutive: int = Field(3, ge=1)
+    eval_chunk: int = Field(16, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    threads: int | None = Field(None, ge=1)
+    image_dtype: Literal["float32", "float16"] = "float16"
+
+
+class TrainConfig(_Section):
+    """The whole training configuration."""
+
+    model: ModelSection = ModelSection()
+    preprocess: PreprocessSection = PreprocessSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    loss: LossSection = LossSection()
+    augment: AugmentSection = AugmentSection()
+    train: TrainSection = TrainSection()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML-compatible dict (tuples become lists)."""
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(x) for x in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            value = item.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            parts.append(f"'{key}': {item['msg']}{shown}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a nested dict into a TrainConfig.
+
+    Parameters
+    ----------
+    data : dict
+        Sections as in the TOML file; missing keys take their defaults.
+    source : str
+        Name used in error messages (the file).
+
+    Returns
+    -------
+    TrainConfig
+
+    Raises
+    ------
+    ConfigError
+        Naming every unknown key and every bad value.
+    """
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def default_config_text() -> str:
+    """The text of the packaged default_train.toml."""
+    return resources.files("training").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read the default recipe, apply a user's TOML file and then command-line overrides.
+
+    Parameters
+    ----------
+    path : Path or None
+        A TOML file with the keys to change; ``None`` keeps the defaults.
+    overrides : dict or None
+        Nested dict (same sections) applied last, e.g. ``{"train": {"epochs": 2}}``.
+
+    Returns
+    -------
+    TrainConfig
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read or parsed, or a key or value is invalid.
+    """
+    data = tomllib.loads(default_config_text())
+    source = DEFAULT_CONFIG_NAME
+    if path is not None:
+        source = str(path)
+        try:
+            user = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(
+                f"{path}: cannot read the training config ({error.strerror})"
+            ) from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+        data = _merge(data, user)
+    if overrides:
+        data = _merge(data, overrides)
+    return validate_config(data, source)
