@@ -332,7 +332,8 @@ class RADnet(nn.Module):
         -------
         tuple
             Features of shape (N, C) with C = ``config.feature_channels``, and the three auxiliary
-            logit maps of shape (N, 1, H, W) (block 1, 2, 3) or ``None``.
+            logit maps of shape (N, 1, H, W) (block 1, 2, 3) or ``None``; float32 also under
+            bf16/fp16 autocast.
 
         Raises
         ------
@@ -357,11 +358,11 @@ class RADnet(nn.Module):
         aux: tuple[torch.Tensor, ...] | None = None
         if want_aux:
             aux = (
-                self.aux1(out1, height, width),
-                self.aux2(out2, height, width),
-                self.aux3(out3, height, width),
+                _full_precision(self.aux1(out1, height, width)),
+                _full_precision(self.aux2(out2, height, width)),
+                _full_precision(self.aux3(out3, height, width)),
             )
-        return features, aux
+        return _full_precision(features), aux
 
     def classify_sequence(self, features: torch.Tensor) -> torch.Tensor:
         """Slice logits from pooled features; the LSTM runs across the slices for ``radnet``.
@@ -374,7 +375,7 @@ class RADnet(nn.Module):
         Returns
         -------
         torch.Tensor
-            Slice logits of shape (B, S).
+            Slice logits of shape (B, S); float32 also under bf16/fp16 autocast.
 
         Raises
         ------
@@ -389,8 +390,8 @@ class RADnet(nn.Module):
             )
         if self.config.has_lstm:
             context, _ = self.lstm(features)
-            return self.classifier(context).squeeze(-1)
-        return self.classifier(features).squeeze(-1)
+            return _full_precision(self.classifier(context).squeeze(-1))
+        return _full_precision(self.classifier(features).squeeze(-1))
 
     def forward(self, x: torch.Tensor) -> RadnetOutput:
         """Run RADnet on batches of slice sequences.
@@ -422,6 +423,13 @@ class RADnet(nn.Module):
             None if aux is None else tuple(a.reshape(batch, slices, height, width) for a in aux)
         )
         return RadnetOutput(slice_logits=slice_logits, aux_logits=aux_logits)
+
+
+def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """Return bf16/fp16 (autocast) results as float32: probabilities and losses keep precision."""
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        return tensor.float()
+    return tensor
 
 
 def _check_spatial_size(height: int, width: int) -> None:
@@ -466,7 +474,8 @@ def measure_flops_per_slice(model: RADnet, input_size: int = 250) -> float:
 
     Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add is 2 FLOPs; it
     counts convolutions, deconvolutions and matrix products, not the element-wise batch norm, ReLU
-    and pooling). The model runs in eval mode without autograd, as the engine runs it (so the
+    and pooling, nor the CPU LSTM kernel: about 1.2 MFLOP per slice at the default size, under
+    0.02 %). The model runs in eval mode without autograd, as the engine runs it (so the
     transitions pool before their 1x1 convolution); its training flag is restored afterwards.
 
     Raises
