@@ -91,7 +91,7 @@ def load_for_evaluation(path: Path) -> LoadedModel:
     model.eval()
     return LoadedModel(
         model,
-        PreprocessSpec(**state["preprocess"]),
+        PreprocessSpec.from_dict(state["preprocess"]),
         float(state["threshold"]),
         int(state["min_consecutive"]),
         state["split"],

@@ -483,6 +483,7 @@ def train(
     resume: bool = False,
     dataset: CaseDataset | None = None,
     progress: bool = True,
+    stop_after_epoch: int | None = None,
 ) -> TrainResult:
     """Train (or resume) one run into ``run_dir``.
 
@@ -498,6 +499,9 @@ def train(
         The data; ``None`` opens ``config.data.specs``.
     progress : bool
         Show tqdm bars.
+    stop_after_epoch : int or None
+        End this session after that epoch, leaving a run to continue with ``resume`` (for machines
+        that cannot hold a whole run at once); the schedule still spans ``train.epochs``.
 
     Returns
     -------
@@ -600,7 +604,10 @@ def train(
         file=sys.stderr,
     )
 
-    for epoch in range(start_epoch, config.train.epochs):
+    end_epoch = config.train.epochs
+    if stop_after_epoch is not None:
+        end_epoch = max(start_epoch, min(end_epoch, stop_after_epoch))
+    for epoch in range(start_epoch, end_epoch):
         epoch_started = time.monotonic()
         # the sampler's and augmentation's randomness depends only on (seed, epoch): resumable
         rng = np.random.default_rng([config.train.seed, epoch])
@@ -709,6 +716,8 @@ def train(
     summary = {
         "variant": model_cfg.variant,
         "epochs": config.train.epochs,
+        "epochs_done": end_epoch,
+        "finished": end_epoch >= config.train.epochs,
         "best_epoch": best_epoch,
         "best_validation": {k: v for k, v in best_validation.items() if k != "cases"},
         "train_cases": len(train_cases),
@@ -787,6 +796,9 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
     epoch_size: Annotated[int | None, typer.Option(help="Sequences per epoch")] = None,
     precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
+    stop_after_epoch: Annotated[
+        int | None, typer.Option(help="End this session after epoch N; continue with --resume")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ) -> None:
     """Train RADnet (or an ablation variant) with the paper's recipe."""
@@ -840,7 +852,9 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
                     },
                     "command line",
                 )
-        result = train(config, out, resume=resume, progress=not quiet)
+        result = train(
+            config, out, resume=resume, progress=not quiet, stop_after_epoch=stop_after_epoch
+        )
     except (RadnetError, ValueError) as error:
         typer.echo(f"radnet-train: error: {error}", err=True)
         raise typer.Exit(code=2) from None

@@ -1,0 +1,309 @@
+"""Tests of radnet-train: config, sampling, augmentation, loss, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import typer
+from tiny_layout import TINY_MODEL, TINY_PREPROCESS, write_tiny_layout
+from typer.testing import CliRunner
+
+from radnet_node.errors import ConfigError
+from training.config import TrainConfig, load_config, validate_config
+from training.datasets import Case
+from training.train import (
+    Batch,
+    TrainingCase,
+    _cli,
+    _milestones,
+    augment,
+    build_windows,
+    compute_loss,
+    load_checkpoint,
+    sample_windows,
+    to_training_case,
+    train,
+)
+
+torch.set_num_threads(1)
+
+
+def tiny_config(data: Path, **train_overrides: Any) -> TrainConfig:
+    return load_config(
+        None,
+        {
+            "model": TINY_MODEL,
+            "preprocess": TINY_PREPROCESS,
+            "data": {"specs": [f"layout:{data}"]},
+            "train": {
+                "epochs": 2,
+                "sequence_length": 4,
+                "epoch_size": 4,
+                "threads": 1,
+                "precision": "fp32",
+                "image_dtype": "float32",
+                "eval_chunk": 8,
+            }
+            | train_overrides,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_layout(tmp_path_factory.mktemp("tiny") / "data", 6, bad_cases=("broken",))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_default_config_is_the_papers_recipe() -> None:
+    config = load_config()
+    assert config.train.epochs == 60
+    assert config.optim.momentum == 0.9
+    assert config.optim.weight_decay == 1e-4
+    assert _milestones(config) == [20, 40]  # lr / 10 after 1/3 and 2/3 of 60 epochs
+    assert config.data.train_fraction == 0.7
+    assert config.augment.rotation_deg == 15.0
+    assert config.loss.aux_weights == (0.5, 0.3, 0.2)
+    assert config.train.sequence_length == 8
+    assert config.train.min_consecutive == 3
+
+
+def test_unknown_key_and_bad_value_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nepochs = 0\nepoch = 3\n[optimiser]\nlr = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "'train.epochs'" in message
+    assert "unknown key 'train.epoch'" in message
+    assert "unknown key 'optimiser'" in message
+
+
+def test_bad_toml_and_bad_milestones_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\nepochs = 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="optim.*milestones"):
+        validate_config({"optim": {"milestones": [0.8, 0.2]}})
+
+
+def test_user_file_overrides_only_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text('[optim]\nlr = 0.05\n[model]\nvariant = "densenet"\n', encoding="utf-8")
+    config = load_config(path, {"train": {"epochs": 3}})
+    assert (config.optim.lr, config.model.variant, config.train.epochs) == (0.05, "densenet", 3)
+    assert config.optim.momentum == 0.9
+    assert _milestones(config) == [1, 2]
+
+
+# ----------------------------------------------------------------------------- data rules
+
+
+def _case(case_id: str, labels: list[int], ct_label: int, with_mask: bool = False) -> Case:
+    n = len(labels)
+    image = np.zeros((n, 8, 8), np.float32)
+    mask = np.zeros((n, 8, 8), np.uint8) if with_mask else None
+    return Case(case_id, image, np.array(labels, np.int8), mask, ct_label, "layout")
+
+
+def test_negative_ct_makes_unknown_slices_negative_with_empty_masks() -> None:
+    negative = to_training_case(_case("n", [-1, -1, 0], 0))
+    assert negative.slice_labels.tolist() == [0, 0, 0]
+    assert negative.mask_known.tolist() == [True, True, True]
+    positive = to_training_case(_case("p", [-1, 1, 0], 1))
+    assert positive.slice_labels.tolist() == [-1, 1, 0]
+    assert positive.mask_known.tolist() == [False, False, True]  # no mask: only label-0 slices
+    with_mask = to_training_case(_case("m", [-1, 1, 0], 1, with_mask=True))
+    assert with_mask.mask_known.all()
+
+
+def test_windows_cover_every_start_and_flag_blood() -> None:
+    cases = [
+        to_training_case(_case("a", [0, 0, 1, 0, 0, 0], 1)),
+        to_training_case(_case("short", [0, 0], 0)),
+    ]
+    windows = build_windows(cases, 3)
+    a = [(w.start, w.length, w.positive) for w in windows if w.case_index == 0]
+    assert a == [(0, 3, True), (1, 3, True), (2, 3, True), (3, 3, False)]
+    short = [(w.start, w.length) for w in windows if w.case_index == 1]
+    assert short == [(0, 2)]  # fewer slices than the sequence length: one window of all
+
+
+def test_sampler_balances_positive_and_negative_sequences() -> None:
+    cases = [to_training_case(_case("a", [0] * 20 + [1, 1] + [0] * 20, 1))]
+    windows = build_windows(cases, 4)
+    positive_share = np.mean([w.positive for w in windows])
+    assert positive_share < 0.15  # the data itself is unbalanced
+    drawn = sample_windows(windows, 4000, 0.5, np.random.default_rng(0))
+    assert np.mean([w.positive for w in drawn]) == pytest.approx(0.5, abs=0.03)
+    uniform = sample_windows(windows, 4000, None, np.random.default_rng(0))
+    assert np.mean([w.positive for w in uniform]) == pytest.approx(positive_share, abs=0.03)
+
+
+# ----------------------------------------------------------------------------- augmentation, loss
+
+
+def test_augment_flip_and_rotation_keep_masks_binary_and_aligned() -> None:
+    image = torch.zeros(2, 16, 16)
+    image[:, 3:6, 10:13] = 1.0  # off-centre square
+    mask = (image > 0).float()
+    same_image, same_mask = augment(image, mask, 0.0, False)
+    assert torch.equal(same_image, image) and torch.equal(same_mask, mask)
+    flipped, flipped_mask = augment(image, mask, 0.0, True)
+    assert torch.equal(flipped, image.flip(-1)) and torch.equal(flipped_mask, mask.flip(-1))
+    rotated, rotated_mask = augment(image, mask, 90.0, False)
+    assert set(rotated_mask.unique().tolist()) <= {0.0, 1.0}
+    candidates = [torch.rot90(image, k, dims=(1, 2)) for k in (1, 3)]
+    assert any(torch.allclose(rotated, c, atol=1e-4) for c in candidates)
+    assert torch.equal(rotated_mask, (rotated >= 0.5).float())  # mask follows the image
+
+
+def _batch(labels: list[float], known: list[bool]) -> Batch:
+    n = len(labels)
+    masks = torch.zeros(1, n, 4, 4)
+    masks[0, :, 1:3, 1:3] = 1.0
+    return Batch(torch.zeros(1, n, 4, 4), torch.tensor([labels]), masks, torch.tensor([known]))
+
+
+def test_loss_ignores_unknown_labels_and_unknown_masks() -> None:
+    config = validate_config({})
+    batch = _batch([1.0, -1.0, 0.0], [True, False, True])
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    aux = tuple(torch.zeros(1, 3, 4, 4) for _ in range(3))
+    loss, parts = compute_loss(logits, aux, batch, config)
+    expected_main = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
+    )
+    assert parts["main"] == pytest.approx(float(expected_main), rel=1e-6)
+    # changing the unknown slice's logit or its aux map does not change the loss
+    aux_changed = tuple(a.clone() for a in aux)
+    for a in aux_changed:
+        a[0, 1] = 5.0
+    loss2, _ = compute_loss(torch.tensor([[2.0, 7.0, -1.0]]), aux_changed, batch, config)
+    assert float(loss2) == pytest.approx(float(loss))
+    # the aux part is the weighted sum of BCE + Dice of the known slices
+    target = batch.masks[batch.mask_known]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.zeros_like(target), target)
+    dice = 1 - (2 * (0.5 * target).sum() + 1) / (0.5 * target.numel() + target.sum() + 1)
+    assert parts["aux"] == pytest.approx(float((0.5 + 0.3 + 0.2) * (bce + dice)), rel=1e-5)
+
+
+def test_loss_without_aux_heads_or_known_masks_is_the_main_loss() -> None:
+    config = validate_config({})
+    batch = _batch([1.0, 0.0], [False, False])
+    logits = torch.tensor([[0.5, -0.5]])
+    aux = tuple(torch.zeros(1, 2, 4, 4) for _ in range(3))
+    loss, parts = compute_loss(logits, aux, batch, config)
+    assert parts["aux"] == 0.0 and float(loss) == pytest.approx(parts["main"])
+    loss_none, _ = compute_loss(logits, None, batch, config)
+    assert float(loss_none) == pytest.approx(float(loss))
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _history(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_training_run_writes_checkpoints_history_summary_and_skips_the_bad_case(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    result = train(tiny_config(tiny_data), run, progress=False)
+    assert (run / "checkpoints" / "last.pt").is_file()
+    assert (run / "checkpoints" / "best.pt").is_file()
+    history = _history(run)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.1)  # milestone after epoch 1
+    for record in history:
+        assert np.isfinite(record["train_loss"])
+        assert {"auc", "n"} <= set(record["val"]["slice"])
+        assert {"recall", "precision", "f1"} <= set(record["val"]["ct"])
+        assert "mean" in record["val"]["dice"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_cases"] == 1
+    assert summary["skipped"][0]["case_id"] == "broken"
+    assert "not a readable DICOM" in summary["skipped"][0]["reason"]
+    assert summary["train_cases"] + summary["val_cases"] == 6
+    split = json.loads((run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["val"])
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["model_config"]["input_size"] == 32
+    assert result.best_epoch in (1, 2)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_data, epochs=3)
+    full = tmp_path / "full"
+    train(config, full, progress=False)
+    parted = tmp_path / "parted"
+    train(config, parted, progress=False, stop_after_epoch=1)
+    assert [h["epoch"] for h in _history(parted)] == [1]
+    with pytest.raises(ConfigError, match="--resume"):
+        train(config, parted, progress=False)
+    train(config, parted, resume=True, progress=False)
+    full_history, parted_history = _history(full), _history(parted)
+    assert [h["epoch"] for h in parted_history] == [1, 2, 3]
+    for a, b in zip(full_history, parted_history, strict=True):
+        assert a["train_loss"] == b["train_loss"]
+        assert a["lr"] == b["lr"]
+        assert a["val"] == b["val"]
+    full_state = load_checkpoint(full / "checkpoints" / "last.pt")["model_state"]
+    parted_state = load_checkpoint(parted / "checkpoints" / "last.pt")["model_state"]
+    assert all(torch.equal(full_state[k], parted_state[k]) for k in full_state)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsequence_lenght = 4\n", encoding="utf-8")
+    app = typer.Typer()
+    app.command()(_cli)
+    result = CliRunner().invoke(
+        app, ["--config", str(bad), "--data", "layout:/nowhere", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "unknown key 'train.sequence_lenght'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_trains_and_resume_refuses_changed_recipe(tiny_data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        "[model]\ngrowth_rate = 4\nlayers_per_block = 1\nstem_channels = 4\nlstm_hidden = 4\n"
+        "[preprocess]\nfield_of_view_mm = 64.0\npixel_spacing_mm = 2.0\nmin_slices = 3\n"
+        '[train]\nsequence_length = 4\nthreads = 1\nprecision = "fp32"\n',
+        encoding="utf-8",
+    )
+    app = typer.Typer()
+    app.command()(_cli)
+    run = tmp_path / "cli-run"
+    args = ["--config", str(config), "--data", f"layout:{tiny_data}", "--out", str(run)]
+    result = CliRunner().invoke(
+        app, [*args, "--epochs", "2", "--epoch-size", "2", "--stop-after-epoch", "1", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "best epoch 1" in result.output
+    refused = CliRunner().invoke(app, ["--out", str(run), "--resume", "--epochs", "5"])
+    assert refused.exit_code == 2 and "drop --epochs" in refused.output
+    resumed = CliRunner().invoke(app, ["--out", str(run), "--resume", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [h["epoch"] for h in _history(run)] == [1, 2]
+
+
+def test_training_case_type_is_frozen() -> None:
+    case = to_training_case(_case("x", [0, 0], 0))
+    assert isinstance(case, TrainingCase)
+    with pytest.raises(AttributeError):
+        case.ct_label = 1  # type: ignore[misc]
