@@ -336,7 +336,22 @@ def prepare_series(
     TooFewSlicesError
         Fewer than ``spec.min_slices`` slices.
     """
-    return _prepare(read_hu_slices(instances, spec, series_label=series_label), spec)
+    series = read_hu_slices(instances, spec, series_label=series_label)
+    _check_axial(series)
+    return _prepare(series, spec)
+
+
+def _check_axial(series: HuSeries) -> None:
+    """RADnet sees axial slices; a sagittal or coronal reformat would be nonsense input."""
+    orientation = np.asarray(series.image_orientation)
+    normal = np.cross(orientation[:3], orientation[3:])
+    normal /= np.linalg.norm(normal)
+    if abs(normal[2]) < _MIN_AXIAL_COS:
+        raise UnsupportedImageError(
+            series.series_label,
+            f"not an axial series: slice normal {np.round(normal, 3).tolist()} is more than 45 "
+            "degrees from the patient's z axis",
+        )
 
 
 def prepare_hu_volume(
@@ -532,7 +547,10 @@ class _Frame:
 def _load(item: str | Path | Dataset) -> tuple[Dataset, str | None]:
     if isinstance(item, Dataset):
         filename = getattr(item, "filename", None)
-        return item, filename if isinstance(filename, str) and filename else None
+        path = filename if isinstance(filename, str) and filename else None
+        if "SOPClassUID" not in item:
+            raise InputError(path or "(in-memory dataset)", "no SOPClassUID, not an image instance")
+        return item, path
     path = str(item)
     try:
         ds = pydicom.dcmread(path)
@@ -543,6 +561,11 @@ def _load(item: str | Path | Dataset) -> tuple[Dataset, str | None]:
     except (ValueError, EOFError, KeyError, TypeError) as exc:
         # pydicom's parser reports truncated or malformed files with these
         raise InputError(path, f"malformed DICOM file ({type(exc).__name__}: {exc})") from exc
+    if "SOPClassUID" not in ds:
+        meta = getattr(ds, "file_meta", None)
+        media_class = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+        kind = f"a {media_class.name} file" if media_class else "a DICOM file without SOPClassUID"
+        raise InputError(path, f"{kind}, not an image instance")
     return ds, path
 
 
@@ -758,13 +781,6 @@ def _sort_and_check_geometry(
         )
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
-    if abs(normal[2]) < _MIN_AXIAL_COS:
-        raise UnsupportedImageError(
-            label,
-            f"not an axial series: slice normal {np.round(normal, 3).tolist()} is more than 45 "
-            "degrees from the patient's z axis",
-        )
-
     ipp = np.array([f.source.image_position_mm for f in frames], dtype=np.float64)
     keys = ipp @ normal
     order = np.argsort(keys, kind="stable")
@@ -902,7 +918,8 @@ def _prepare(series: HuSeries, spec: PreprocessSpec) -> PreparedSeries:
 def window(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Brain window to [0, 1]: clip((HU - (level - width / 2)) / width, 0, 1), new float32 array."""
     low = spec.window_level_hu - spec.window_width_hu / 2.0
-    out = np.subtract(hu, np.float32(low), dtype=np.float32)
+    out = np.array(hu, dtype=np.float32, copy=True)
+    out -= np.float32(low)
     out *= np.float32(1.0 / spec.window_width_hu)
     np.clip(out, 0.0, 1.0, out=out)
     return out
