@@ -112,14 +112,12 @@ class PreprocessSpec:
         return round(self.field_of_view_mm / self.pixel_spacing_mm)
 
     def to_dict(self) -> dict[str, float | int]:
-        """The spec as plain numbers for the model card, with the derived ``matrix_size``."""
-        values: dict[str, float | int] = asdict(self)
-        values["matrix_size"] = self.matrix_size
-        return values
+        """The five fields as plain numbers (model card); ``PreprocessSpec(**d)`` rebuilds it."""
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PreprocessSpec:
-        """Rebuild a spec written by :meth:`to_dict` (e.g. from a model card).
+        """Rebuild a spec written by :meth:`to_dict`; an extra ``matrix_size`` key is checked.
 
         Raises
         ------

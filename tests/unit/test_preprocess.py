@@ -83,9 +83,9 @@ def test_spec_defaults_give_250_px_and_round_trip_through_dict() -> None:
         "pixel_spacing_mm": 1.0,
         "field_of_view_mm": 250.0,
         "min_slices": 5,
-        "matrix_size": 250,
     }
-    assert PreprocessSpec.from_dict(values) == spec
+    assert PreprocessSpec(**values) == spec
+    assert PreprocessSpec.from_dict({**values, "matrix_size": 250}) == spec
     with pytest.raises(ValueError, match="matrix_size"):
         PreprocessSpec.from_dict({**values, "matrix_size": 512})
     with pytest.raises(ValueError, match="window_width_hu"):
