@@ -466,7 +466,7 @@ def read_hu_slices(
 
     Each file is read once; headers are validated and slices sorted before any pixel data is
     decoded, so a refused series costs no decoding. Parameters and errors are those of
-    :func:`prepare_series`.
+    :func:`prepare_series`, except that any orientation is accepted here (reformats included).
 
     Returns
     -------
@@ -572,14 +572,13 @@ def _series_identity(
 ) -> tuple[str, str, str]:
     series_uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds, _ in loaded})
     study_uids = sorted({str(ds.get("StudyInstanceUID", "")) for ds, _ in loaded})
-    label = series_label or (series_uids[0] if len(series_uids) == 1 and series_uids[0] else None)
     if len(series_uids) > 1:
         raise SeriesError(
             series_label or " + ".join(u or "(none)" for u in series_uids),
             f"instances come from {len(series_uids)} series: "
             + ", ".join(u or "(none)" for u in series_uids),
         )
-    label = label or "(series without SeriesInstanceUID)"
+    label = series_label or series_uids[0] or "(series without SeriesInstanceUID)"
     if len(study_uids) > 1:
         raise SeriesError(label, f"instances disagree on StudyInstanceUID: {', '.join(study_uids)}")
     return label, series_uids[0], study_uids[0]
