@@ -104,7 +104,8 @@ class TrainSection(_Section):
     seed: int = 0
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     min_consecutive: int = Field(3, ge=1)
-    eval_chunk: int = Field(16, ge=1)
+    eval_chunk: int = Field(4, ge=1)
+    val_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True

@@ -117,7 +117,7 @@ def evaluate_cases(
     *,
     threshold: float = 0.5,
     min_consecutive: int = 3,
-    chunk: int = 16,
+    chunk: int = 4,
     progress: bool = True,
 ) -> Evaluation:
     """Predict every case (whole series) and compute the metrics.
@@ -454,7 +454,7 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="Preprocessed-case cache")] = None,
-    chunk: Annotated[int, typer.Option(help="Slices per forward call")] = 16,
+    chunk: Annotated[int, typer.Option(help="Slices per forward call")] = 4,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ) -> None:
     """Evaluate one checkpoint or weights file (when no sub-command is given)."""

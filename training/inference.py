@@ -145,7 +145,7 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 @torch.no_grad()
 def predict_series(
-    model: RADnet, image: np.ndarray, runtime: Runtime, *, chunk: int = 16, with_aux: bool = True
+    model: RADnet, image: np.ndarray, runtime: Runtime, *, chunk: int = 4, with_aux: bool = True
 ) -> SeriesPrediction:
     """Run the model on a whole series: slices in chunks through the CNN, then the sequence model.
 

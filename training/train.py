@@ -663,11 +663,14 @@ def train(
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_seconds = time.monotonic() - epoch_started
-        validation = validate(model, val_cases, runtime, config)
-        key = selection_key(validation)
-        improved = key > best_key
-        if improved:
-            best_key, best_epoch, best_validation = key, epoch + 1, validation
+        # validation costs a full inference pass over the 30 % split; val_every > 1 spares it
+        validated = (epoch + 1) % config.train.val_every == 0 or epoch + 1 == config.train.epochs
+        validation = validate(model, val_cases, runtime, config) if validated else None
+        improved = False
+        if validation is not None and selection_key(validation) > best_key:
+            improved = True
+            best_key, best_epoch = selection_key(validation), epoch + 1
+            best_validation = validation
         record = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -678,7 +681,9 @@ def train(
             "positive_slice_fraction": positive_slices / known_slices if known_slices else None,
             "train_seconds": round(train_seconds, 2),
             "val_seconds": round(time.monotonic() - epoch_started - train_seconds, 2),
-            "val": {k: v for k, v in validation.items() if k != "cases"},
+            "val": None
+            if validation is None
+            else {k: v for k, v in validation.items() if k != "cases"},
             "best": improved,
         }
         with (run_dir / "history.jsonl").open("a", encoding="utf-8") as handle:
@@ -708,7 +713,8 @@ def train(
             os.replace(best_path.with_suffix(".pt.tmp"), best_path)
         tqdm.write(
             f"epoch {epoch + 1}/{config.train.epochs} loss {record['train_loss']:.4f} "
-            f"({train_seconds:.0f} s) | {_format_metrics(validation)}"
+            f"({train_seconds:.0f} s) | "
+            f"{'not validated' if validation is None else _format_metrics(validation)}"
             f"{' | best' if improved else ''}",
             file=sys.stderr,
         )
@@ -858,7 +864,10 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
     except (RadnetError, ValueError) as error:
         typer.echo(f"radnet-train: error: {error}", err=True)
         raise typer.Exit(code=2) from None
-    typer.echo(f"best epoch {result.best_epoch}: {_format_metrics(result.best_validation)}")
+    if result.best_validation:
+        typer.echo(f"best epoch {result.best_epoch}: {_format_metrics(result.best_validation)}")
+    else:
+        typer.echo("no validation yet (val_every); continue with --resume")
     typer.echo(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
 
 

@@ -265,6 +265,16 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(
     assert all(torch.equal(full_state[k], parted_state[k]) for k in full_state)
 
 
+def test_val_every_skips_validation_but_always_validates_the_last_epoch(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "sparse"
+    result = train(tiny_config(tiny_data, epochs=3, val_every=2), run, progress=False)
+    validated = [h["val"] is not None for h in _history(run)]
+    assert validated == [False, True, True]
+    assert result.best_epoch in (2, 3)
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nsequence_lenght = 4\n", encoding="utf-8")
@@ -307,3 +317,22 @@ def test_training_case_type_is_frozen() -> None:
     assert isinstance(case, TrainingCase)
     with pytest.raises(AttributeError):
         case.ct_label = 1  # type: ignore[misc]
+
+
+@pytest.mark.slow
+def test_training_learns_the_tiny_bright_blob_task(tmp_path: Path) -> None:
+    data = write_tiny_layout(tmp_path / "data", 16, seed=5)
+    config = tiny_config(data, epochs=12, epoch_size=16)
+    config = config.model_copy(
+        update={
+            "model": config.model.model_copy(
+                update={"growth_rate": 8, "layers_per_block": 2, "stem_channels": 8}
+            ),
+            "optim": config.optim.model_copy(update={"lr": 0.05}),
+        }
+    )
+    train(config, tmp_path / "run", progress=False)
+    history = _history(tmp_path / "run")
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert history[-1]["val"]["slice"]["auc"] >= 0.9
+    assert history[-1]["val"]["dice"]["mean"] > 0.5
