@@ -108,7 +108,9 @@ def _load_template(name: str) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, nib.filebasedimages.ImageFileError) as error:
         raise DatasetError(f"MNI152 template {resource}: cannot be read ({error})") from error
     if not np.allclose(np.diag(affine)[:3], 1.0):
-        raise DatasetError(f"MNI152 template {resource}: expected a 1 mm RAS grid, got affine {affine.tolist()}")
+        raise DatasetError(
+            f"MNI152 template {resource}: expected a 1 mm RAS grid, got affine {affine.tolist()}"
+        )
     return data, affine
 
 
@@ -116,23 +118,37 @@ def _fraction(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(a) * 255.0), 0, 255).astype(np.uint8)
 
 
-def _ellipsoid(grid: tuple[np.ndarray, np.ndarray, np.ndarray], centre: tuple[float, float, float],
-               radii: tuple[float, float, float]) -> np.ndarray:
+def _ellipsoid(
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    centre: tuple[float, float, float],
+    radii: tuple[float, float, float],
+) -> np.ndarray:
     """Soft (1 mm edge) fraction of an axis-aligned ellipsoid on open MNI grids."""
     x, y, z = grid
-    r = np.sqrt(((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
-                + ((z - centre[2]) / radii[2]) ** 2)
+    r = np.sqrt(
+        ((x - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((z - centre[2]) / radii[2]) ** 2
+    )
     return np.clip((1.0 - r) * min(radii) + 0.5, 0.0, 1.0).astype(np.float32)
 
 
-def _capsule(grid: tuple[np.ndarray, np.ndarray, np.ndarray], start: tuple[float, float, float],
-             end: tuple[float, float, float], radius: float) -> np.ndarray:
+def _capsule(
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    start: tuple[float, float, float],
+    end: tuple[float, float, float],
+    radius: float,
+) -> np.ndarray:
     """Voxels within ``radius`` mm of the segment start-end (MNI mm), vertically flattened."""
     x, y, z = grid
     a = np.asarray(start, dtype=np.float32)
     d = np.asarray(end, dtype=np.float32) - a
-    t = np.clip(((x - a[0]) * d[0] + (y - a[1]) * d[1] + (z - a[2]) * d[2]) / float(d @ d), 0.0, 1.0)
-    dist2 = (x - a[0] - t * d[0]) ** 2 + (y - a[1] - t * d[1]) ** 2 + (1.6 * (z - a[2] - t * d[2])) ** 2
+    t = np.clip(
+        ((x - a[0]) * d[0] + (y - a[1]) * d[1] + (z - a[2]) * d[2]) / float(d @ d), 0.0, 1.0
+    )
+    dist2 = (
+        (x - a[0] - t * d[0]) ** 2 + (y - a[1] - t * d[1]) ** 2 + (1.6 * (z - a[2] - t * d[2])) ** 2
+    )
     return dist2 <= radius**2
 
 
@@ -146,13 +162,24 @@ def _smooth_field(shape: tuple[int, ...], sigma: float, seed: int) -> np.ndarray
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
-_ARRAYS = ("origin_mm", "intracranial", "grey", "white", "ventricles", "csf_smooth", "extracranial_hu",
-           "inner_depth_mm", "falx", "venous_sinus")
+_ARRAYS = (
+    "origin_mm",
+    "intracranial",
+    "grey",
+    "white",
+    "ventricles",
+    "csf_smooth",
+    "extracranial_hu",
+    "inner_depth_mm",
+    "falx",
+    "venous_sinus",
+)
 
 
 def _cache_dir() -> Path:
     root = os.environ.get("RADNET_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "radnet-node")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "radnet-node"
+    )
     # the key changes with this module's code, so an edited builder never reads a stale atlas
     digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
     return Path(root) / f"atlas-{ATLAS_VERSION}-{digest}"
@@ -179,21 +206,29 @@ def head_atlas() -> HeadAtlas:
     if (folder / "landmarks.json").is_file():
         try:
             arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
-            landmarks = {k: tuple(v) for k, v in json.loads((folder / "landmarks.json").read_text()).items()}
+            landmarks = {
+                k: tuple(v) for k, v in json.loads((folder / "landmarks.json").read_text()).items()
+            }
             arrays["origin_mm"] = np.asarray(arrays["origin_mm"])
             return HeadAtlas(landmarks=landmarks, **arrays)  # type: ignore[arg-type]
         except (OSError, ValueError) as error:
             logger.warning("atlas cache %s is unreadable (%s); rebuilding it", folder, error)
     atlas = build_head_atlas()
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent if folder.parent.exists()
-                                    else _mkdir(folder.parent)))
+        tmp = Path(
+            tempfile.mkdtemp(
+                prefix=folder.name + ".",
+                dir=folder.parent if folder.parent.exists() else _mkdir(folder.parent),
+            )
+        )
         for name in _ARRAYS:
             np.save(tmp / f"{name}.npy", np.asarray(getattr(atlas, name)))
         (tmp / "landmarks.json").write_text(json.dumps(atlas.landmarks))
         os.replace(tmp, folder)
     except OSError as error:
-        logger.warning("atlas cache %s cannot be written (%s); every process will rebuild it", folder, error)
+        logger.warning(
+            "atlas cache %s cannot be written (%s); every process will rebuild it", folder, error
+        )
     return atlas
 
 
@@ -251,10 +286,18 @@ def build_head_atlas() -> HeadAtlas:
     # skull base: where the closed hull leaves wide spaces between lobes low down (petrous ridges,
     # sphenoid wings, clivus), the space is bone, except the midline basal cisterns
     base_bone = cranial & (dist_out_brain > 3.0) & (z < -18.0) & (np.abs(x) > 11.0)
-    clivus = cranial & (dist_out_brain > 2.0) & (z < -22.0) & (np.abs(x) <= 11.0) & (y > -28.0) & (y < -5.0)
+    clivus = (
+        cranial
+        & (dist_out_brain > 2.0)
+        & (z < -22.0)
+        & (np.abs(x) <= 11.0)
+        & (y > -28.0)
+        & (y < -5.0)
+    )
     # petrous ridges: oblique bony bars between the temporal lobes and the cerebellum
-    petrous_ridge = (_capsule(grid, (58.0, -36.0, -36.0), (17.0, -17.0, -29.0), 6.5)
-                     | _capsule(grid, (-58.0, -36.0, -36.0), (-17.0, -17.0, -29.0), 6.5))
+    petrous_ridge = _capsule(grid, (58.0, -36.0, -36.0), (17.0, -17.0, -29.0), 6.5) | _capsule(
+        grid, (-58.0, -36.0, -36.0), (-17.0, -17.0, -29.0), 6.5
+    )
     cranial &= ~(base_bone | clivus | (petrous_ridge & (dist_out_brain > 1.0)))
     cranial = ndi.binary_opening(cranial, iterations=1) | brain
     depth_in = ndi.distance_transform_edt(cranial).astype(np.float32)
@@ -264,9 +307,13 @@ def build_head_atlas() -> HeadAtlas:
 
     # ventricles: deep, dark on T1, mostly CSF
     csf = np.clip(1.0 - tissue, 0.0, 1.0) * brain
-    brain_depth = ndi.distance_transform_edt(ndi.binary_closing(brain, iterations=3)).astype(np.float32)
+    brain_depth = ndi.distance_transform_edt(ndi.binary_closing(brain, iterations=3)).astype(
+        np.float32
+    )
     # deep enough that the sylvian fissures and the basal cisterns (also CSF) stay out
-    ventricles = (csf > 0.5) & (t1 < 0.45) & (brain_depth > 10.0) & (inner_depth > 24.0) & (z > -30.0)
+    ventricles = (
+        (csf > 0.5) & (t1 < 0.45) & (brain_depth > 10.0) & (inner_depth > 24.0) & (z > -30.0)
+    )
     ventricles &= np.abs(x) < 32.0
     ventricles = ndi.binary_opening(ventricles, iterations=1)
     labels, count = ndi.label(ventricles)
@@ -294,16 +341,23 @@ def build_head_atlas() -> HeadAtlas:
     skull_frac = np.clip(thickness - d_bone + 0.5, 0.0, 1.0) * (~cranial)
     # petrous bone is the densest of the skull
     petrous = _ellipsoid(grid, (38.0, -28.0, -32.0), (16.0, 9.0, 7.0)) + _ellipsoid(
-        grid, (-38.0, -28.0, -32.0), (16.0, 9.0, 7.0))
+        grid, (-38.0, -28.0, -32.0), (16.0, 9.0, 7.0)
+    )
     skull_hu = skull_hu + 500.0 * np.clip(petrous, 0, 1) * skull_frac
 
     # scalp: skin, subcutaneous fat, galea / temporalis muscle
     scalp_thickness = 5.5 + 1.0 * _smooth_field(shape, 30.0, seed=14)
-    scalp_thickness += 8.0 * np.clip((np.abs(x) - 50.0) / 10.0, 0.0, 1.0) * np.clip((30.0 - np.abs(z - 0.0)) / 15.0, 0, 1)
+    scalp_thickness += (
+        8.0
+        * np.clip((np.abs(x) - 50.0) / 10.0, 0.0, 1.0)
+        * np.clip((30.0 - np.abs(z - 0.0)) / 15.0, 0, 1)
+    )
     scalp_thickness += 5.0 * np.clip((-z - 30.0) / 20.0, 0.0, 1.0) * (y < -40)  # neck muscles
     s = d_bone - thickness
     scalp_frac = np.clip(scalp_thickness - s + 0.5, 0.0, 1.0) * (s > -0.5)
-    fat_layer = np.clip(1.0 - np.abs(s - 0.45 * scalp_thickness) / (0.2 * scalp_thickness + 0.5), 0.0, 1.0)
+    fat_layer = np.clip(
+        1.0 - np.abs(s - 0.45 * scalp_thickness) / (0.2 * scalp_thickness + 0.5), 0.0, 1.0
+    )
     scalp_hu = 45.0 * (1.0 - fat_layer) + (-95.0) * fat_layer
 
     # face and upper neck below the skull base: soft tissue with fat, sinuses and orbits
@@ -319,17 +373,20 @@ def build_head_atlas() -> HeadAtlas:
         + _ellipsoid(grid, (-30.0, 40.0, -62.0), (14.0, 16.0, 16.0))
         + 0.7 * _ellipsoid(grid, (50.0, -35.0, -38.0), (9.0, 10.0, 9.0))  # mastoid air cells
         + 0.7 * _ellipsoid(grid, (-50.0, -35.0, -38.0), (9.0, 10.0, 9.0)),
-        0.0, 1.0,
+        0.0,
+        1.0,
     ) * (~cranial)
     orbit_fat = np.clip(
         _ellipsoid(grid, (31.0, 48.0, -36.0), (18.0, 26.0, 17.0))
         + _ellipsoid(grid, (-31.0, 48.0, -36.0), (18.0, 26.0, 17.0)),
-        0.0, 1.0,
+        0.0,
+        1.0,
     ) * (~cranial)
     globes = np.clip(
         _ellipsoid(grid, (32.0, 62.0, -36.0), (12.0, 12.0, 12.0))
         + _ellipsoid(grid, (-32.0, 62.0, -36.0), (12.0, 12.0, 12.0)),
-        0.0, 1.0,
+        0.0,
+        1.0,
     )
 
     # compose everything outside the cranial cavity, innermost layer last
@@ -344,11 +401,22 @@ def build_head_atlas() -> HeadAtlas:
     extra += 250.0 * air_spaces * skull_frac * np.clip(_smooth_field(shape, 2.5, seed=16), 0, 1.5)
 
     # dura: falx in the interhemispheric fissure, superior sagittal and transverse sinuses
-    falx = (np.exp(-0.5 * (x / 0.7) ** 2) * cranial * (csf > 0.25) * (z > -8.0 + 0.25 * np.maximum(y + 20.0, 0))
-            * (y > -100.0) * (y < 62.0))
+    falx = (
+        np.exp(-0.5 * (x / 0.7) ** 2)
+        * cranial
+        * (csf > 0.25)
+        * (z > -8.0 + 0.25 * np.maximum(y + 20.0, 0))
+        * (y > -100.0)
+        * (y < 62.0)
+    )
     sss = cranial & (inner_depth < 6.0) & (np.abs(x) < 5.0 - 0.7 * inner_depth) & (z > -15.0)
-    transverse = (cranial & (inner_depth < 5.0) & (y < -70.0) & (np.abs(z - (-8.0 + 0.12 * np.abs(x))) < 3.5)
-                  & (np.abs(x) < 60.0))
+    transverse = (
+        cranial
+        & (inner_depth < 5.0)
+        & (y < -70.0)
+        & (np.abs(z - (-8.0 + 0.12 * np.abs(x))) < 3.5)
+        & (np.abs(x) < 60.0)
+    )
     venous = ndi.gaussian_filter((sss | transverse).astype(np.float32), 0.6)
 
     landmarks = {
@@ -379,13 +447,14 @@ def build_head_atlas() -> HeadAtlas:
     )
 
 
-def _snap(point: tuple[float, float, float], weight: np.ndarray, origin: np.ndarray,
-          radius: int) -> tuple[float, float, float]:
+def _snap(
+    point: tuple[float, float, float], weight: np.ndarray, origin: np.ndarray, radius: int
+) -> tuple[float, float, float]:
     """Move a landmark to the weighted centre of ``weight`` near it (the atlas's own anatomy)."""
     centre = np.rint(np.asarray(point) - origin).astype(int)
     lo = np.maximum(centre - radius, 0)
     hi = np.minimum(centre + radius + 1, weight.shape)
-    crop = weight[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float64)
+    crop = weight[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float64)
     if crop.sum() <= 0:
         return tuple(float(v) for v in point)  # type: ignore[return-value]
     com = np.asarray(ndi.center_of_mass(crop)) + lo + origin
@@ -427,18 +496,27 @@ def compose_head_hu(atlas: HeadAtlas, tissue: TissueHU, atrophy: float = 0.0) ->
     grey = atlas.grey.astype(np.float32) * scale
     white = atlas.white.astype(np.float32) * scale
     if atrophy > 0:
-        keep = 1.0 - np.float32(atrophy) * np.clip(atlas.csf_smooth.astype(np.float32) * (scale * 2.2), 0, 1)
+        keep = 1.0 - np.float32(atrophy) * np.clip(
+            atlas.csf_smooth.astype(np.float32) * (scale * 2.2), 0, 1
+        )
         grey *= keep
         white *= keep
-    brain = np.float32(tissue.csf) + grey * np.float32(tissue.grey - tissue.csf) + white * np.float32(
-        tissue.white - tissue.csf)
+    brain = (
+        np.float32(tissue.csf)
+        + grey * np.float32(tissue.grey - tissue.csf)
+        + white * np.float32(tissue.white - tissue.csf)
+    )
     del grey, white
     # blood in dural sinuses and a dense falx are normal; a residual beam-hardening rim along the
     # inner table is a well-known subdural mimic
-    brain += atlas.venous_sinus.astype(np.float32) * np.float32(scale * (tissue.venous_blood - tissue.csf))
+    brain += atlas.venous_sinus.astype(np.float32) * np.float32(
+        scale * (tissue.venous_blood - tissue.csf)
+    )
     brain += atlas.falx.astype(np.float32) * np.float32(scale * tissue.falx_extra)
     if tissue.inner_table_rim != 0:
-        brain += np.float32(tissue.inner_table_rim) * np.exp(-np.maximum(atlas.inner_depth_mm, 0) / 2.5)
+        brain += np.float32(tissue.inner_table_rim) * np.exp(
+            -np.maximum(atlas.inner_depth_mm, 0) / 2.5
+        )
     extra = atlas.extracranial_hu
     if tissue.bone_factor != 1.0:
         extra = extra + np.float32(tissue.bone_factor - 1.0) * np.maximum(extra - 100.0, 0.0)

@@ -101,7 +101,9 @@ def _sites(atlas: HeadAtlas) -> _Sites:
     shell &= (z[None, None, :] > -12.0) & (np.abs(x)[:, None, None] > 18.0)
     shell &= (y[None, :, None] > -85.0) & (y[None, :, None] < 55.0)
     conv = np.argwhere(shell[::2, ::2, ::2]) * 2
-    gradient = np.stack([ndi.sobel(depth, axis=a, mode="nearest")[tuple(conv.T)] for a in range(3)], axis=1)
+    gradient = np.stack(
+        [ndi.sobel(depth, axis=a, mode="nearest")[tuple(conv.T)] for a in range(3)], axis=1
+    )
     normal = gradient / (np.linalg.norm(gradient, axis=1, keepdims=True) + 1e-6)
     return _Sites(parenchyma=par, convexity=conv, surface_normal=normal.astype(np.float32))
 
@@ -109,8 +111,11 @@ def _sites(atlas: HeadAtlas) -> _Sites:
 # ---------------------------------------------------------------- helpers
 
 
-def _crop(atlas: HeadAtlas, centre_mni: np.ndarray, half_mm: np.ndarray | float) -> tuple[
-        tuple[int, int, int], tuple[slice, slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _crop(
+    atlas: HeadAtlas, centre_mni: np.ndarray, half_mm: np.ndarray | float
+) -> tuple[
+    tuple[int, int, int], tuple[slice, slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]
+]:
     centre = np.asarray(atlas.to_index(centre_mni))
     half = np.broadcast_to(np.asarray(half_mm, dtype=np.float64), (3,))
     lo = np.clip(np.floor(centre - half).astype(int), 0, np.asarray(atlas.shape) - 1)
@@ -118,7 +123,8 @@ def _crop(atlas: HeadAtlas, centre_mni: np.ndarray, half_mm: np.ndarray | float)
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     grid = tuple(
         (np.arange(a, b, dtype=np.float32) + np.float32(atlas.origin_mm[i])).reshape(
-            [-1 if j == i else 1 for j in range(3)])
+            [-1 if j == i else 1 for j in range(3)]
+        )
         for i, (a, b) in enumerate(zip(lo, hi, strict=True))
     )
     return (int(lo[0]), int(lo[1]), int(lo[2])), sl, grid  # type: ignore[return-value]
@@ -134,13 +140,16 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def _blob_sdf(grid: tuple[np.ndarray, ...], centre: np.ndarray, radius: float,
-              rng: np.random.Generator) -> np.ndarray:
+def _blob_sdf(
+    grid: tuple[np.ndarray, ...], centre: np.ndarray, radius: float, rng: np.random.Generator
+) -> np.ndarray:
     """Approximate signed distance (mm) to an irregular lobulated blob."""
     rot = _random_rotation(rng)
     axes = rng.uniform(0.7, 1.3, 3)
     d = [grid[i] - np.float32(centre[i]) for i in range(3)]
-    local = [sum(np.float32(rot[j, i]) * d[i] for i in range(3)) / np.float32(axes[j]) for j in range(3)]
+    local = [
+        sum(np.float32(rot[j, i]) * d[i] for i in range(3)) / np.float32(axes[j]) for j in range(3)
+    ]
     r = np.sqrt(local[0] ** 2 + local[1] ** 2 + local[2] ** 2) + np.float32(1e-3)
     bumps = np.zeros_like(r)
     for _ in range(int(rng.integers(3, 7))):
@@ -148,13 +157,15 @@ def _blob_sdf(grid: tuple[np.ndarray, ...], centre: np.ndarray, radius: float,
         n /= np.linalg.norm(n)
         freq = rng.uniform(1.0, 3.0)
         cos = (local[0] * n[0] + local[1] * n[1] + local[2] * n[2]) / r
-        bumps += np.float32(rng.uniform(0.05, 0.16)) * np.cos(np.float32(freq * np.pi) * cos + np.float32(
-            rng.uniform(0, 2 * np.pi)))
+        bumps += np.float32(rng.uniform(0.05, 0.16)) * np.cos(
+            np.float32(freq * np.pi) * cos + np.float32(rng.uniform(0, 2 * np.pi))
+        )
     return (r - np.float32(radius) * (1.0 + bumps)) * np.float32(np.mean(axes))
 
 
-def _blood_hu(shape: tuple[int, ...], rng: np.random.Generator, low: float = 58.0,
-              high: float = 85.0) -> np.ndarray:
+def _blood_hu(
+    shape: tuple[int, ...], rng: np.random.Generator, low: float = 58.0, high: float = 85.0
+) -> np.ndarray:
     # acute clot density follows the hematocrit; a few HU of texture from clot retraction
     base = rng.uniform(low, high)
     return (base + rng.uniform(1.5, 4.0) * _smooth_noise(shape, rng, 1.5)).astype(np.float32)
@@ -167,7 +178,9 @@ def _crop_of(array: np.ndarray, sl: tuple[slice, slice, slice]) -> np.ndarray:
 # ---------------------------------------------------------------- the five subtypes
 
 
-def intraparenchymal(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray) -> LesionField:
+def intraparenchymal(
+    atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray
+) -> LesionField:
     """A lobulated parenchymal hematoma (5-60 mm), with oedema and mass effect when large."""
     sites = _sites(atlas)
     diameter = float(np.exp(rng.uniform(np.log(5.0), np.log(60.0))))
@@ -196,14 +209,26 @@ def intraparenchymal(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.nda
     if diameter > 12 and rng.random() < 0.75:
         width = rng.uniform(0.15, 0.4) * radius + 1.5
         tissue = (_crop_of(atlas.grey, sl) + _crop_of(atlas.white, sl)) / 255.0
-        oedema = (np.clip(1.0 - sdf / np.float32(width), 0.0, 1.0) * (sdf > -0.5) * tissue).astype(np.float32)
+        oedema = (np.clip(1.0 - sdf / np.float32(width), 0.0, 1.0) * (sdf > -0.5) * tissue).astype(
+            np.float32
+        )
     mass = None
     if diameter > 28:
-        mass = MassEffect(tuple(float(v) for v in centre), float(rng.uniform(0.15, 0.35) * radius),  # type: ignore[arg-type]
-                          float(2.5 * radius + 15.0))
-    return LesionField("intraparenchymal", lo, fraction.astype(np.float32), hu, oedema=oedema,
-                       oedema_hu=float(rng.uniform(14, 24)), mass_effect=mass,
-                       centre_mni=tuple(float(v) for v in centre))  # type: ignore[arg-type]
+        mass = MassEffect(
+            tuple(float(v) for v in centre),
+            float(rng.uniform(0.15, 0.35) * radius),  # type: ignore[arg-type]
+            float(2.5 * radius + 15.0),
+        )
+    return LesionField(
+        "intraparenchymal",
+        lo,
+        fraction.astype(np.float32),
+        hu,
+        oedema=oedema,
+        oedema_hu=float(rng.uniform(14, 24)),
+        mass_effect=mass,
+        centre_mni=tuple(float(v) for v in centre),
+    )  # type: ignore[arg-type]
 
 
 def _extra_axial(atlas: HeadAtlas, rng: np.random.Generator, subtype: str) -> LesionField:
@@ -233,16 +258,28 @@ def _extra_axial(atlas: HeadAtlas, rng: np.random.Generator, subtype: str) -> Le
     # the falx stops a convexity collection at the midline; the tentorium keeps it supratentorial
     fraction *= np.clip(side * grid[0] - 1.0, 0.0, 1.0) * np.clip(grid[2] + 25.0, 0.0, 1.0)
     hu = _blood_hu(fraction.shape, rng, 55.0, 85.0)
-    efface = (np.clip(1.0 - (depth - profile) / 12.0, 0.0, 1.0) * (ratio > 0) * (depth > profile - 1)).astype(
-        np.float32)
+    efface = (
+        np.clip(1.0 - (depth - profile) / 12.0, 0.0, 1.0) * (ratio > 0) * (depth > profile - 1)
+    ).astype(np.float32)
     centre = surface + normal * thickness * 0.5
-    mass = MassEffect(tuple(float(v) for v in surface), float(push), float(cap + 2.0 * thickness)) if push else None  # type: ignore[arg-type]
-    return LesionField(subtype, lo, fraction.astype(np.float32), hu, effacement=efface * 0.8,
-                       mass_effect=mass, centre_mni=tuple(float(v) for v in centre))  # type: ignore[arg-type]
+    mass = (
+        MassEffect(tuple(float(v) for v in surface), float(push), float(cap + 2.0 * thickness))
+        if push
+        else None
+    )  # type: ignore[arg-type]
+    return LesionField(
+        subtype,
+        lo,
+        fraction.astype(np.float32),
+        hu,
+        effacement=efface * 0.8,
+        mass_effect=mass,
+        centre_mni=tuple(float(v) for v in centre),
+    )  # type: ignore[arg-type]
 
 
 def subdural(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray) -> LesionField:
-    """A crescent along the inner table (3-20 mm thick), over the convexity, not crossing the falx."""
+    """A crescent along the inner table (3-20 mm thick) over the convexity, stopped by the falx."""
     return _extra_axial(atlas, rng, "subdural")
 
 
@@ -259,7 +296,9 @@ def subarachnoid(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray
         centre = np.array([rng.uniform(-6, 6), rng.uniform(-25, 12), rng.uniform(-16, -4)])
         spread = rng.uniform(14.0, 28.0)
     elif choice < 0.6:  # sylvian fissure
-        centre = np.array([rng.choice([-1, 1]) * rng.uniform(32, 44), rng.uniform(-5, 18), rng.uniform(-8, 6)])
+        centre = np.array(
+            [rng.choice([-1, 1]) * rng.uniform(32, 44), rng.uniform(-5, 18), rng.uniform(-8, 6)]
+        )
         spread = rng.uniform(10.0, 22.0)
     else:  # convexity sulci (traumatic pattern)
         pick = int(rng.integers(len(sites.convexity)))
@@ -275,11 +314,18 @@ def subarachnoid(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray
     fill = np.float32(rng.uniform(0.85, 1.0))
     fraction = np.clip(2.2 * csf - 0.1, 0.0, 1.0) * envelope * fill
     hu = _blood_hu(fraction.shape, rng, 60.0, 85.0)
-    return LesionField("subarachnoid", lo, fraction.astype(np.float32), hu,
-                       centre_mni=tuple(float(v) for v in centre))  # type: ignore[arg-type]
+    return LesionField(
+        "subarachnoid",
+        lo,
+        fraction.astype(np.float32),
+        hu,
+        centre_mni=tuple(float(v) for v in centre),
+    )  # type: ignore[arg-type]
 
 
-def intraventricular(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray) -> LesionField:
+def intraventricular(
+    atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray
+) -> LesionField:
     """Blood layering in the dependent part of a lateral ventricle (or a cast filling it)."""
     sides = ["left", "right"] if rng.random() < 0.5 else [str(rng.choice(["left", "right"]))]
     centres = [np.asarray(atlas.landmarks[f"lateral_ventricle_{s}"]) for s in sides]
@@ -288,9 +334,13 @@ def intraventricular(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.nda
     vent = _crop_of(atlas.ventricles, sl) / 255.0
     side_mask = np.zeros_like(vent)
     for s in sides:
-        side_mask += (grid[0] * (1.0 if s == "left" else -1.0) > -1.0).astype(np.float32) * np.ones_like(vent)
+        side_mask += (grid[0] * (1.0 if s == "left" else -1.0) > -1.0).astype(
+            np.float32
+        ) * np.ones_like(vent)
     vent *= np.clip(side_mask, 0, 1)
-    dep = sum(np.float32(gravity[i]) * (grid[i] - np.float32(centre[i])) for i in range(3)) * np.ones_like(vent)
+    dep = sum(
+        np.float32(gravity[i]) * (grid[i] - np.float32(centre[i])) for i in range(3)
+    ) * np.ones_like(vent)
     inside = vent > 0.5
     if not inside.any():
         raise ValueError("atlas has no lateral ventricle near its landmark")
@@ -301,7 +351,9 @@ def intraventricular(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.nda
     layer = np.clip(dep - np.float32(level) + 0.5, 0.0, 1.0)
     fraction = (vent * layer).astype(np.float32)
     hu = _blood_hu(fraction.shape, rng, 60.0, 85.0)
-    return LesionField("intraventricular", lo, fraction, hu, centre_mni=tuple(float(v) for v in centre))  # type: ignore[arg-type]
+    return LesionField(
+        "intraventricular", lo, fraction, hu, centre_mni=tuple(float(v) for v in centre)
+    )  # type: ignore[arg-type]
 
 
 MAKERS = {
@@ -313,8 +365,13 @@ MAKERS = {
 }
 
 
-def sample_hemorrhages(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray,
-                       count: int | None = None, subtypes: tuple[str, ...] | None = None) -> list[LesionField]:
+def sample_hemorrhages(
+    atlas: HeadAtlas,
+    rng: np.random.Generator,
+    gravity: np.ndarray,
+    count: int | None = None,
+    subtypes: tuple[str, ...] | None = None,
+) -> list[LesionField]:
     """1-3 hemorrhages of mixed subtypes (or exactly ``subtypes``).
 
     Parameters
@@ -381,31 +438,66 @@ def sample_mimics(atlas: HeadAtlas, rng: np.random.Generator) -> list[LesionFiel
     if not (pineal or choroid):
         pineal = True
     if pineal:
-        mimics.append(_calcification(atlas, rng, atlas.landmarks["pineal"], rng.uniform(2.0, 4.5), (150, 450)))
+        mimics.append(
+            _calcification(atlas, rng, atlas.landmarks["pineal"], rng.uniform(2.0, 4.5), (150, 450))
+        )
     if choroid:
         for side in ("left", "right"):
             if rng.random() < 0.85:
-                mimics.append(_calcification(atlas, rng, atlas.landmarks[f"choroid_{side}"],
-                                             rng.uniform(2.0, 4.5), (120, 350)))
+                mimics.append(
+                    _calcification(
+                        atlas,
+                        rng,
+                        atlas.landmarks[f"choroid_{side}"],
+                        rng.uniform(2.0, 4.5),
+                        (120, 350),
+                    )
+                )
     if rng.random() < 0.15:  # basal ganglia (pallidal) calcification, bilateral
         for side in ("left", "right"):
-            mimics.append(_calcification(atlas, rng, atlas.landmarks[f"pallidum_{side}"],
-                                         rng.uniform(1.5, 3.5), (110, 250)))
+            mimics.append(
+                _calcification(
+                    atlas,
+                    rng,
+                    atlas.landmarks[f"pallidum_{side}"],
+                    rng.uniform(1.5, 3.5),
+                    (110, 250),
+                )
+            )
     if rng.random() < 0.12:  # falx calcification / ossification plaque
         centre = (rng.uniform(-0.5, 0.5), rng.uniform(-40, 30), rng.uniform(30, 60))
-        mimics.append(_calcification(atlas, rng, centre, rng.uniform(1.5, 3.0), (200, 700), flat=True))
+        mimics.append(
+            _calcification(atlas, rng, centre, rng.uniform(1.5, 3.0), (200, 700), flat=True)
+        )
     if rng.random() < 0.05:  # calcified meningioma (dural based)
         sites = _sites(atlas)
         pick = int(rng.integers(len(sites.convexity)))
-        centre = atlas.to_mni(sites.convexity[pick]) + sites.surface_normal[pick] * rng.uniform(4, 9)
+        centre = atlas.to_mni(sites.convexity[pick]) + sites.surface_normal[pick] * rng.uniform(
+            4, 9
+        )
         mimic = _calcification(atlas, rng, centre, rng.uniform(5, 11), (150, 500))
-        mimics.append(LesionField("meningioma", mimic.lo, mimic.fraction, mimic.hu,
-                                  centre_mni=mimic.centre_mni, is_blood=False))
+        mimics.append(
+            LesionField(
+                "meningioma",
+                mimic.lo,
+                mimic.fraction,
+                mimic.hu,
+                centre_mni=mimic.centre_mni,
+                is_blood=False,
+            )
+        )
     return mimics
 
 
-def _calcification(atlas: HeadAtlas, rng: np.random.Generator, centre: tuple[float, float, float],
-                   radius: float, hu_range: tuple[float, float], flat: bool = False) -> LesionField:
+def _calcification(
+    atlas: HeadAtlas,
+    rng: np.random.Generator,
+    centre: tuple[float, float, float],
+    radius: float,
+    hu_range: tuple[float, float],
+    *,
+    flat: bool = False,
+) -> LesionField:
     centre_arr = np.asarray(centre, dtype=np.float64) + rng.uniform(-1.0, 1.0, 3)
     lo, sl, grid = _crop(atlas, centre_arr, radius * 2.0 + 3.0)
     sdf = _blob_sdf(grid, centre_arr, radius, rng)
@@ -413,14 +505,22 @@ def _calcification(atlas: HeadAtlas, rng: np.random.Generator, centre: tuple[flo
         sdf = np.maximum(sdf, np.abs(grid[0] - np.float32(centre_arr[0])) - 0.6)
     fraction = np.clip(0.5 - sdf, 0.0, 1.0).astype(np.float32)
     hu = np.full(fraction.shape, rng.uniform(*hu_range), dtype=np.float32)
-    return LesionField("calcification", lo, fraction, hu, centre_mni=tuple(float(v) for v in centre_arr),  # type: ignore[arg-type]
-                       is_blood=False)
+    return LesionField(
+        "calcification",
+        lo,
+        fraction,
+        hu,
+        centre_mni=tuple(float(v) for v in centre_arr),  # type: ignore[arg-type]
+        is_blood=False,
+    )
 
 
 # ---------------------------------------------------------------- rendering
 
 
-def render_lesions(hu: np.ndarray, atlas: HeadAtlas, lesions: list[LesionField], tissue: TissueHU) -> None:
+def render_lesions(
+    hu: np.ndarray, atlas: HeadAtlas, lesions: list[LesionField], tissue: TissueHU
+) -> None:
     """Write lesions (and mimics) into a case's atlas-grid HU volume, in place.
 
     Oedema and sulcal effacement change the tissue around a lesion first; the blood (or
@@ -448,10 +548,17 @@ def render_lesions(hu: np.ndarray, atlas: HeadAtlas, lesions: list[LesionField],
         sl = lesion.slices
         view = hu[sl]
         if lesion.effacement is not None:
-            tissue_frac = (atlas.grey[sl].astype(np.float32) + atlas.white[sl].astype(np.float32)) / 255.0
+            tissue_frac = (
+                atlas.grey[sl].astype(np.float32) + atlas.white[sl].astype(np.float32)
+            ) / 255.0
             ic = atlas.intracranial[sl].astype(np.float32) / 255.0
             csf = np.clip(1.0 - tissue_frac, 0.0, 1.0) * ic * (atlas.inner_depth_mm[sl] > 1.5)
             view += lesion.effacement * csf * np.float32(tissue.grey - tissue.csf)
         if lesion.oedema is not None:
-            view += lesion.oedema * np.float32(0.8) * (np.float32(lesion.oedema_hu) - view) * (view < 60)
+            view += (
+                lesion.oedema
+                * np.float32(0.8)
+                * (np.float32(lesion.oedema_hu) - view)
+                * (view < 60)
+            )
         view += lesion.fraction * (lesion.hu - view)

@@ -8,8 +8,8 @@ real head CT slices. ``radnet-phantoms`` writes the dataset layout ``training.da
 from __future__ import annotations
 
 import csv
-import functools
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -46,12 +46,20 @@ GENERATOR_VERSION = "1.0.0"
 logger = logging.getLogger(__name__)
 
 # independent random streams of one case: the label and the blood never change anything else
-_STREAM_LABEL, _STREAM_POSE, _STREAM_SCANNER, _STREAM_MIMICS, _STREAM_LESIONS, _STREAM_NOISE = range(6)
+_STREAM_LABEL, _STREAM_POSE, _STREAM_SCANNER, _STREAM_MIMICS, _STREAM_LESIONS, _STREAM_NOISE = (
+    range(6)
+)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 # (slope, intercept, signed) as scanners write them
-_RESCALES = ((1.0, -1024.0, False), (1.0, -1024.0, True), (1.0, 0.0, True), (1.0, -8192.0, False),
-             (0.5, -1024.0, False))
+_RESCALES = (
+    (1.0, -1024.0, False),
+    (1.0, -1024.0, True),
+    (1.0, 0.0, True),
+    (1.0, -8192.0, False),
+    (0.5, -1024.0, False),
+)
 _RESCALE_WEIGHTS = (0.45, 0.2, 0.2, 0.1, 0.05)
+_BONE_DOMINATED_HU = 150.0
 
 
 @dataclass(frozen=True)
@@ -98,14 +106,18 @@ class PhantomOptions:
         if not 32 <= self.rows <= 1024:
             raise ValueError(f"rows must be in 32-1024, got {self.rows}")
         if self.slice_thickness_mm is not None and not 0.5 <= self.slice_thickness_mm <= 10.0:
-            raise ValueError(f"slice_thickness_mm must be in 0.5-10 mm, got {self.slice_thickness_mm}")
+            raise ValueError(
+                f"slice_thickness_mm must be in 0.5-10 mm, got {self.slice_thickness_mm}"
+            )
         for name in ("positive_fraction", "tilt_probability", "uneven_probability"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         low, high = self.noise_sigma_hu
         if not 0.0 <= low <= high <= 50.0:
-            raise ValueError(f"noise_sigma_hu must be 0 <= low <= high <= 50, got {self.noise_sigma_hu}")
+            raise ValueError(
+                f"noise_sigma_hu must be 0 <= low <= high <= 50, got {self.noise_sigma_hu}"
+            )
         if self.min_positive_area_mm2 <= 0:
             raise ValueError(f"min_positive_area_mm2 must be > 0, got {self.min_positive_area_mm2}")
         if not 3 <= self.background_slices <= 64:
@@ -131,7 +143,7 @@ class PhantomCase:
     case_id : str
         Dataset case identifier.
     hu : np.ndarray
-        float32 (slices, rows, columns), HU as written (noise included), slices inferior -> superior.
+        float32 (slices, rows, columns): HU as written (noise included), inferior to superior.
     hu_noise_free : np.ndarray
         The same before quantum noise and streaks.
     mask : np.ndarray
@@ -172,11 +184,15 @@ class PhantomCase:
 
     @property
     def subtypes(self) -> tuple[str, ...]:
-        return tuple(s for s in SUBTYPES if any(rec.subtype == s for rec in self.lesions))
+        """Subtypes with at least one positive slice, in ``SUBTYPES`` order."""
+        present = {s for per_slice in self.slice_subtypes for s in per_slice}
+        return tuple(s for s in SUBTYPES if s in present)
 
 
 def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index), stream, 0x5ADE7]))
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index), stream, 0x5ADE7])
+    )
 
 
 # ---------------------------------------------------------------- pose: MNI <-> patient
@@ -214,7 +230,9 @@ def _warp(points: np.ndarray, pose: _Pose, atlas: HeadAtlas) -> np.ndarray:
     mni = pose.to_mni(points)
     elastic = np.zeros_like(mni)
     for axis, amp, kx, ky, kz, phase in pose.elastic:
-        elastic[..., int(axis)] += amp * np.sin(mni[..., 0] * kx + mni[..., 1] * ky + mni[..., 2] * kz + phase)
+        elastic[..., int(axis)] += amp * np.sin(
+            mni[..., 0] * kx + mni[..., 1] * ky + mni[..., 2] * kz + phase
+        )
     mni = mni + elastic
     if pose.pushes:
         idx = np.rint(mni - atlas.origin_mm).astype(np.int64)
@@ -227,7 +245,11 @@ def _warp(points: np.ndarray, pose: _Pose, atlas: HeadAtlas) -> np.ndarray:
             d = mni - centre
             r = np.linalg.norm(d, axis=-1)
             rho = max(2.0 * push.amplitude_mm, 3.0)
-            u = push.amplitude_mm * np.tanh(r / rho) * np.clip(1.0 - (r / push.radius_mm) ** 2, 0.0, 1.0) ** 2
+            u = (
+                push.amplitude_mm
+                * np.tanh(r / rho)
+                * np.clip(1.0 - (r / push.radius_mm) ** 2, 0.0, 1.0) ** 2
+            )
             scale = np.where(inside & (r > 1e-6), 1.0 - u / np.maximum(r, 1e-6), 1.0)
             mni = centre + d * scale[..., None]
     return mni - atlas.origin_mm
@@ -236,9 +258,10 @@ def _warp(points: np.ndarray, pose: _Pose, atlas: HeadAtlas) -> np.ndarray:
 # ---------------------------------------------------------------- sampling the volume
 
 
-def _plane_points(geometry: SeriesGeometry, index: int, factor: int, offset_mm: float,
-                  coarse: int) -> tuple[np.ndarray, int]:
-    """Patient coordinates of a coarse grid over the low-resolution sampling grid of one sub-plane."""
+def _plane_points(
+    geometry: SeriesGeometry, index: int, factor: int, offset_mm: float, coarse: int
+) -> tuple[np.ndarray, int]:
+    """Patient coordinates of a coarse grid over one sub-plane's low-resolution sampling grid."""
     n_lo = geometry.rows // factor
     m_lo = geometry.columns // factor
     nr = (n_lo - 1) // coarse + 2
@@ -250,9 +273,12 @@ def _plane_points(geometry: SeriesGeometry, index: int, factor: int, offset_mm: 
     dr, dc = geometry.pixel_spacing_mm
     origin = np.asarray(geometry.image_position(index), dtype=np.float64)
     normal = np.cross(geometry.row_direction, geometry.column_direction)
-    pts = (origin + offset_mm * normal
-           + cc[None, :, None] * dc * geometry.row_direction
-           + rr[:, None, None] * dr * geometry.column_direction)
+    pts = (
+        origin
+        + offset_mm * normal
+        + cc[None, :, None] * dc * geometry.row_direction
+        + rr[:, None, None] * dr * geometry.column_direction
+    )
     return pts, nr
 
 
@@ -262,14 +288,26 @@ def _sub_plane_offsets(thickness_mm: float) -> np.ndarray:
     return (np.arange(n) + 0.5) / n * thickness_mm - thickness_mm / 2.0
 
 
-def _normalised_grid(idx: torch.Tensor, shape: Sequence[int], lo: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+def _normalised_grid(
+    idx: torch.Tensor, shape: Sequence[int], lo: Sequence[int] = (0, 0, 0)
+) -> torch.Tensor:
     """grid_sample coordinates (x -> last dim) of atlas indices (..., 3) for a volume (X, Y, Z)."""
-    parts = [(idx[..., a] - float(lo[a])) / max(float(shape[a]) - 1.0, 1.0) * 2.0 - 1.0 for a in (2, 1, 0)]
+    parts = [
+        (idx[..., a] - float(lo[a])) / max(float(shape[a]) - 1.0, 1.0) * 2.0 - 1.0
+        for a in (2, 1, 0)
+    ]
     return torch.stack(parts, dim=-1)
 
 
-def _sample_series(geometry: SeriesGeometry, pose: _Pose, atlas: HeadAtlas, volume: np.ndarray,
-                   crops: Sequence[LesionField], factor: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample_series(
+    geometry: SeriesGeometry,
+    pose: _Pose,
+    atlas: HeadAtlas,
+    volume: np.ndarray,
+    *,
+    crops: Sequence[LesionField],
+    factor: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """HU and per-lesion fractions of every slice on the low-resolution grid, slab-averaged.
 
     ``volume`` holds HU + 1000 so that the zero padding of grid_sample is air.
@@ -290,7 +328,9 @@ def _sample_series(geometry: SeriesGeometry, pose: _Pose, atlas: HeadAtlas, volu
         idx = F.interpolate(coarse_idx, size=(n_lo, m_lo), mode="bilinear", align_corners=True)
         idx = idx.permute(0, 2, 3, 1)  # (sub, n_lo, m_lo, 3)
         grid = _normalised_grid(idx, atlas.shape)[None]  # (1, sub, n_lo, m_lo, 3)
-        sampled = F.grid_sample(vol_t, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        sampled = F.grid_sample(
+            vol_t, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
         hu[i] = sampled[0, 0].mean(dim=0).numpy() - 1000.0
         for k, lesion in enumerate(crops):
             lo = np.asarray(lesion.lo, dtype=np.float32)
@@ -299,7 +339,9 @@ def _sample_series(geometry: SeriesGeometry, pose: _Pose, atlas: HeadAtlas, volu
             if ((flat.amax(0).numpy() < lo - 1).any()) or ((flat.amin(0).numpy() > hi + 1).any()):
                 continue
             g = _normalised_grid(idx, lesion.fraction.shape, lesion.lo)[None]
-            f = F.grid_sample(crop_t[k], g, mode="bilinear", padding_mode="zeros", align_corners=True)
+            f = F.grid_sample(
+                crop_t[k], g, mode="bilinear", padding_mode="zeros", align_corners=True
+            )
             fractions[k, i] = f[0, 0].mean(dim=0).numpy()
     return hu, fractions
 
@@ -317,8 +359,13 @@ def _gaussian_blur(images: np.ndarray, sigma_px: float) -> np.ndarray:
     return ndi.gaussian_filter(images, (0, sigma_px, sigma_px), mode="nearest").astype(np.float32)
 
 
-def _correlated_noise(shape: tuple[int, int, int], pixel_mm: float, sigma: float, cutoff: float,
-                      rng: np.random.Generator) -> np.ndarray:
+def _correlated_noise(
+    shape: tuple[int, int, int],
+    pixel_mm: float,
+    sigma: float,
+    cutoff: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Quantum noise with a CT-like (band-pass, ramp-filtered) noise power spectrum."""
     n, rows, cols = shape
     fy = np.fft.fftfreq(rows, d=pixel_mm)[:, None]
@@ -334,8 +381,12 @@ def _correlated_noise(shape: tuple[int, int, int], pixel_mm: float, sigma: float
     return np.fft.irfft2(spectrum, s=(rows, cols), norm="ortho").astype(np.float32)
 
 
-def _headrest(geometry: SeriesGeometry, centre_xy: tuple[float, float], radius_mm: float,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _headrest(
+    geometry: SeriesGeometry,
+    centre_xy: tuple[float, float],
+    radius_mm: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """A curved head holder behind the head and the table under it: (fraction, HU) in-plane.
 
     The holder runs along the table, so its cross-section is the same in every slice.
@@ -347,8 +398,12 @@ def _headrest(geometry: SeriesGeometry, centre_xy: tuple[float, float], radius_m
     x = x0 + np.arange(geometry.columns)[None, :] * dc
     r = np.sqrt((x - centre_xy[0]) ** 2 + (y - centre_xy[1]) ** 2)
     shell = rng.uniform(2.5, 4.5)
-    holder = np.clip(shell / 2.0 - np.abs(r - radius_mm) + 0.5, 0.0, 1.0) * (y > centre_xy[1] + 10.0)
-    pad = np.clip(radius_mm - 1.0 - r, 0.0, 1.0) * np.clip(r - (radius_mm - rng.uniform(6, 14)), 0.0, 1.0)
+    holder = np.clip(shell / 2.0 - np.abs(r - radius_mm) + 0.5, 0.0, 1.0) * (
+        y > centre_xy[1] + 10.0
+    )
+    pad = np.clip(radius_mm - 1.0 - r, 0.0, 1.0) * np.clip(
+        r - (radius_mm - rng.uniform(6, 14)), 0.0, 1.0
+    )
     pad *= y > centre_xy[1] + 25.0
     table_y = centre_xy[1] + radius_mm + rng.uniform(8.0, 25.0)
     table = np.clip(2.5 - np.abs(y - table_y) + 0.5, 0.0, 1.0) * np.ones_like(x)
@@ -358,13 +413,12 @@ def _headrest(geometry: SeriesGeometry, centre_xy: tuple[float, float], radius_m
     return fraction.astype(np.float32), hu.astype(np.float32)
 
 
-
 # ---------------------------------------------------------------- mode 1: whole heads
 
 
 @functools.lru_cache(maxsize=2)
 def _head_points(atlas: HeadAtlas) -> tuple[np.ndarray, np.ndarray]:
-    """MNI points (subsampled) of the skull and of the brain's lowest part, for field of view and coverage."""
+    """MNI points (subsampled) of the skull and of the lowest brain: field of view and coverage."""
     skull = np.argwhere(atlas.extracranial_hu[::3, ::3, ::3] > 300.0) * 3 + atlas.origin_mm
     skull = skull[skull[:, 2] > -60.0]
     brain = np.argwhere(atlas.intracranial[::2, ::2, ::2] > 128) * 2 + atlas.origin_mm
@@ -384,9 +438,13 @@ def _tissue(rng: np.random.Generator) -> TissueHU:
     )
 
 
-def _mask_summary(fractions: np.ndarray, geometry: SeriesGeometry, options: PhantomOptions,
-                  subtypes: Sequence[str]) -> tuple[np.ndarray, tuple[int, ...], tuple[tuple[str, ...], ...], np.ndarray]:
-    """Binary mask, per-slice labels and subtypes from per-lesion fractions (lesion, slice, row, col)."""
+def _mask_summary(
+    fractions: np.ndarray,
+    geometry: SeriesGeometry,
+    options: PhantomOptions,
+    subtypes: Sequence[str],
+) -> tuple[np.ndarray, tuple[int, ...], tuple[tuple[str, ...], ...], np.ndarray]:
+    """Mask, slice labels and slice subtypes from per-lesion fractions (lesion, slice, row, col)."""
     n = geometry.number_of_slices
     shape = (n, geometry.rows, geometry.columns)
     if len(subtypes) == 0:
@@ -397,9 +455,16 @@ def _mask_summary(fractions: np.ndarray, geometry: SeriesGeometry, options: Phan
     min_pixels = options.min_positive_area_mm2 / area
     labels = tuple(int(mask[i].sum() >= min_pixels) for i in range(n))
     slice_subtypes = tuple(
-        tuple(s for s in SUBTYPES if any(
-            subtypes[k] == s and per_lesion[k, i].sum() >= min(min_pixels, 1.0) for k in range(len(subtypes))))
-        if labels[i] else ()
+        tuple(
+            s
+            for s in SUBTYPES
+            if any(
+                subtypes[k] == s and per_lesion[k, i].sum() >= min(min_pixels, 1.0)
+                for k in range(len(subtypes))
+            )
+        )
+        if labels[i]
+        else ()
         for i in range(n)
     )
     return mask.astype(np.uint8), labels, slice_subtypes, per_lesion
@@ -409,14 +474,24 @@ def _pixel_to_patient(geometry: SeriesGeometry, k: float, r: float, c: float) ->
     z = np.interp(k, np.arange(geometry.number_of_slices), np.asarray(geometry.table_positions_mm))
     x0, y0 = geometry.image_position(0)[:2]
     dr, dc = geometry.pixel_spacing_mm
-    return np.array([x0, y0, z]) + c * dc * geometry.row_direction + r * dr * geometry.column_direction
+    return (
+        np.array([x0, y0, z]) + c * dc * geometry.row_direction + r * dr * geometry.column_direction
+    )
 
 
-def _lesion_records(per_lesion: np.ndarray, hu_noise_free: np.ndarray, geometry: SeriesGeometry,
-                    subtypes: Sequence[str], fallback_centres: Sequence[np.ndarray]) -> tuple[LesionRecord, ...]:
+def _lesion_records(
+    per_lesion: np.ndarray,
+    hu_noise_free: np.ndarray,
+    geometry: SeriesGeometry,
+    subtypes: Sequence[str],
+    fallback_centres: Sequence[np.ndarray],
+) -> tuple[LesionRecord, ...]:
     spacing = np.diff(np.asarray(geometry.table_positions_mm))
-    slice_step = float(np.mean(spacing)) * math.cos(math.radians(geometry.gantry_tilt_deg)) if len(spacing) else (
-        geometry.slice_thickness_mm)
+    slice_step = (
+        float(np.mean(spacing)) * math.cos(math.radians(geometry.gantry_tilt_deg))
+        if len(spacing)
+        else (geometry.slice_thickness_mm)
+    )
     voxel_ml = float(np.prod(geometry.pixel_spacing_mm)) * slice_step / 1000.0
     records = []
     for k, subtype in enumerate(subtypes):
@@ -427,16 +502,26 @@ def _lesion_records(per_lesion: np.ndarray, hu_noise_free: np.ndarray, geometry:
             mean_hu = float(hu_noise_free[m].mean())
         else:
             centre, mean_hu = np.asarray(fallback_centres[k]), float("nan")
-        records.append(LesionRecord(subtype, tuple(round(float(v), 2) for v in centre),  # type: ignore[arg-type]
-                                    round(float(m.sum()) * voxel_ml, 3), round(mean_hu, 1)))
+        records.append(
+            LesionRecord(
+                subtype,
+                tuple(round(float(v), 2) for v in centre),  # type: ignore[arg-type]
+                round(float(m.sum()) * voxel_ml, 3),
+                round(mean_hu, 1),
+            )
+        )
     return tuple(records)
 
 
-def _reconstruction_circle(images: np.ndarray, geometry: SeriesGeometry, pad_hu: float | None) -> None:
+def _reconstruction_circle(
+    images: np.ndarray, geometry: SeriesGeometry, pad_hu: float | None
+) -> None:
     if pad_hu is None:
         return
     rows, cols = geometry.rows, geometry.columns
-    r = np.hypot(np.arange(rows)[:, None] - (rows - 1) / 2, np.arange(cols)[None, :] - (cols - 1) / 2)
+    r = np.hypot(
+        np.arange(rows)[:, None] - (rows - 1) / 2, np.arange(cols)[None, :] - (cols - 1) / 2
+    )
     images[:, r > min(rows, cols) / 2.0] = pad_hu
 
 
@@ -448,7 +533,12 @@ def _choose_rescale(rng: np.random.Generator) -> tuple[tuple[float, float, bool]
     return (slope, intercept, signed), pad
 
 
-def generate_case(seed: int, index: int, options: PhantomOptions | None = None) -> PhantomCase:
+def generate_case(
+    seed: int,
+    index: int,
+    options: PhantomOptions | None = None,
+    subtypes: tuple[str, ...] | None = None,
+) -> PhantomCase:
     """Generate case ``index`` of the dataset with ``seed`` (mode 1: a whole synthetic head).
 
     Every random choice comes from streams derived from (seed, index), so cases can be generated in
@@ -463,6 +553,8 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
         Case number.
     options : PhantomOptions, optional
         Generation options.
+    subtypes : tuple of str, optional
+        Force a positive case with exactly these hemorrhages (one lesion per entry).
 
     Returns
     -------
@@ -472,10 +564,14 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
     ------
     DatasetError
         When the atlas cannot be built (missing templates).
+    ValueError
+        When a forced subtype is unknown.
     """
     options = options or PhantomOptions()
     atlas = head_atlas()
-    positive = bool(_rng(seed, index, _STREAM_LABEL).random() < options.positive_fraction)
+    positive = bool(_rng(seed, index, _STREAM_LABEL).random() < options.positive_fraction) or bool(
+        subtypes
+    )
     pose_rng = _rng(seed, index, _STREAM_POSE)
     scan_rng = _rng(seed, index, _STREAM_SCANNER)
 
@@ -483,22 +579,44 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
     tissue = _tissue(pose_rng)
     atrophy = float(pose_rng.uniform(0.25, 0.9)) if pose_rng.random() < 0.35 else 0.0
     scale = pose_rng.uniform(0.9, 1.1) * pose_rng.uniform(0.97, 1.03, 3)
-    angles = (float(pose_rng.uniform(-10, 10)), float(pose_rng.uniform(-10, 10)), float(pose_rng.uniform(-15, 15)))
+    angles = (
+        float(pose_rng.uniform(-10, 10)),
+        float(pose_rng.uniform(-10, 10)),
+        float(pose_rng.uniform(-15, 15)),
+    )
     linear = _LPS_TO_RAS @ _rotation(*angles) @ np.diag(scale)
     elastic = tuple(
-        (float(axis), float(pose_rng.uniform(0.8, 2.5)), *(pose_rng.standard_normal(3) * 2 * np.pi / pose_rng.uniform(
-            60.0, 140.0) / math.sqrt(3.0)).tolist(), float(pose_rng.uniform(0, 2 * np.pi)))
-        for axis in range(3) for _ in range(2)
+        (
+            float(axis),
+            float(pose_rng.uniform(0.8, 2.5)),
+            *(
+                pose_rng.standard_normal(3)
+                * 2
+                * np.pi
+                / pose_rng.uniform(60.0, 140.0)
+                / math.sqrt(3.0)
+            ).tolist(),
+            float(pose_rng.uniform(0, 2 * np.pi)),
+        )
+        for axis in range(3)
+        for _ in range(2)
     )
     pushes: list[MassEffect] = []
     if atrophy > 0:  # enlarged lateral ventricles
         for side in ("left", "right"):
-            pushes.append(MassEffect(atlas.landmarks[f"lateral_ventricle_{side}"], 1.5 + 4.0 * atrophy, 38.0))
+            pushes.append(
+                MassEffect(atlas.landmarks[f"lateral_ventricle_{side}"], 1.5 + 4.0 * atrophy, 38.0)
+            )
 
     # scanner geometry
-    thickness = options.slice_thickness_mm or float(scan_rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]))
-    tilt = float(scan_rng.uniform(5.0, 25.0)) * (1 if scan_rng.random() < 0.85 else -1) if (
-        scan_rng.random() < options.tilt_probability) else 0.0
+    thickness = options.slice_thickness_mm or float(
+        scan_rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0])
+    )
+    tilt = (
+        float(scan_rng.uniform(5.0, 25.0)) * (1 if scan_rng.random() < 0.85 else -1)
+        if (scan_rng.random() < options.tilt_probability)
+        else 0.0
+    )
     skull_pts, base_pts = _head_points(atlas)
     centre = np.array([0.0, -17.0, 10.0])
     skull_p = (skull_pts - centre) @ linear.T
@@ -508,8 +626,15 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
     pixel = max(pixel, (extent + 12.0) / options.rows)
     fov = pixel * options.rows
     allowed = np.maximum((fov - (hi - lo)[:2]) / 2.0 - 6.0, 0.0)
-    offset = np.array([scan_rng.uniform(-1, 1) * min(30.0, allowed[0]), scan_rng.uniform(-1, 1) * min(30.0, allowed[1])])
-    translation = np.array([offset[0] - (lo[0] + hi[0]) / 2.0, offset[1] - (lo[1] + hi[1]) / 2.0, 0.0])
+    offset = np.array(
+        [
+            scan_rng.uniform(-1, 1) * min(30.0, allowed[0]),
+            scan_rng.uniform(-1, 1) * min(30.0, allowed[1]),
+        ]
+    )
+    translation = np.array(
+        [offset[0] - (lo[0] + hi[0]) / 2.0, offset[1] - (lo[1] + hi[1]) / 2.0, 0.0]
+    )
     y0 = -(options.rows - 1) * pixel / 2.0
     tan_t = math.tan(math.radians(tilt))
 
@@ -525,8 +650,11 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
         step = thickness * (float(scan_rng.uniform(0.7, 1.35)) if uneven else 1.0)
         positions.append(positions[-1] + step)
     geometry = SeriesGeometry(
-        rows=options.rows, columns=options.rows, pixel_spacing_mm=(pixel, pixel),
-        table_positions_mm=tuple(round(p, 3) for p in positions), slice_thickness_mm=thickness,
+        rows=options.rows,
+        columns=options.rows,
+        pixel_spacing_mm=(pixel, pixel),
+        table_positions_mm=tuple(round(p, 3) for p in positions),
+        slice_thickness_mm=thickness,
         gantry_tilt_deg=round(tilt, 3),
     )
     rescale, pad_hu = _choose_rescale(scan_rng)
@@ -538,7 +666,9 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
 
     # findings
     mimics = sample_mimics(atlas, _rng(seed, index, _STREAM_MIMICS))
-    gravity = np.linalg.inv(linear) @ np.array([0.0, 1.0, 0.0])  # supine: towards the patient's back
+    gravity = np.linalg.inv(linear) @ np.array(
+        [0.0, 1.0, 0.0]
+    )  # supine: towards the patient's back
     gravity /= np.linalg.norm(gravity)
     lesion_rng = _rng(seed, index, _STREAM_LESIONS)
     pose = _Pose(linear, centre, translation, elastic, tuple(pushes))
@@ -549,21 +679,34 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
     render_lesions(base, atlas, mimics, tissue)
 
     for _attempt in range(6):
-        lesions = sample_hemorrhages(atlas, lesion_rng, gravity) if positive else []
+        lesions = (
+            sample_hemorrhages(atlas, lesion_rng, gravity, subtypes=subtypes) if positive else []
+        )
         volume = base.copy() if lesions else base
         render_lesions(volume, atlas, lesions, tissue)
         volume += np.float32(1000.0)
-        case_pose = dataclasses.replace(pose, pushes=pose.pushes + tuple(
-            les.mass_effect for les in lesions if les.mass_effect is not None))
-        hu_lo, frac_lo = _sample_series(geometry, case_pose, atlas, volume, lesions, factor)
+        case_pose = dataclasses.replace(
+            pose,
+            pushes=pose.pushes
+            + tuple(les.mass_effect for les in lesions if les.mass_effect is not None),
+        )
+        hu_lo, frac_lo = _sample_series(
+            geometry, case_pose, atlas, volume, crops=lesions, factor=factor
+        )
         if not lesions:
             volume -= np.float32(1000.0)
+        hu_up = _upsample(hu_lo, factor)
         fractions = np.stack([_upsample(f, factor) for f in frac_lo]) if lesions else np.zeros((0,))
+        if lesions:
+            # a pixel dominated by bone partial volume (skull base, inner table) reads as bone
+            fractions *= (hu_up < _BONE_DOMINATED_HU)[None]
         subtypes = [les.subtype for les in lesions]
-        mask, labels, slice_subtypes, per_lesion = _mask_summary(fractions, geometry, options, subtypes)
+        mask, labels, slice_subtypes, per_lesion = _mask_summary(
+            fractions, geometry, options, subtypes
+        )
         if not positive or any(labels):
             break
-    hu = _gaussian_blur(_upsample(hu_lo, factor), blur_fwhm / 2.355 / pixel)
+    hu = _gaussian_blur(hu_up, blur_fwhm / 2.355 / pixel)
     holder_frac, holder_hu = headrest
     outside = np.clip((-300.0 - hu) / 300.0, 0.0, 1.0)  # the holder never overlaps the head
     hu += outside * holder_frac * (holder_hu - hu)
@@ -572,14 +715,21 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
     noise = _correlated_noise(hu.shape, pixel, sigma, cutoff, noise_rng)
     # thicker bone (skull base) absorbs more photons: those slices are noisier
     attenuation = np.clip(hu_noise_free + 1000.0, 0.0, 3000.0).mean(axis=(1, 2))
-    noise *= np.clip(np.sqrt(attenuation / np.median(attenuation)), 0.8, 1.6)[:, None, None].astype(np.float32)
+    noise *= np.clip(np.sqrt(attenuation / np.median(attenuation)), 0.8, 1.6)[:, None, None].astype(
+        np.float32
+    )
     noise *= np.float32(math.sqrt(5.0 / thickness)) ** np.float32(0.5)  # thin slices: fewer photons
     hu = hu_noise_free + noise
     _reconstruction_circle(hu, geometry, pad_hu)
     _reconstruction_circle(hu_noise_free, geometry, pad_hu)
 
-    records = _lesion_records(per_lesion, hu_noise_free, geometry, subtypes,
-                              [case_pose.to_patient(np.asarray(les.centre_mni)) for les in lesions])
+    records = _lesion_records(
+        per_lesion,
+        hu_noise_free,
+        geometry,
+        subtypes,
+        [case_pose.to_patient(np.asarray(les.centre_mni)) for les in lesions],
+    )
     case_id = f"ph{seed}-{index:05d}"
     details = {
         "atlas": ATLAS_VERSION,
@@ -593,23 +743,45 @@ def generate_case(seed: int, index: int, options: PhantomOptions | None = None) 
         "blur_fwhm_mm": round(blur_fwhm, 3),
         "uneven_spacing": bool(uneven),
         "padding_hu": pad_hu,
-        "mimics": [{"kind": m.subtype, "centre_mm": [round(float(v), 1) for v in case_pose.to_patient(
-            np.asarray(m.centre_mni))], "hu": round(float(m.hu.max()), 1)} for m in mimics],
+        "mimics": [
+            {
+                "kind": m.subtype,
+                "centre_mm": [
+                    round(float(v), 1) for v in case_pose.to_patient(np.asarray(m.centre_mni))
+                ],
+                "hu": round(float(m.hu.max()), 1),
+            }
+            for m in mimics
+        ],
     }
     return PhantomCase(
-        case_id=case_id, hu=hu.astype(np.float32), hu_noise_free=hu_noise_free, mask=mask, geometry=geometry,
-        lesions=records, ct_label=int(any(labels)), slice_labels=labels, slice_subtypes=slice_subtypes,
-        rescale=rescale, study=_study(case_id, f"radnet-phantoms/{seed}/{index}"), generator="mni152",
+        case_id=case_id,
+        hu=hu.astype(np.float32),
+        hu_noise_free=hu_noise_free,
+        mask=mask,
+        geometry=geometry,
+        lesions=records,
+        ct_label=int(any(labels)),
+        slice_labels=labels,
+        slice_subtypes=slice_subtypes,
+        rescale=rescale,
+        study=_study(case_id, f"radnet-phantoms/{seed}/{index}"),
+        generator="mni152",
         details=details,
     )
 
 
 def _study(case_id: str, uid_seed: str, extra: dict[str, object] | None = None) -> StudyInfo:
-    return StudyInfo(patient_id=case_id, patient_name=f"Phantom^{case_id}", accession_number=case_id[-16:],
-                     uid_seed=uid_seed, extra=dict(extra or {}))
+    return StudyInfo(
+        patient_id=case_id,
+        patient_name=f"Phantom^{case_id}",
+        accession_number=case_id[-16:],
+        uid_seed=uid_seed,
+        extra=dict(extra or {}),
+    )
 
 
-# ---------------------------------------------------------------- mode 2: insertion into real slices
+# ---------------------------------------------------------------- mode 2: real slices
 
 
 @dataclass(frozen=True, eq=False)
@@ -621,6 +793,7 @@ class BackgroundSlice:
     intracranial: np.ndarray  # bool: inside the inner table
     inner_depth_mm: np.ndarray  # float32: distance to the inner table inside, 0 outside
     csf_like: np.ndarray  # float32 0-1: how CSF-like a pixel is (smoothed HU)
+    ventricles: np.ndarray  # float32 0-1: CSF in large deep spaces (ventricles)
     pixel_spacing_mm: tuple[float, float]
     slice_thickness_mm: float
     tilt_deg: float  # in SeriesGeometry's convention, from ImageOrientationPatient
@@ -653,8 +826,11 @@ def load_background(path: Path | str) -> BackgroundSlice:
         ds = pydicom.dcmread(path)
     except (pydicom.errors.InvalidDicomError, OSError, ValueError) as error:
         raise InputError(path, f"not readable as DICOM ({error})") from error
-    if ds.get("Modality") != "CT":
-        raise InputError(path, f"not a CT image (Modality {ds.get('Modality')!r})")
+    if ds.get("Modality") != "CT" or ds.get("SOPClassUID") != pydicom.uid.CTImageStorage:
+        sop_class = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID"))
+        raise InputError(
+            path, f"not a CT image (Modality {ds.get('Modality')!r}, SOP class {sop_class})"
+        )
     if "PixelData" not in ds:
         raise InputError(path, "no pixel data")
     if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -662,31 +838,53 @@ def load_background(path: Path | str) -> BackgroundSlice:
     try:
         stored = ds.pixel_array
     except Exception as error:  # decoders raise many types; name the file and the cause
-        raise InputError(path, f"pixel data cannot be decoded ({type(error).__name__}: {error})") from error
+        raise InputError(
+            path, f"pixel data cannot be decoded ({type(error).__name__}: {error})"
+        ) from error
     hu = pydicom.pixels.apply_modality_lut(stored, ds).astype(np.float32)
     plausible = (hu > -1100) & (hu < 3500)
     soft = np.mean((hu > -20) & (hu < 80))
     if plausible.mean() < 0.3 or soft < 0.05 or np.mean(hu > 300) < 0.005:
-        raise InputError(path, "HU implausible for a head CT (check pixel representation and rescale)")
-    orientation = np.asarray([float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])])
+        raise InputError(
+            path, "HU implausible for a head CT (check pixel representation and rescale)"
+        )
+    orientation = np.asarray(
+        [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
+    )
     if not np.allclose(orientation[:3], [1, 0, 0], atol=1e-3) or abs(orientation[3]) > 1e-3:
-        raise InputError(path, f"orientation {orientation.tolist()} is not an axial (possibly tilted) slice")
+        raise InputError(
+            path, f"orientation {orientation.tolist()} is not an axial (possibly tilted) slice"
+        )
     tilt = math.degrees(math.atan2(-orientation[5], orientation[4]))
     spacing = tuple(float(v) for v in ds.get("PixelSpacing", [0.5, 0.5]))
     position = tuple(float(v) for v in ds.get("ImagePositionPatient", [0.0, 0.0, 0.0]))
     intracranial, depth, midline = _find_brain(hu, spacing, path)
     smooth = ndi.gaussian_filter(hu, 1.0 / spacing[0])
     csf_like = np.clip((22.0 - smooth) / 14.0, 0.0, 1.0) * (smooth > -30) * intracranial
+    deep = (csf_like > 0.5) & (depth > 15.0)
+    labels, count = ndi.label(deep)
+    sizes = ndi.sum_labels(deep, labels, index=np.arange(1, count + 1)) * spacing[0] * spacing[1]
+    ventricles = np.isin(labels, 1 + np.flatnonzero(sizes >= 30.0)) * csf_like
     return BackgroundSlice(
-        path=str(path), hu=hu, intracranial=intracranial, inner_depth_mm=depth, csf_like=csf_like.astype(np.float32),
-        pixel_spacing_mm=(spacing[0], spacing[1]), slice_thickness_mm=float(ds.get("SliceThickness", 5.0) or 5.0),
-        tilt_deg=tilt, gantry_tilt_tag=str(ds.get("GantryDetectorTilt")) if "GantryDetectorTilt" in ds else None,
-        position_mm=(position[0], position[1], position[2]), midline_column=midline,
+        path=str(path),
+        hu=hu,
+        intracranial=intracranial,
+        inner_depth_mm=depth,
+        csf_like=csf_like.astype(np.float32),
+        ventricles=ventricles.astype(np.float32),
+        pixel_spacing_mm=(spacing[0], spacing[1]),
+        slice_thickness_mm=float(ds.get("SliceThickness", 5.0) or 5.0),
+        tilt_deg=tilt,
+        gantry_tilt_tag=str(ds.get("GantryDetectorTilt")) if "GantryDetectorTilt" in ds else None,
+        position_mm=(position[0], position[1], position[2]),
+        midline_column=midline,
     )
 
 
-def _find_brain(hu: np.ndarray, spacing: tuple[float, ...], path: Path) -> tuple[np.ndarray, np.ndarray, float]:
-    """Intracranial region (inside the > 300 HU skull ring), its depth map (mm) and the midline column."""
+def _find_brain(
+    hu: np.ndarray, spacing: tuple[float, ...], path: Path
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Intracranial region (inside the > 300 HU skull), its depth map (mm), the midline column."""
     bone = hu > 300.0
     labels, count = ndi.label(bone)
     if count == 0:
@@ -704,14 +902,17 @@ def _find_brain(hu: np.ndarray, spacing: tuple[float, ...], path: Path) -> tuple
     brain = ndi.binary_fill_holes(brain)
     area_mm2 = brain.sum() * spacing[0] * spacing[1]
     if area_mm2 < 2500.0:
-        raise InputError(path, f"cannot find the brain: the region inside the skull is only {area_mm2:.0f} mm2")
+        raise InputError(
+            path, f"cannot find the brain: the region inside the skull is only {area_mm2:.0f} mm2"
+        )
     depth = ndi.distance_transform_edt(brain, sampling=spacing).astype(np.float32)
     columns = np.nonzero(brain.any(axis=0))[0]
     return brain, depth, float((columns[0] + columns[-1]) / 2.0)
 
 
-def _background_lesion(bg: BackgroundSlice, subtype: str, rng: np.random.Generator,
-                       z_mm: np.ndarray) -> tuple[np.ndarray, float]:
+def _background_lesion(
+    bg: BackgroundSlice, subtype: str, rng: np.random.Generator, z_mm: np.ndarray
+) -> tuple[np.ndarray, float]:
     """Blood fraction (slices, rows, cols) of one lesion across the virtual slices, and its HU."""
     rows, cols = bg.hu.shape
     dr, dc = bg.pixel_spacing_mm
@@ -730,26 +931,54 @@ def _background_lesion(bg: BackgroundSlice, subtype: str, rng: np.random.Generat
         r0, c0 = ok[rng.integers(len(ok))]
         centre = np.array([c0 * dc, r0 * dr, 0.0])
         axes = rng.uniform(0.75, 1.25, 3)
-        bumps = [(rng.standard_normal(3), rng.uniform(1, 3), rng.uniform(0.05, 0.15), rng.uniform(0, 6.28))
-                 for _ in range(4)]
+        bumps = [
+            (
+                rng.standard_normal(3),
+                rng.uniform(1, 3),
+                rng.uniform(0.05, 0.15),
+                rng.uniform(0, 6.28),
+            )
+            for _ in range(4)
+        ]
         for i, z in enumerate(z_mm):
             acc = np.zeros((rows, cols), np.float32)
             for off in offsets:
-                d = [(x - centre[0]) / axes[0], (y - centre[1]) / axes[1], np.float32((z + off - centre[2]) / axes[2])]
+                d = [
+                    (x - centre[0]) / axes[0],
+                    (y - centre[1]) / axes[1],
+                    np.float32((z + off - centre[2]) / axes[2]),
+                ]
                 r = np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2) + 1e-3
-                wobble = sum(a * np.cos(f * np.pi * (d[0] * n[0] + d[1] * n[1] + d[2] * n[2]) / np.linalg.norm(n) / r + p)
-                             for n, f, a, p in bumps)
+                wobble = sum(
+                    a
+                    * np.cos(
+                        f
+                        * np.pi
+                        * (d[0] * n[0] + d[1] * n[1] + d[2] * n[2])
+                        / np.linalg.norm(n)
+                        / r
+                        + p
+                    )
+                    for n, f, a, p in bumps
+                )
                 acc += np.clip(0.5 - (r - radius * (1 + wobble)), 0.0, 1.0)
             out[i] = acc / len(offsets)
         out *= inside
     elif subtype in ("subdural", "epidural"):
-        edge = np.argwhere(inside & (depth < 1.0) & (np.abs(np.arange(cols)[None, :] - bg.midline_column) * dc > 20.0))
+        edge = np.argwhere(
+            inside
+            & (depth < 1.0)
+            & (np.abs(np.arange(cols)[None, :] - bg.midline_column) * dc > 20.0)
+        )
         if len(edge) == 0:
             return out, 0.0
         r0, c0 = edge[rng.integers(len(edge))]
         side = 1.0 if c0 > bg.midline_column else -1.0
         if subtype == "subdural":
-            cap, thickness = rng.uniform(35, 80), float(np.exp(rng.uniform(np.log(3.0), np.log(18.0))))
+            cap, thickness = (
+                rng.uniform(35, 80),
+                float(np.exp(rng.uniform(np.log(3.0), np.log(18.0)))),
+            )
         else:
             cap = rng.uniform(16, 35)
             thickness = min(rng.uniform(8, 25), 0.9 * cap)
@@ -764,13 +993,19 @@ def _background_lesion(bg: BackgroundSlice, subtype: str, rng: np.random.Generat
         midline_x = bg.midline_column * dc
         out *= inside * np.clip(side * (x - midline_x) - 1.0, 0.0, 1.0)
     elif subtype in ("subarachnoid", "intraventricular"):
-        deep = depth > (15.0 if subtype == "intraventricular" else 0.0)
-        candidates = np.argwhere((bg.csf_like > 0.6) & deep)
+        if subtype == "intraventricular":
+            csf = bg.ventricles
+            spread = rng.uniform(15.0, 30.0)
+        else:  # sulci and cisterns: thin CSF structures (white top-hat of the CSF map)
+            radius = max(1, int(round(2.5 / dr)))
+            csf = np.clip(
+                bg.csf_like - ndi.grey_opening(bg.csf_like, size=(2 * radius + 1,) * 2), 0.0, 1.0
+            )
+            spread = rng.uniform(10.0, 25.0)
+        candidates = np.argwhere(csf > 0.6)
         if len(candidates) == 0:
             return out, 0.0
         r0, c0 = candidates[rng.integers(len(candidates))]
-        spread = rng.uniform(10.0, 25.0)
-        csf = bg.csf_like * deep
         if subtype == "intraventricular":
             # dependent layering: rows grow towards the patient's back (supine)
             level = r0 * dr - rng.uniform(0.0, 6.0)
@@ -783,8 +1018,9 @@ def _background_lesion(bg: BackgroundSlice, subtype: str, rng: np.random.Generat
     return out, float(rng.uniform(58.0, 85.0))
 
 
-def generate_background_case(seed: int, index: int, background: BackgroundSlice,
-                             options: PhantomOptions | None = None) -> PhantomCase:
+def generate_background_case(
+    seed: int, index: int, background: BackgroundSlice, options: PhantomOptions | None = None
+) -> PhantomCase:
     """Mode 2: a short series built from one real slice, with hemorrhages inserted (or none).
 
     The series repeats the real slice ``options.background_slices`` times at the source's spacing,
@@ -814,9 +1050,12 @@ def generate_background_case(seed: int, index: int, background: BackgroundSlice,
     z_mm = (np.arange(n) - (n - 1) / 2.0) * spacing
     rows, cols = background.hu.shape
     geometry = SeriesGeometry(
-        rows=rows, columns=cols, pixel_spacing_mm=background.pixel_spacing_mm,
+        rows=rows,
+        columns=cols,
+        pixel_spacing_mm=background.pixel_spacing_mm,
         table_positions_mm=tuple(round(background.position_mm[2] + float(z), 3) for z in z_mm),
-        slice_thickness_mm=background.slice_thickness_mm, gantry_tilt_deg=round(background.tilt_deg, 4),
+        slice_thickness_mm=background.slice_thickness_mm,
+        gantry_tilt_deg=round(background.tilt_deg, 4),
         first_pixel_xy_mm=(background.position_mm[0], background.position_mm[1]),
     )
     fractions, blood, subtypes = [], [], []
@@ -824,17 +1063,33 @@ def generate_background_case(seed: int, index: int, background: BackgroundSlice,
         for _attempt in range(10):
             fractions, blood = [], []
             count = int(lesion_rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
-            subtypes = [str(s) for s in lesion_rng.choice(SUBTYPES, size=count, p=(0.28, 0.24, 0.14, 0.2, 0.14))]
+            subtypes = [
+                str(s)
+                for s in lesion_rng.choice(SUBTYPES, size=count, p=(0.28, 0.24, 0.14, 0.2, 0.14))
+            ]
             for subtype in subtypes:
                 f, h = _background_lesion(background, subtype, lesion_rng, z_mm)
                 fractions.append(f)
                 blood.append(h)
-            stacked = np.stack(fractions)
-            _, labels, _, _ = _mask_summary(stacked, geometry, options, subtypes)
-            if any(labels):
-                break
-    local_mean = ndi.gaussian_filter(background.hu, 1.5 / background.pixel_spacing_mm[0])
-    texture = ndi.gaussian_filter(lesion_rng.standard_normal(background.hu.shape).astype(np.float32), 1.5)
+            keep = [k for k, f in enumerate(fractions) if f.max() >= 0.5]
+            fractions = [fractions[k] for k in keep]
+            blood = [blood[k] for k in keep]
+            subtypes = [subtypes[k] for k in keep]
+            if fractions:
+                _, labels, _, _ = _mask_summary(np.stack(fractions), geometry, options, subtypes)
+                if any(labels):
+                    break
+    # the local mean of the brain only: bone and air next to the inner table must not leak into it
+    weight = (background.intracranial & (background.hu > -50) & (background.hu < 120)).astype(
+        np.float32
+    )
+    sigma_px = 1.5 / background.pixel_spacing_mm[0]
+    local_mean = ndi.gaussian_filter(background.hu * weight, sigma_px) / np.maximum(
+        ndi.gaussian_filter(weight, sigma_px), 1e-3
+    )
+    texture = ndi.gaussian_filter(
+        lesion_rng.standard_normal(background.hu.shape).astype(np.float32), 1.5
+    )
     hu_noise_free = np.repeat(background.hu[None], n, axis=0)
     for f, h in zip(fractions, blood, strict=True):
         blood_hu = h + 2.5 * texture / (texture.std() + 1e-6)
@@ -843,20 +1098,32 @@ def generate_background_case(seed: int, index: int, background: BackgroundSlice,
     stacked = np.stack(fractions) if fractions else np.zeros((0,))
     mask, labels, slice_subtypes, per_lesion = _mask_summary(stacked, geometry, options, subtypes)
     extra_sigma = float(noise_rng.uniform(1.0, 3.0))
-    noise = _correlated_noise(hu_noise_free.shape, background.pixel_spacing_mm[0], extra_sigma, 0.35, noise_rng)
+    noise = _correlated_noise(
+        hu_noise_free.shape, background.pixel_spacing_mm[0], extra_sigma, 0.35, noise_rng
+    )
     body = (background.hu > -500)[None]
     hu = hu_noise_free + noise * body
-    records = _lesion_records(per_lesion, hu_noise_free, geometry, subtypes, [(0.0, 0.0, 0.0)] * len(subtypes))
+    records = _lesion_records(
+        per_lesion, hu_noise_free, geometry, subtypes, [(0.0, 0.0, 0.0)] * len(subtypes)
+    )
     case_id = f"bg{seed}-{index:05d}"
     extra: dict[str, object] = {}
     if background.gantry_tilt_tag is not None:
         extra["GantryDetectorTilt"] = background.gantry_tilt_tag
     details = {"background": background.path, "extra_noise_sigma_hu": round(extra_sigma, 2)}
     return PhantomCase(
-        case_id=case_id, hu=hu.astype(np.float32), hu_noise_free=hu_noise_free.astype(np.float32), mask=mask,
-        geometry=geometry, lesions=records, ct_label=int(any(labels)), slice_labels=labels,
-        slice_subtypes=slice_subtypes, rescale=(1.0, -1024.0, True),
-        study=_study(case_id, f"radnet-phantoms/background/{seed}/{index}", extra), generator="background",
+        case_id=case_id,
+        hu=hu.astype(np.float32),
+        hu_noise_free=hu_noise_free.astype(np.float32),
+        mask=mask,
+        geometry=geometry,
+        lesions=records,
+        ct_label=int(any(labels)),
+        slice_labels=labels,
+        slice_subtypes=slice_subtypes,
+        rescale=(1.0, -1024.0, True),
+        study=_study(case_id, f"radnet-phantoms/background/{seed}/{index}", extra),
+        generator="background",
         details=details,
     )
 
@@ -872,8 +1139,14 @@ def mask_affine(geometry: SeriesGeometry) -> np.ndarray:
     dr, dc = geometry.pixel_spacing_mm
     first = np.asarray(geometry.image_position(0))
     n = geometry.number_of_slices
-    step = (np.asarray(geometry.image_position(n - 1)) - first) / (n - 1) if n > 1 else (
-        np.cross(geometry.row_direction, geometry.column_direction) * geometry.slice_thickness_mm)
+    step = (
+        (np.asarray(geometry.image_position(n - 1)) - first) / (n - 1)
+        if n > 1
+        else (
+            np.cross(geometry.row_direction, geometry.column_direction)
+            * geometry.slice_thickness_mm
+        )
+    )
     lps = np.eye(4)
     lps[:3, 0] = geometry.row_direction * dc
     lps[:3, 1] = geometry.column_direction * dr
@@ -900,34 +1173,52 @@ def write_case(case: PhantomCase, out: Path) -> dict[str, Any]:
     slope, intercept, signed = case.rescale
     thickness = case.geometry.slice_thickness_mm
     paths = write_ct_series(
-        case.hu, case.geometry, out / "cases" / case.case_id, case.study,
-        series_description=f"HEAD {thickness:g}MM (SYNTHETIC)", rescale_slope=slope, rescale_intercept=intercept,
+        case.hu,
+        case.geometry,
+        out / "cases" / case.case_id,
+        case.study,
+        series_description=f"HEAD {thickness:g}MM (SYNTHETIC)",
+        rescale_slope=slope,
+        rescale_intercept=intercept,
         signed=signed,
     )
-    uids = [str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-            for p in paths]
+    uids = [
+        str(
+            pydicom.dcmread(
+                p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+            ).SOPInstanceUID
+        )
+        for p in paths
+    ]
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.ascontiguousarray(case.mask.transpose(2, 1, 0)), mask_affine(case.geometry))
+    image = nib.Nifti1Image(
+        np.ascontiguousarray(case.mask.transpose(2, 1, 0)), mask_affine(case.geometry)
+    )
     image.set_data_dtype(np.uint8)
     nib.save(image, out / "masks" / f"{case.case_id}.nii.gz")
     subtypes = ";".join(case.subtypes)
     geometry = case.geometry
     return {
         "label_row": [case.case_id, case.ct_label, subtypes, case.generator],
-        "slice_rows": [[case.case_id, i, uid, case.slice_labels[i], ";".join(case.slice_subtypes[i])]
-                       for i, uid in enumerate(uids)],
+        "slice_rows": [
+            [case.case_id, i, uid, case.slice_labels[i], ";".join(case.slice_subtypes[i])]
+            for i, uid in enumerate(uids)
+        ],
         "manifest": {
             "case_id": case.case_id,
             "ct_label": case.ct_label,
             "generator": case.generator,
             "lesions": [dataclasses.asdict(rec) for rec in case.lesions],
             "geometry": {
-                "rows": geometry.rows, "columns": geometry.columns,
+                "rows": geometry.rows,
+                "columns": geometry.columns,
                 "pixel_spacing_mm": list(geometry.pixel_spacing_mm),
                 "slice_thickness_mm": geometry.slice_thickness_mm,
                 "gantry_tilt_deg": geometry.gantry_tilt_deg,
                 "table_positions_mm": list(geometry.table_positions_mm),
-                "rescale_slope": slope, "rescale_intercept": intercept, "signed": signed,
+                "rescale_slope": slope,
+                "rescale_intercept": intercept,
+                "signed": signed,
             },
             "details": case.details,
         },
@@ -974,10 +1265,18 @@ def _cached_background(path: str) -> BackgroundSlice:
     return load_background(path)
 
 
-def generate_dataset(out: Path, cases: int, seed: int, options: PhantomOptions | None = None,
-                     background: Path | None = None, workers: int = 1, overwrite: bool = False,
-                     progress: bool = True) -> Path:
-    """Generate ``cases`` cases into ``out`` in the layout ``training.datasets.LayoutDataset`` reads.
+def generate_dataset(
+    out: Path,
+    cases: int,
+    seed: int,
+    options: PhantomOptions | None = None,
+    *,
+    background: Path | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Generate ``cases`` cases into ``out`` in the layout ``training.datasets`` reads.
 
     Parameters
     ----------
@@ -1026,7 +1325,9 @@ def generate_dataset(out: Path, cases: int, seed: int, options: PhantomOptions |
             warnings.warn(f"background skipped: {message}", stacklevel=2)
             logger.warning("background skipped: %s", message)
         if not usable:
-            raise DatasetError(f"background {background}: no usable head CT slice ({len(skipped)} skipped)")
+            raise DatasetError(
+                f"background {background}: no usable head CT slice ({len(skipped)} skipped)"
+            )
         backgrounds = [bg.path for bg in usable]
     tasks = [(seed, i, options, backgrounds[i % len(backgrounds)], str(out)) for i in range(cases)]
     results: list[dict[str, Any]] = []
@@ -1061,7 +1362,9 @@ def generate_dataset(out: Path, cases: int, seed: int, options: PhantomOptions |
         "background": str(background) if background is not None else None,
         "backgrounds_used": [b for b in backgrounds if b is not None],
         "backgrounds_skipped": skipped,
-        "slice_positive_rule": f"mask area >= {options.min_positive_area_mm2} mm2 (mask: blood fraction >= 0.5)",
+        "slice_positive_rule": (
+            f"mask area >= {options.min_positive_area_mm2} mm2 (mask: blood fraction >= 0.5)"
+        ),
         "case_list": [r["manifest"] for r in results],
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -1071,13 +1374,17 @@ def generate_dataset(out: Path, cases: int, seed: int, options: PhantomOptions |
 # ---------------------------------------------------------------- command line
 
 
-def _command(
+def _command(  # noqa: PLR0917 (typer maps every parameter to an option)
     out: Annotated[Path, typer.Option("--out", help="output dataset folder")],
     cases: Annotated[int, typer.Option("--cases", min=1, help="number of cases")],
     seed: Annotated[int, typer.Option("--seed", help="dataset seed")] = 0,
     positive_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
-    background: Annotated[Path | None, typer.Option(help="DICOM file/folder of real head CT slices")] = None,
-    slice_thickness: Annotated[float | None, typer.Option(help="mm (random 1-5 when omitted)")] = None,
+    background: Annotated[
+        Path | None, typer.Option(help="DICOM file/folder of real head CT slices")
+    ] = None,
+    slice_thickness: Annotated[
+        float | None, typer.Option(help="mm (random 1-5 when omitted)")
+    ] = None,
     rows: Annotated[int, typer.Option(help="image rows and columns")] = 512,
     tilt_probability: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.2,
     uneven_probability: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
@@ -1088,13 +1395,24 @@ def _command(
     """Generate synthetic head CT series with hemorrhages (radnet-node training data)."""
     try:
         options = PhantomOptions(
-            rows=rows, slice_thickness_mm=slice_thickness, positive_fraction=positive_fraction,
-            tilt_probability=tilt_probability, uneven_probability=uneven_probability,
+            rows=rows,
+            slice_thickness_mm=slice_thickness,
+            positive_fraction=positive_fraction,
+            tilt_probability=tilt_probability,
+            uneven_probability=uneven_probability,
             background_slices=background_slices,
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            generate_dataset(out, cases, seed, options, background, workers, overwrite)
+            generate_dataset(
+                out,
+                cases,
+                seed,
+                options,
+                background=background,
+                workers=workers,
+                overwrite=overwrite,
+            )
         for warning in caught:
             typer.echo(f"warning: {warning.message}", err=True)
         skipped = sum(1 for w in caught if str(w.message).startswith("background skipped"))
