@@ -325,7 +325,7 @@ def build_head_atlas() -> HeadAtlas:
     csf_smooth = ndi.gaussian_filter(csf, 1.5) * brain
 
     # skull: thickness 3.5-8 mm (thin temporal squama, thick occiput and base), tables and diploe
-    thickness = 5.2 + 0.8 * _smooth_field(shape, 25.0, seed=11)
+    thickness = 4.6 + 0.8 * _smooth_field(shape, 25.0, seed=11)
     thickness += 1.2 * np.clip((-y - 60.0) / 40.0, 0.0, 1.0)  # occiput
     thickness -= 2.2 * np.clip((np.abs(x) - 45.0) / 15.0, 0.0, 1.0) * (np.abs(z + 5.0) < 28.0)
     thickness += 2.0 * np.clip((-z - 20.0) / 20.0, 0.0, 1.0)  # skull base
