@@ -1,0 +1,494 @@
+"""Which DICOM instances form which series, and which series RADnet should run on.
+
+Headers only (no pixel data is read here), so selection is cheap; used by ``radnet-node infer`` now
+and by the network node's completion step later.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, MediaStorageDirectoryStorage
+
+from radnet_node.errors import InputError
+from radnet_node.preprocess import CT_SOP_CLASSES
+
+__all__ = [
+    "Eligibility",
+    "ScanResult",
+    "SeriesGroup",
+    "SkippedInput",
+    "classify_series",
+    "group_by_series",
+    "read_header",
+    "scan_paths",
+]
+
+# A slice normal within this angle of the patient's z axis is axial; gantry tilts (up to ~30 deg)
+# stay well inside it, sagittal and coronal reformats (90 deg) well outside. Same limit as
+# preprocess.prepare_series, so a series selected here is never refused there for its orientation.
+MAX_AXIAL_ANGLE_DEG = 45.0
+
+# Words that name the head in BodyPartExamined, SeriesDescription, ProtocolName or
+# StudyDescription, in the languages scanners are commonly set up in (matched as substrings of the
+# upper-cased text, so "CT HEAD WO" and "SCHAEDEL" both match).
+HEAD_TERMS: tuple[str, ...] = (
+    "HEAD",
+    "BRAIN",
+    "SKULL",
+    "CRANI",  # CRANIUM, CRANIAL, CRANIO, CRANE, CRANEO
+    "CEREBR",  # CEREBRAL, CEREBRUM, CEREBRO
+    "NEURO",
+    "KOPF",
+    "SCHAEDEL",
+    "SCHADEL",
+    "SCHÄDEL",
+    "HIRN",
+    "CERVEAU",
+    "TETE",
+    "TÊTE",
+    "CABEZA",
+    "CRANEO",
+    "ENCEPH",  # ENCEPHALON, ENCÉPHALE
+    "STROKE",
+)
+# BodyPartExamined values that are clearly not the head; a series with one of these and no head
+# word anywhere in its descriptions is refused.
+NON_HEAD_BODY_PARTS: frozenset[str] = frozenset(
+    {
+        "CHEST",
+        "THORAX",
+        "ABDOMEN",
+        "PELVIS",
+        "ABDOMENPELVIS",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "LSPINE",
+        "TSPINE",
+        "SPINE",
+        "HEART",
+        "LIVER",
+        "KIDNEY",
+        "LUNG",
+        "KNEE",
+        "HIP",
+        "SHOULDER",
+        "ANKLE",
+        "FOOT",
+        "HAND",
+        "WRIST",
+        "ELBOW",
+        "LEG",
+        "ARM",
+        "EXTREMITY",
+        "BACINO",
+        "TORACE",
+        "ADDOME",
+        "BAUCH",
+        "BECKEN",
+    }
+)
+# ImageType values (any position) of images that are not plain CT slices in Hounsfield units.
+_LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "SURVIEW", "TOPOGRAM"})
+_DERIVED_MAP_TYPES = frozenset(
+    {"PERFUSION", "MIP", "MINIP", "MINIMUM IP", "MAXIMUM IP", "PROJECTION IMAGE", "VOLUME_RENDER"}
+)
+_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+_DOSE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+        "1.2.840.10008.5.1.4.1.1.88.68",  # Radiopharmaceutical Radiation Dose SR
+        "1.2.840.10008.5.1.4.1.1.88.76",  # Patient Radiation Dose SR
+    }
+)
+# Some vendors write dose pages as secondary captures or plain CT with this in the description.
+_DOSE_DESCRIPTIONS = ("DOSE REPORT", "DOSE INFO", "PATIENT PROTOCOL", "EXAM SUMMARY")
+
+
+@dataclass(frozen=True)
+class SkippedInput:
+    """A file or series that is not run, and why.
+
+    ``is_error`` marks input that should have been usable (a corrupt DICOM file, an eligible series
+    that failed); plain non-candidates (a README, a localizer) are skipped without error.
+    """
+
+    what: str  # a file path or a series label
+    reason: str
+    is_error: bool = False
+
+
+@dataclass(frozen=True)
+class SeriesGroup:
+    """The instances of one series, as headers read without pixel data.
+
+    ``headers[i]`` was read from ``paths[i]``; both are ordered by InstanceNumber, then path.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    headers: tuple[Dataset, ...]
+    paths: tuple[str, ...]
+
+    @property
+    def first(self) -> Dataset:
+        """The first header (for series-level attributes)."""
+        return self.headers[0]
+
+    @property
+    def number_of_frames(self) -> int:
+        """Total 2-D images: one per single-frame instance, NumberOfFrames per multi-frame one."""
+        return sum(_frames_of(ds) for ds in self.headers)
+
+    @property
+    def label(self) -> str:
+        """Human-readable name: series number, description and UID."""
+        number = self.first.get("SeriesNumber", "")
+        description = str(self.first.get("SeriesDescription", "") or "").strip()
+        parts = [f"#{number}" if number not in (None, "") else "", f'"{description}"' if
+                 description else "", self.series_instance_uid]
+        return " ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Everything found under the given paths: series of readable instances, and skipped files."""
+
+    series: tuple[SeriesGroup, ...]
+    skipped: tuple[SkippedInput, ...]
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Whether RADnet runs on a series; ``reason`` says why not (or what was accepted)."""
+
+    eligible: bool
+    reason: str
+
+
+def read_header(path: str | Path) -> Dataset:
+    """Read one file's DICOM header without its pixel data.
+
+    Parameters
+    ----------
+    path
+        A DICOM Part 10 file.
+
+    Returns
+    -------
+    Dataset
+        The header, with ``filename`` set.
+
+    Raises
+    ------
+    InputError
+        Not a DICOM Part 10 file, unreadable or malformed, a DICOMDIR, or not an image instance
+        (no SOPClassUID or SeriesInstanceUID).
+    """
+    where = str(path)
+    try:
+        ds = pydicom.dcmread(where, stop_before_pixels=True)
+    except InvalidDicomError as exc:
+        raise InputError(where, "not a DICOM file (no DICM preamble)") from exc
+    except OSError as exc:
+        raise InputError(where, f"cannot read the file ({exc.strerror or exc})") from exc
+    except (ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        # pydicom's parser reports truncated or malformed headers with these
+        raise InputError(
+            where, f"corrupt DICOM header ({type(exc).__name__}: {exc})"
+        ) from exc
+    meta = getattr(ds, "file_meta", None)
+    media_class = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+    if media_class == MediaStorageDirectoryStorage:
+        raise InputError(where, "a DICOMDIR (media directory), not an image")
+    if "SOPClassUID" not in ds:
+        kind = f"a {UID(media_class).name} file" if media_class else "a DICOM file"
+        raise InputError(where, f"{kind} without SOPClassUID, not an image instance")
+    if not str(ds.get("SeriesInstanceUID", "") or ""):
+        raise InputError(where, "no SeriesInstanceUID")
+    return ds
+
+
+def _files_under(paths: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for item in paths:
+        path = Path(item)
+        if not path.exists():
+            raise InputError(path, "no such file or folder")
+        candidates: Iterable[Path]
+        if path.is_dir():
+            candidates = sorted(
+                Path(root) / name
+                for root, dirs, names in os.walk(path)
+                for name in names
+                if not name.startswith(".")
+            )
+        else:
+            candidates = [path]
+        for candidate in candidates:
+            key = candidate.resolve()
+            if key not in seen and candidate.is_file():
+                seen.add(key)
+                files.append(candidate)
+    return files
+
+
+def scan_paths(paths: Iterable[str | Path]) -> ScanResult:
+    """Read the headers of every file under ``paths`` (folders recursively) and group them.
+
+    Hidden files (names starting with ".") are ignored; a file reached twice is read once.
+    Non-DICOM files and DICOMDIRs are skipped with a reason; an unreadable or corrupt DICOM file is
+    skipped as an error (it may have been a slice of a series). Two files with the same SOP Instance
+    UID keep the first, the other is reported.
+
+    Parameters
+    ----------
+    paths
+        Files and folders, in any mix.
+
+    Returns
+    -------
+    ScanResult
+
+    Raises
+    ------
+    InputError
+        A given path does not exist.
+    """
+    headers: list[tuple[str, Dataset]] = []
+    skipped: list[SkippedInput] = []
+    for path in _files_under(paths):
+        try:
+            headers.append((str(path), read_header(path)))
+        except InputError as exc:
+            benign = exc.reason.startswith(("not a DICOM file", "a DICOMDIR")) or (
+                "without SOPClassUID" in exc.reason
+            )
+            skipped.append(SkippedInput(exc.path, exc.reason, is_error=not benign))
+    groups, duplicates = _group(headers)
+    return ScanResult(series=groups, skipped=tuple(skipped) + duplicates)
+
+
+def group_by_series(headers: Iterable[tuple[str, Dataset]]) -> tuple[SeriesGroup, ...]:
+    """Group (path, header) pairs by SeriesInstanceUID.
+
+    Parameters
+    ----------
+    headers
+        Headers from :func:`read_header`, with the path each came from.
+
+    Returns
+    -------
+    tuple of SeriesGroup
+        Ordered by StudyInstanceUID, SeriesNumber, SeriesInstanceUID; instances by InstanceNumber,
+        then path. Duplicate SOP Instance UIDs are kept once (see :func:`scan_paths`).
+    """
+    groups, _ = _group(headers)
+    return groups
+
+
+def _group(
+    headers: Iterable[tuple[str, Dataset]],
+) -> tuple[tuple[SeriesGroup, ...], tuple[SkippedInput, ...]]:
+    by_series: dict[str, list[tuple[str, Dataset]]] = {}
+    first_path: dict[str, str] = {}
+    duplicates: list[SkippedInput] = []
+    for path, ds in headers:
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        if sop_uid and sop_uid in first_path:
+            duplicates.append(
+                SkippedInput(path, f"same SOPInstanceUID as {first_path[sop_uid]}, ignored")
+            )
+            continue
+        if sop_uid:
+            first_path[sop_uid] = path
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+
+    def instance_key(item: tuple[str, Dataset]) -> tuple[int, str]:
+        number = item[1].get("InstanceNumber")
+        try:
+            return (int(number), item[0])
+        except (TypeError, ValueError):
+            return (2**31, item[0])
+
+    groups = []
+    for series_uid, members in by_series.items():
+        members.sort(key=instance_key)
+        groups.append(
+            SeriesGroup(
+                study_instance_uid=str(members[0][1].get("StudyInstanceUID", "") or ""),
+                series_instance_uid=series_uid,
+                headers=tuple(ds for _, ds in members),
+                paths=tuple(p for p, _ in members),
+            )
+        )
+
+    def series_key(group: SeriesGroup) -> tuple[str, int, str]:
+        try:
+            number = int(group.first.get("SeriesNumber"))
+        except (TypeError, ValueError):
+            number = 2**31
+        return (group.study_instance_uid, number, group.series_instance_uid)
+
+    return tuple(sorted(groups, key=series_key)), tuple(duplicates)
+
+
+def _frames_of(ds: Dataset) -> int:
+    if str(ds.get("SOPClassUID", "")) == pydicom.uid.CTImageStorage:
+        return 1
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _image_type(ds: Dataset) -> list[str]:
+    value = ds.get("ImageType", [])
+    values = [value] if isinstance(value, str) else list(value)
+    return [str(v).strip().upper() for v in values]
+
+
+def _orientation(ds: Dataset) -> list[float] | None:
+    """ImageOrientationPatient from the top level, or the shared / first per-frame group."""
+    if ds.get("ImageOrientationPatient") not in (None, ""):
+        return [float(v) for v in ds.ImageOrientationPatient]
+    for sequence in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(sequence)
+        if not groups:
+            continue
+        planes = groups[0].get("PlaneOrientationSequence")
+        if planes and planes[0].get("ImageOrientationPatient") not in (None, ""):
+            return [float(v) for v in planes[0].ImageOrientationPatient]
+    return None
+
+
+def _texts(ds: Dataset) -> dict[str, str]:
+    return {
+        keyword: str(ds.get(keyword, "") or "").strip().upper()
+        for keyword in ("BodyPartExamined", "SeriesDescription", "ProtocolName", "StudyDescription")
+    }
+
+
+def _names_head(text: str) -> bool:
+    return any(term in text for term in HEAD_TERMS)
+
+
+def classify_series(headers: Sequence[Dataset], *, min_slices: int = 5) -> Eligibility:
+    """Decide from headers alone whether a series is an axial head CT that RADnet can run on.
+
+    Eligible when every instance is Modality CT with a CT Image, Enhanced CT or Legacy Converted
+    Enhanced CT SOP class, greyscale, not a localizer or derived map (perfusion, MIP), the slice
+    normal lies within 45 degrees of the patient's z axis (gantry tilt is fine), the series
+    plausibly shows the head, and it holds at least ``min_slices`` images.
+
+    "Plausibly the head": a head word (HEAD_TERMS: HEAD, BRAIN, SKULL, CRANI..., KOPF, ...) in
+    BodyPartExamined, SeriesDescription, ProtocolName or StudyDescription; or, when none names the
+    head, BodyPartExamined is missing, empty or not a known other region. Many scanners leave
+    BodyPartExamined empty and the node only receives what a PACS routes to it, so a missing value
+    does not refuse a series; a series labelled CHEST (and nothing head-like) is refused.
+
+    Parameters
+    ----------
+    headers
+        The headers of every instance of one series (from :func:`read_header`).
+    min_slices
+        Fewest images (frames) a series needs.
+
+    Returns
+    -------
+    Eligibility
+        ``eligible`` and a one-line reason naming the first check that failed.
+
+    Raises
+    ------
+    ValueError
+        If ``headers`` is empty or ``min_slices`` is below 1.
+    """
+    if not headers:
+        raise ValueError("classify_series: no headers given")
+    if min_slices < 1:
+        raise ValueError(f"classify_series: min_slices must be >= 1, got {min_slices}")
+    for index, ds in enumerate(headers):
+        refusal = _refuse_instance(ds)
+        if refusal is not None:
+            # a refusal that holds for the whole series needs no file; a mixed series names it
+            where = getattr(ds, "filename", None) or ds.get("SOPInstanceUID", "")
+            suffix = f" ({where})" if index > 0 and where else ""
+            return Eligibility(False, refusal + suffix)
+
+    first = headers[0]
+    orientation = _orientation(first)
+    if orientation is None or len(orientation) != 6:
+        return Eligibility(False, "no ImageOrientationPatient, cannot tell whether it is axial")
+    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    normal = np.cross(row, col)
+    norm = float(np.linalg.norm(normal))
+    if not np.isfinite(norm) or norm < 1e-6:
+        return Eligibility(False, f"ImageOrientationPatient {orientation} is degenerate")
+    angle = float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / norm))))
+    if angle > MAX_AXIAL_ANGLE_DEG:
+        plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
+        return Eligibility(
+            False, f"not axial: a {plane} series (slice normal {angle:.0f} deg from the z axis)"
+        )
+
+    texts = _texts(first)
+    head_fields = [k for k, v in texts.items() if _names_head(v)]
+    body_part = texts["BodyPartExamined"].replace(" ", "").replace("_", "")
+    if not head_fields and body_part in NON_HEAD_BODY_PARTS:
+        return Eligibility(
+            False,
+            f"not a head CT: BodyPartExamined {texts['BodyPartExamined']} and no head term in "
+            "the series, protocol or study description",
+        )
+
+    frames = sum(_frames_of(ds) for ds in headers)
+    if frames < min_slices:
+        return Eligibility(False, f"too few slices: {frames}, at least {min_slices} required")
+
+    why_head = (
+        f"{head_fields[0]} names the head"
+        if head_fields
+        else "BodyPartExamined " + ("missing" if not body_part else f"{body_part!r} not excluded")
+    )
+    tilt = f", tilted {angle:.1f} deg" if angle >= 0.5 else ""
+    return Eligibility(True, f"axial head CT, {frames} slices{tilt} ({why_head})")
+
+
+def _refuse_instance(ds: Dataset) -> str | None:
+    """Why one instance cannot be part of an eligible series, or None."""
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "")
+    descriptions = " ".join(
+        str(ds.get(k, "") or "").upper() for k in ("SeriesDescription", "ImageComments")
+    )
+    if sop_class in _DOSE_SOP_CLASSES:
+        return "a radiation dose report"
+    if sop_class.startswith(_SECONDARY_CAPTURE_PREFIX):
+        rgb = int(ds.get("SamplesPerPixel", 1) or 1) != 1
+        return "a secondary capture" + (" (RGB)" if rgb else "") + ", not CT slices"
+    if modality != "CT":
+        return f"Modality {modality or '(empty)'}, not CT"
+    if sop_class not in CT_SOP_CLASSES:
+        return f"SOP class {UID(sop_class).name} is not a CT image storage class"
+    image_type = set(_image_type(ds))
+    if image_type & _LOCALIZER_TYPES:
+        return "a localizer (scout) image"
+    derived = image_type & _DERIVED_MAP_TYPES
+    if derived:
+        return f"a derived image ({', '.join(sorted(derived))}), not plain CT slices"
+    if any(term in descriptions for term in _DOSE_DESCRIPTIONS):
+        return "a dose / exam summary page"
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"not greyscale (SamplesPerPixel {samples}, {photometric or 'no photometric'})"
+    return None
