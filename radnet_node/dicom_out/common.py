@@ -1,0 +1,265 @@
+"""What the SR, SEG and key-image builders share: the node's identity, the source lookup, the
+patient/study copy, and the algorithm and equipment descriptions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
+
+import radnet_node
+from radnet_node.dicom_out import codes
+from radnet_node.errors import SeriesError
+from radnet_node.results import SeriesResult
+
+__all__ = [
+    "DEFAULT_NODE_NAME",
+    "NodeIdentity",
+    "PATIENT_STUDY_KEYWORDS",
+    "algorithm_label",
+    "contributing_equipment",
+    "copy_patient_study",
+    "device_uid_for",
+    "metadata_only",
+    "seg_algorithm",
+    "set_body_part",
+    "set_equipment",
+    "source_datasets",
+    "source_for_slice",
+    "sr_algorithm",
+]
+
+DEFAULT_NODE_NAME = "radnet-node"
+
+# Patient, Patient Study and General Study modules (and the de-identification flags, so a
+# de-identified study stays marked as such): copied verbatim so the objects land in the same
+# study of the same patient in every PACS.
+PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+# Type 2 attributes of those modules: present (possibly empty) even when the source lacks them.
+_TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def device_uid_for(name: str) -> UID:
+    """A stable device UID derived from the node's name (the default of :class:`NodeIdentity`)."""
+    return generate_uid(entropy_srcs=["radnet-node device observer", name])
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """The device observer of the SR and the equipment that writes every object.
+
+    ``device_uid`` is the node's stable UID; left empty, it is derived from ``name`` (so two nodes
+    with the same name share it: give each node its own name or UID).
+
+    Raises
+    ------
+    ValueError
+        If ``name``, ``manufacturer``, ``model_name`` or ``software_version`` is empty, or
+        ``device_uid`` is not a valid UID.
+    """
+
+    device_uid: str = ""
+    name: str = DEFAULT_NODE_NAME
+    manufacturer: str = "radnet-node project"
+    model_name: str = "radnet-node"
+    software_version: str = radnet_node.__version__
+    institution_name: str | None = None
+    station_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for field_name in ("name", "manufacturer", "model_name", "software_version"):
+            if not str(getattr(self, field_name)).strip():
+                raise ValueError(f"NodeIdentity.{field_name} must not be empty")
+        if not self.device_uid:
+            # frozen: the derived default is set once, here
+            object.__setattr__(self, "device_uid", str(device_uid_for(self.name)))
+        if not UID(self.device_uid).is_valid:
+            raise ValueError(f"NodeIdentity.device_uid {self.device_uid!r} is not a valid UID")
+
+
+def source_for_slice(result: SeriesResult, sources: Mapping[str, Dataset], index: int) -> Dataset:
+    """The source header of slice ``index`` of the result.
+
+    Raises
+    ------
+    SeriesError
+        If ``sources`` has no header for that slice's SOP Instance UID.
+    """
+    sop_uid = result.series.slices[index].sop_instance_uid
+    try:
+        return sources[sop_uid]
+    except KeyError:
+        raise SeriesError(
+            result.series_instance_uid,
+            f"no source header for slice {index} (SOP Instance UID {sop_uid or '(empty)'}); "
+            "the DICOM writers need the header of every source instance",
+        ) from None
+
+
+def source_datasets(result: SeriesResult, sources: Mapping[str, Dataset]) -> list[Dataset]:
+    """The distinct source headers of the result, in slice order (one per SOP instance).
+
+    Raises
+    ------
+    SeriesError
+        If a header is missing or belongs to another series or study.
+    """
+    seen: dict[str, Dataset] = {}
+    for index, source in enumerate(result.series.slices):
+        if source.sop_instance_uid in seen:
+            continue
+        ds = source_for_slice(result, sources, index)
+        for keyword, expected in (
+            ("SeriesInstanceUID", result.series_instance_uid),
+            ("StudyInstanceUID", result.study_instance_uid),
+        ):
+            found = str(ds.get(keyword, ""))
+            if found != expected:
+                raise SeriesError(
+                    result.series_instance_uid,
+                    f"source header {source.sop_instance_uid} has {keyword} {found or '(none)'}, "
+                    f"the result was computed on {expected}",
+                )
+        seen[source.sop_instance_uid] = ds
+    return list(seen.values())
+
+
+def metadata_only(ds: Dataset) -> Dataset:
+    """A shallow copy of ``ds`` without pixel data (what highdicom needs of a source image).
+
+    The elements are shared with ``ds``, not copied: neither is modified afterwards.
+    """
+    copy = Dataset()
+    for element in ds:
+        if element.keyword not in _PIXEL_KEYWORDS:
+            copy.add(element)
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    return copy
+
+
+def copy_patient_study(target: Dataset, source: Dataset) -> None:
+    """Copy the patient and study modules of ``source`` onto ``target`` (a new object).
+
+    Only the builders' own, freshly made ``target`` is modified; missing type 2 attributes are
+    written empty.
+    """
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            setattr(target, keyword, source[keyword].value)
+        elif keyword in _TYPE2_KEYWORDS:
+            setattr(target, keyword, None)
+        elif keyword in target:
+            delattr(target, keyword)
+
+
+def algorithm_label(result: SeriesResult) -> str:
+    """The algorithm version as written in every object: model version and weights checksum.
+
+    The sha256 prefix makes two weights files that share a version string distinguishable.
+    """
+    return f"{result.model.version} (sha256:{result.model.sha256[:12]})"
+
+
+def sr_algorithm(result: SeriesResult) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 algorithm identification for the SR: model name, version, variant and weights."""
+    return hd.sr.AlgorithmIdentification(
+        name=result.model.name,
+        version=algorithm_label(result),
+        parameters=[f"variant={result.model.variant}", f"sha256={result.model.sha256}"],
+    )
+
+
+def seg_algorithm(result: SeriesResult) -> hd.AlgorithmIdentificationSequence:
+    """The SEG segment's algorithm identification (family: Artificial Intelligence)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=result.model.name,
+        family=codes.ARTIFICIAL_INTELLIGENCE,
+        version=algorithm_label(result),
+        parameters={
+            "variant": result.model.variant,
+            "sha256": result.model.sha256,
+            "threshold": f"{result.threshold:g}",
+        },
+    )
+
+
+def contributing_equipment(
+    identity: NodeIdentity, result: SeriesResult
+) -> Sequence[hd.ContributingEquipment]:
+    """The node as contributing equipment with purpose "Processing Algorithm" (IHE AI Results)."""
+    equipment = hd.ContributingEquipment(
+        manufacturer=identity.manufacturer,
+        # highdicom accepts CID 7005 codes only; the IHE AIR code replaces this one below
+        purpose_of_reference=codes.DCM_PROCESSING_EQUIPMENT,
+        manufacturer_model_name=identity.model_name,
+        software_versions=identity.software_version,
+        device_serial_number=identity.device_uid,
+        institution_name=identity.institution_name,
+        station_name=identity.station_name,
+        contribution_description=(
+            f"{result.model.name} {algorithm_label(result)}: automatic intracranial "
+            "hemorrhage detection, unverified"
+        ),
+    )
+    equipment.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.PROCESSING_ALGORITHM)
+    ]
+    return [equipment]
+
+
+def set_body_part(target: Dataset, source: Dataset) -> None:
+    """General Series BodyPartExamined of an image-like object: the source's, else HEAD.
+
+    RADnet reads head CT only; without it validators cannot tell that no laterality is needed.
+    """
+    target.BodyPartExamined = str(source.get("BodyPartExamined", "") or "HEAD")
+
+
+def set_equipment(target: Dataset, identity: NodeIdentity) -> None:
+    """General Equipment module of a new object: this node."""
+    target.Manufacturer = identity.manufacturer
+    target.ManufacturerModelName = identity.model_name
+    target.SoftwareVersions = identity.software_version
+    target.DeviceSerialNumber = identity.device_uid
+    if identity.institution_name is not None:
+        target.InstitutionName = identity.institution_name
+    if identity.station_name is not None:
+        target.StationName = identity.station_name
