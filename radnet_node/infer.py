@@ -1,0 +1,347 @@
+"""The ``infer`` use case: DICOM files and folders in, one output folder per eligible series out
+(SR, SEG, key image, preview, result.json), each written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from radnet_node.dicom_out import DicomOutputs, NodeIdentity, build_outputs
+from radnet_node.engine import Engine, LoadedSeries
+from radnet_node.errors import InputError, RadnetError
+from radnet_node.preview import preview_png
+from radnet_node.results import SeriesResult
+from radnet_node.series import SeriesGroup, SkippedInput, classify_series, scan_paths
+from radnet_node.weights import INTENDED_USE
+
+__all__ = [
+    "InferEvent",
+    "SeriesDone",
+    "SeriesFailed",
+    "SkippedInput",
+    "infer_paths",
+    "process_series",
+    "result_document",
+    "write_series_folder",
+]
+
+RESULT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesDone:
+    """An eligible series that was run and whose outputs are in ``output_dir``."""
+
+    label: str
+    result: SeriesResult
+    output_dir: Path
+    outputs: Mapping[str, str]  # output kind -> file name inside output_dir
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SeriesFailed:
+    """An eligible series that could not be processed; nothing was written for it."""
+
+    label: str
+    reason: str
+
+
+InferEvent = SkippedInput | SeriesDone | SeriesFailed
+
+
+def infer_paths(
+    paths: Iterable[str | Path],
+    out_dir: str | Path,
+    engine: Engine,
+    identity: NodeIdentity | None = None,
+) -> Iterator[InferEvent]:
+    """Run every eligible series found under ``paths`` and write its outputs into ``out_dir``.
+
+    Events come as they happen: first the skipped files, then per series (ordered by study and
+    series number) a skip, a success or a failure. Several eligible series of one study (e.g. a
+    5 mm and a 2.5 mm reconstruction) are all run. A failure of one series never stops the others.
+
+    Parameters
+    ----------
+    paths
+        Files and folders (recursively), in any mix.
+    out_dir
+        Created if missing; series ``X`` is written to ``out_dir/X/``.
+    engine
+        The loaded engine.
+    identity
+        The node as the DICOM objects name it; default :class:`NodeIdentity()`.
+
+    Yields
+    ------
+    SkippedInput | SeriesDone | SeriesFailed
+
+    Raises
+    ------
+    InputError
+        A given path does not exist, or ``out_dir`` cannot be created.
+    """
+    identity = identity or NodeIdentity()
+    scan = scan_paths(paths)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(out, f"cannot create the output folder ({exc.strerror or exc})") from exc
+    yield from scan.skipped
+    for group in scan.series:
+        eligibility = classify_series(group.headers, min_slices=engine.spec.min_slices)
+        if not eligibility.eligible:
+            yield SkippedInput(group.label, eligibility.reason)
+            continue
+        yield process_series(group, out, engine, identity)
+
+
+def process_series(
+    group: SeriesGroup, out_dir: Path, engine: Engine, identity: NodeIdentity
+) -> SeriesDone | SeriesFailed:
+    """Read, run, build and write one eligible series; any failure becomes a SeriesFailed.
+
+    Parameters
+    ----------
+    group
+        The series' headers and paths (from :func:`radnet_node.series.scan_paths`).
+    out_dir
+        Existing output folder.
+    engine, identity
+        As in :func:`infer_paths`.
+
+    Returns
+    -------
+    SeriesDone | SeriesFailed
+    """
+    start = time.perf_counter()
+    try:
+        loaded = engine.load(group.paths, series_label=group.label)
+        result = engine.run([loaded])[0]
+        write_start = time.perf_counter()
+        files = _output_files(result, loaded, group, identity)
+        timings = dict(result.timings_ms)
+        timings["write"] = (time.perf_counter() - write_start) * 1000.0
+        outputs = {kind: file.name for kind, file in files.items()}
+        outputs["result"] = "result.json"
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+        document = result_document(
+            result,
+            outputs=outputs,
+            output_uids={k: f.sop_instance_uid for k, f in files.items() if f.sop_instance_uid},
+            timings_ms=timings,
+            series_description=str(group.first.get("SeriesDescription", "") or ""),
+            runtime=engine.describe(),
+        )
+        payload = {file.name: file.content for file in files.values()}
+        payload["result.json"] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
+        final = write_series_folder(out_dir, result.series_instance_uid, payload)
+        # result.json cannot hold the time of its own writing; the returned timings do
+        timings["write"] = (time.perf_counter() - write_start) * 1000.0
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+    except RadnetError as exc:
+        return SeriesFailed(group.label, str(exc))
+    except Exception as exc:  # noqa: BLE001 - one series' bug must not stop the others; reported
+        return SeriesFailed(group.label, f"internal error: {type(exc).__name__}: {exc}")
+    return SeriesDone(
+        label=group.label, result=result, output_dir=final, outputs=outputs, timings_ms=timings
+    )
+
+
+@dataclass(frozen=True)
+class _OutputFile:
+    name: str
+    content: bytes
+    sop_instance_uid: str = ""
+
+
+def _output_files(
+    result: SeriesResult, loaded: LoadedSeries, group: SeriesGroup, identity: NodeIdentity
+) -> dict[str, _OutputFile]:
+    """Output kind -> file: the DICOM objects (SR, SEG, key image when positive) and the preview."""
+    sources: dict[str, Dataset] = {str(ds.SOPInstanceUID): ds for ds in group.headers}
+    key_hu = loaded.hu.hu[result.key_slice_index] if result.ct_positive else None
+    dicom: DicomOutputs = build_outputs(result, sources, identity, key_slice_hu=key_hu)
+    objects = {"sr": ("sr.dcm", dicom.sr), "seg": ("seg.dcm", dicom.seg)}
+    if dicom.key_image is not None:
+        objects["key_image"] = ("key-image.dcm", dicom.key_image)
+    files = {
+        kind: _OutputFile(name, _encode(ds), str(ds.SOPInstanceUID))
+        for kind, (name, ds) in objects.items()
+    }
+    files["preview"] = _OutputFile("preview.png", preview_png(result, loaded.hu.hu))
+    return files
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def result_document(
+    result: SeriesResult,
+    *,
+    outputs: Mapping[str, str],
+    output_uids: Mapping[str, str],
+    timings_ms: Mapping[str, float],
+    series_description: str = "",
+    runtime: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``result.json`` content of one series (schema version 1).
+
+    Parameters
+    ----------
+    result
+        The series result.
+    outputs
+        Output kind (``sr``, ``seg``, ``key_image``, ``preview``, ``result``) -> file name in the
+        series folder.
+    output_uids
+        Output kind -> SOP Instance UID of the DICOM objects.
+    timings_ms
+        Stage -> milliseconds.
+    series_description
+        The source series' description.
+    runtime
+        Device and precision the engine ran with.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable; an unknown volume (NaN) is ``null``.
+    """
+    slices = [
+        {
+            "index": index,
+            "sop_instance_uid": source.sop_instance_uid,
+            "frame_number": source.frame_number,
+            "instance_number": source.instance_number,
+            "probability": round(float(probability), 6),
+            "positive": bool(probability >= result.threshold),
+        }
+        for index, (source, probability) in enumerate(
+            zip(result.series.slices, result.slice_probabilities, strict=True)
+        )
+    ]
+    volume = float(result.hemorrhage_volume_ml)
+    return {
+        "schema_version": RESULT_SCHEMA_VERSION,
+        "study_instance_uid": result.study_instance_uid,
+        "series_instance_uid": result.series_instance_uid,
+        "series_description": series_description,
+        "ct_positive": bool(result.ct_positive),
+        "certainty": round(float(result.certainty), 6),
+        "threshold": float(result.threshold),
+        "min_consecutive_slices": int(result.min_consecutive),
+        "positive_slice_count": int(np.count_nonzero(result.slice_positive)),
+        "key_slice_index": result.key_slice_index if result.ct_positive else None,
+        "hemorrhage_volume_ml": None if not np.isfinite(volume) else round(volume, 3),
+        "slices": slices,
+        "model": {
+            "name": result.model.name,
+            "version": result.model.version,
+            "variant": result.model.variant,
+            "sha256": result.model.sha256,
+        },
+        "runtime": dict(runtime or {}),
+        "timings_ms": {k: round(float(v), 1) for k, v in timings_ms.items()},
+        "outputs": dict(outputs),
+        "output_sop_instance_uids": dict(output_uids),
+        "intended_use": INTENDED_USE,
+    }
+
+
+@contextmanager
+def _removed_on_error(path: Path) -> Iterator[Path]:
+    """Yield ``path``; if the block fails, delete it so no half-written folder stays behind."""
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_series_folder(out_dir: Path, name: str, files: Mapping[str, bytes]) -> Path:
+    """Write ``files`` into ``out_dir/name/`` so that the folder appears complete or not at all.
+
+    The files go into ``out_dir/.tmp-<name>-<pid>/`` and are fsynced; the folder is then renamed
+    into place. An existing ``out_dir/name`` is renamed away first and deleted after the new one is
+    in, so a reader sees the old complete folder or the new complete folder (or, for an instant,
+    none), never a mix.
+
+    Parameters
+    ----------
+    out_dir
+        Existing output folder (on one file system with the temporary folder, by construction).
+    name
+        Folder name (the SeriesInstanceUID).
+    files
+        File name -> content.
+
+    Returns
+    -------
+    Path
+        ``out_dir/name``.
+
+    Raises
+    ------
+    InputError
+        The folder cannot be written (names the folder and the OS error).
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise InputError(out_dir / name, "not a usable output folder name")
+    pid = os.getpid()
+    temporary = out_dir / f".tmp-{name}-{pid}"
+    final = out_dir / name
+    try:
+        if temporary.exists():
+            shutil.rmtree(temporary)  # left by an earlier crash of a process with our pid
+        temporary.mkdir()
+        with _removed_on_error(temporary):
+            for file_name, content in files.items():
+                with open(temporary / file_name, "wb") as handle:
+                    handle.write(content)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            _fsync_dir(temporary)
+            if final.exists():
+                old = out_dir / f".old-{name}-{pid}"
+                if old.exists():
+                    shutil.rmtree(old)
+                os.rename(final, old)
+                try:
+                    os.rename(temporary, final)
+                except OSError:
+                    os.rename(old, final)  # put the previous complete result back
+                    raise
+                shutil.rmtree(old)
+            else:
+                os.rename(temporary, final)
+        _fsync_dir(out_dir)
+    except OSError as exc:
+        raise InputError(final, f"cannot write the outputs ({exc.strerror or exc})") from exc
+    return final
