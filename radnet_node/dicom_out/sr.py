@@ -59,7 +59,7 @@ def build_sr(
     DCM 111012 "Certainty of Finding" in %); for a positive result also one group per positive
     slice (its source image and probability in %) and a volumetric group that references segment 1
     of ``seg`` with the hemorrhage volume in ml. A negative result has only the study-level group;
-    its (empty) SEG is still listed as evidence (Pertinent Other Evidence), not as a finding.
+    its (empty) SEG is still listed in the evidence, but not referenced by any finding.
     Flags: COMPLETE, UNVERIFIED, PRELIMINARY; contributing equipment "Processing Algorithm".
 
     Parameters
