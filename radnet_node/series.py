@@ -110,6 +110,11 @@ _DOSE_SOP_CLASSES = frozenset(
 )
 # Some vendors write dose pages as secondary captures or plain CT with this in the description.
 _DOSE_DESCRIPTIONS = ("DOSE REPORT", "DOSE INFO", "PATIENT PROTOCOL", "EXAM SUMMARY")
+# read_header's reasons for files that are simply not candidates (skipped without error)
+_NOT_DICOM = "not a DICOM file"
+_DICOMDIR = "a DICOMDIR (media directory)"
+_NOT_AN_IMAGE = "not an image instance"
+_BENIGN_REASONS = (_NOT_DICOM, _DICOMDIR, _NOT_AN_IMAGE)
 
 
 @dataclass(frozen=True)
@@ -196,21 +201,26 @@ def read_header(path: str | Path) -> Dataset:
     try:
         ds = pydicom.dcmread(where, stop_before_pixels=True)
     except InvalidDicomError as exc:
-        raise InputError(where, "not a DICOM file (no DICM preamble)") from exc
+        raise InputError(where, f"{_NOT_DICOM} (no DICM preamble)") from exc
     except OSError as exc:
         raise InputError(where, f"cannot read the file ({exc.strerror or exc})") from exc
     except (ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        # pydicom's parser reports truncated or malformed headers with these
-        raise InputError(
-            where, f"corrupt DICOM header ({type(exc).__name__}: {exc})"
-        ) from exc
+        # pydicom's parser reports malformed headers with these
+        raise InputError(where, f"corrupt DICOM file ({type(exc).__name__}: {exc})") from exc
     meta = getattr(ds, "file_meta", None)
     media_class = meta.get("MediaStorageSOPClassUID") if meta is not None else None
     if media_class == MediaStorageDirectoryStorage:
-        raise InputError(where, "a DICOMDIR (media directory), not an image")
+        raise InputError(where, f"{_DICOMDIR}, not an image")
     if "SOPClassUID" not in ds:
-        kind = f"a {UID(media_class).name} file" if media_class else "a DICOM file"
-        raise InputError(where, f"{kind} without SOPClassUID, not an image instance")
+        if media_class:
+            # pydicom stops quietly at the end of a truncated file: what the file meta promised is
+            # missing, so this was (part of) an instance, not some other kind of DICOM file
+            raise InputError(
+                where,
+                f"corrupt DICOM file: its file meta names {UID(media_class).name} but the dataset "
+                "has no SOPClassUID (truncated?)",
+            )
+        raise InputError(where, f"{_NOT_AN_IMAGE}: a DICOM file without SOPClassUID")
     if not str(ds.get("SeriesInstanceUID", "") or ""):
         raise InputError(where, "no SeriesInstanceUID")
     return ds
@@ -269,9 +279,7 @@ def scan_paths(paths: Iterable[str | Path]) -> ScanResult:
         try:
             headers.append((str(path), read_header(path)))
         except InputError as exc:
-            benign = exc.reason.startswith(("not a DICOM file", "a DICOMDIR")) or (
-                "without SOPClassUID" in exc.reason
-            )
+            benign = exc.reason.startswith(_BENIGN_REASONS)
             skipped.append(SkippedInput(exc.path, exc.reason, is_error=not benign))
     groups, duplicates = _group(headers)
     return ScanResult(series=groups, skipped=tuple(skipped) + duplicates)

@@ -1,0 +1,185 @@
+"""Series selection from headers: which files are skipped, how instances group into series, and
+which series are axial head CT (real vendor studies and generated edge cases)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from radnet_node.errors import InputError
+from radnet_node.series import classify_series, group_by_series, read_header, scan_paths
+from training.dicom_writer import SeriesGeometry
+
+PHILIPS = "dcm_qa_ct/Philips_Ingenuity_head_phantom"
+GEOMETRY = SeriesGeometry(
+    rows=16, columns=16, pixel_spacing_mm=(16.0, 16.0), table_positions_mm=(0, 5, 10, 15, 20)
+)
+
+
+def _by_folder(scan_series: tuple, root: Path) -> dict[str, tuple]:
+    return {str(Path(g.paths[0]).parent.relative_to(root)): g for g in scan_series}
+
+
+def test_philips_study_selection_table(dicom_data_dir: Path) -> None:
+    root = dicom_data_dir / PHILIPS
+    scan = scan_paths([root])
+    groups = _by_folder(scan.series, root)
+    expected = {
+        "S21570/S1000": (False, "localizer"),
+        "S21570/S2010": (True, "28 slices"),
+        "S21570/S4010": (False, "secondary capture"),
+        "S21610/S2010": (True, "tilted 18.5 deg"),
+    }
+    assert set(groups) == set(expected)
+    for folder, (eligible, words) in expected.items():
+        verdict = classify_series(groups[folder].headers)
+        assert verdict.eligible is eligible, (folder, verdict)
+        assert words in verdict.reason, (folder, verdict)
+    # one DIRFILE per folder: skipped, not an error
+    assert {Path(s.what).name for s in scan.skipped} == {"DIRFILE"}
+    assert all("DICOMDIR" in s.reason and not s.is_error for s in scan.skipped)
+    # both axial series of the one study are selected
+    assert len({g.study_instance_uid for g in scan.series if g.paths[0].endswith("I10")}) <= 2
+
+
+@pytest.mark.parametrize(
+    ("relative", "eligible", "words"),
+    [
+        ("derived-transcoded/Philips_S21610_J2K_lossless", True, "54 slices"),
+        ("derived-transcoded/Philips_S21610_LegacyConvertedEnhancedCT.dcm", True, "54 slices"),
+        ("deid-data/ctbrain1.dcm", False, "secondary capture (RGB)"),
+        ("pydicom-testfiles/693_UNCR.dcm", False, "too few slices: 1"),
+        ("pydicom-testfiles/eCT_Supplemental.dcm", False, "PERFUSION"),
+        ("pydicom-testfiles/liver.dcm", False, "Modality SEG"),
+        ("pylibjpeg-data/MAROTECH_CT_JP2Lossy.dcm", False, "localizer"),
+        ("pylibjpeg-data/TOSHIBA_J2K_SIZ0_PixRep1.dcm", False, "not axial: a coronal"),
+    ],
+)
+def test_real_files_are_classified(
+    dicom_data_dir: Path, relative: str, eligible: bool, words: str
+) -> None:
+    scan = scan_paths([dicom_data_dir / relative])
+    assert len(scan.series) == 1
+    verdict = classify_series(scan.series[0].headers)
+    assert verdict.eligible is eligible
+    assert words in verdict.reason
+
+
+def test_generated_tilted_series_with_uneven_spacing_is_eligible(
+    head_hu: Callable[..., np.ndarray], write_series: Callable[..., list[Path]]
+) -> None:
+    geometry = SeriesGeometry(
+        rows=16,
+        columns=16,
+        pixel_spacing_mm=(16.0, 16.0),
+        table_positions_mm=(0.0, 2.0, 7.0, 8.0, 20.0, 21.5),
+        gantry_tilt_deg=30.0,
+    )
+    paths = write_series(head_hu((6, 16, 16), (16.0, 16.0)), geometry, "tilt")
+    verdict = classify_series([read_header(p) for p in paths])
+    assert verdict.eligible
+    assert "tilted 30.0 deg" in verdict.reason
+
+
+def _header(**values: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = pydicom.uid.CTImageStorage
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = "1.2.3"
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("values", "eligible", "words"),
+    [
+        ({}, True, "BodyPartExamined missing"),
+        ({"BodyPartExamined": "HEAD"}, True, "BodyPartExamined names the head"),
+        ({"BodyPartExamined": "CHEST"}, False, "not a head CT: BodyPartExamined CHEST"),
+        ({"BodyPartExamined": "CHEST", "ProtocolName": "Kopf nativ"}, True, "ProtocolName"),
+        ({"StudyDescription": "CT SCHAEDEL"}, True, "StudyDescription"),
+        ({"BodyPartExamined": "NECK"}, True, "'NECK' not excluded"),
+        ({"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, False, "sagittal"),
+        # 40 degrees from z: still axial (a steep gantry tilt)
+        ({"ImageOrientationPatient": [1, 0, 0, 0, 0.766, -0.643]}, True, "tilted 40.0 deg"),
+        ({"ImageOrientationPatient": [1, 0, 0, 0, 0.5, -0.866]}, False, "coronal"),
+        ({"Modality": "MR"}, False, "Modality MR"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, False, "localizer"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.67"}, False, "dose report"),
+        ({"SOPClassUID": pydicom.uid.SecondaryCaptureImageStorage}, False, "secondary capture"),
+        ({"SeriesDescription": "Dose Report"}, False, "dose"),
+        ({"PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}, False, "not greyscale"),
+    ],
+)
+def test_header_rules(values: dict[str, object], eligible: bool, words: str) -> None:
+    verdict = classify_series([_header(**values) for _ in range(5)], min_slices=5)
+    assert verdict.eligible is eligible, verdict
+    assert words in verdict.reason, verdict
+
+
+def test_slice_count_counts_frames_and_respects_min_slices() -> None:
+    headers = [_header() for _ in range(4)]
+    assert not classify_series(headers, min_slices=5).eligible
+    assert "too few slices: 4, at least 5" in classify_series(headers, min_slices=5).reason
+    assert classify_series(headers, min_slices=4).eligible
+
+
+def test_mixed_series_names_the_offending_instance() -> None:
+    headers = [_header() for _ in range(5)]
+    headers[3].ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    headers[3].filename = "/data/scout.dcm"
+    verdict = classify_series(headers)
+    assert not verdict.eligible
+    assert "/data/scout.dcm" in verdict.reason
+
+
+def test_scan_skips_non_dicom_reports_corrupt_and_duplicate_files(
+    tmp_path: Path, head_hu: Callable[..., np.ndarray], write_series: Callable[..., list[Path]]
+) -> None:
+    paths = write_series(head_hu((5, 16, 16), (16.0, 16.0)), GEOMETRY, "a")
+    (tmp_path / "a" / "notes.txt").write_text("not DICOM")
+    (tmp_path / "a" / ".hidden").write_text("ignored")
+    corrupt = tmp_path / "a" / "corrupt.dcm"
+    corrupt.write_bytes(paths[0].read_bytes()[:300])  # header cut in the middle
+    copy = tmp_path / "copy.dcm"
+    copy.write_bytes(paths[1].read_bytes())
+    # a folder and a file inside it: each file is read once
+    scan = scan_paths([tmp_path / "a", paths[0], copy])
+    assert len(scan.series) == 1
+    assert len(scan.series[0].paths) == 5
+    reasons = {Path(s.what).name: s for s in scan.skipped}
+    assert set(reasons) == {"notes.txt", "corrupt.dcm", "copy.dcm"}
+    assert not reasons["notes.txt"].is_error
+    assert reasons["corrupt.dcm"].is_error
+    assert "corrupt DICOM file" in reasons["corrupt.dcm"].reason
+    assert "same SOPInstanceUID" in reasons["copy.dcm"].reason
+
+
+def test_scan_of_a_missing_path_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file or folder"):
+        scan_paths([tmp_path / "absent"])
+
+
+def test_group_by_series_orders_instances_and_series(
+    head_hu: Callable[..., np.ndarray], write_series: Callable[..., list[Path]]
+) -> None:
+    hu = head_hu((5, 16, 16), (16.0, 16.0))
+    late = write_series(hu, GEOMETRY, "b", series_number=7, instance_numbers=[5, 3, 1, 2, 4])
+    early = write_series(hu, GEOMETRY, "b", series_number=3, file_prefix="X")
+    pairs = [(str(p), read_header(p)) for p in [*late, *early]]
+    groups = group_by_series(pairs[::-1])
+    assert [int(g.first.SeriesNumber) for g in groups] == [3, 7]
+    assert [int(ds.InstanceNumber) for ds in groups[1].headers] == [1, 2, 3, 4, 5]
+    assert groups[1].number_of_frames == 5
+    assert groups[1].label.startswith('#7 "HEAD 5MM (SYNTHETIC)"')
