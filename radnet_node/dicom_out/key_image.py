@@ -97,8 +97,8 @@ def render_key_image(
         raise ValueError(f"mask shape {mask.shape} does not match the key slice {hu.shape}")
     scale = max(1, math.ceil(_MIN_DISPLAY_PX / max(hu.shape)))
     low = WINDOW_LEVEL_HU - WINDOW_WIDTH_HU / 2.0
-    grey = np.clip((hu - low) / WINDOW_WIDTH_HU, 0.0, 1.0) * 255.0
-    grey = np.kron(grey, np.ones((scale, scale)))
+    windowed = np.clip((hu - low) / WINDOW_WIDTH_HU, 0.0, 1.0) * 255.0
+    grey = np.kron(windowed, np.ones((scale, scale)))
     big_mask = np.kron(mask, np.ones((scale, scale), dtype=bool))
     rgb = np.repeat(grey[..., np.newaxis], 3, axis=2)
     rgb[big_mask] = (1.0 - _FILL_ALPHA) * rgb[big_mask] + _FILL_ALPHA * _OVERLAY_RGB

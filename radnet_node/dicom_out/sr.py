@@ -105,7 +105,7 @@ def build_sr(
         groups.append(_volume_group(result, seg, uid, algorithm))
     try:
         observer = hd.sr.ObserverContext(
-            observer_type=codes.DEVICE,
+            observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE),
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
                 uid=identity.device_uid,
                 name=identity.name,
