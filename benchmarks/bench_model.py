@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import platform
 import resource
 import statistics
@@ -72,6 +73,17 @@ def _peak_rss_mib() -> float:
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line and line[0] != "\n")
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name\t", platform.machine()).strip()
+    family = fields.get("cpu family\t", "?").strip()
+    return f"{name}, family {family}, {os.cpu_count()} logical CPUs"
 
 
 def _bf16_supported(device: torch.device) -> bool:
@@ -274,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = _bf16_supported(device)
     matmul_size = 1024 if args.quick else 2048
 
+    load_start = os.getloadavg()[0]
     peak_fp32 = measure_matmul_peak(torch.float32, device, 5, matmul_size)
     peak_bf16 = measure_matmul_peak(torch.bfloat16, device, 5, matmul_size) if bf16 else None
 
@@ -327,8 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         if bf16 or not low
     ]
     rss_end = _peak_rss_mib()
+    # The same matmul again: when it is much slower than at the start, another process took cores
+    # during the run and the figures above are not this machine's.
+    peak_fp32_end = measure_matmul_peak(torch.float32, device, 5, matmul_size)
+    load_end = os.getloadavg()[0]
+    contended = peak_fp32_end < 0.8 * peak_fp32 or max(load_start, load_end) > args.threads + 0.5
 
-    cpu = platform.processor() or platform.machine()
+    cpu = _cpu_name()
     lines = [
         f"## bench_model ({'quick' if args.quick else 'full'}; torch {torch.__version__}; "
         f"{device.type}, {args.threads} threads; {cpu})",
@@ -338,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{flops / 1e9:.2f} GFLOP/slice at inference (pool before the transition 1x1 conv), "
         f"{args.input_size} px, aux heads included, FlopCounterMode (multiply-add = 2)",
         f"- matmul peak ({matmul_size}^2): fp32 {peak_fp32:.0f} GFLOP/s"
-        + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ", bf16 not supported"),
+        + (f", bf16 {peak_bf16:.0f} GFLOP/s" if peak_bf16 else ", bf16 not supported")
+        + f"; fp32 again at the end {peak_fp32_end:.0f} GFLOP/s; "
+        f"load average {load_start:.2f} at start, {load_end:.2f} at end",
         "",
         "| inference, 1 slice per call | ms/slice | GFLOP/s | % of peak |",
         "|---|---:|---:|---:|",
@@ -370,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         f"- peak RSS: {rss_after_inference:.0f} MiB after inference, "
         f"{rss_end:.0f} MiB after training"
     )
+    if contended:
+        lines.append(
+            "- WARNING: other processes competed for the CPU during this run (load average or "
+            "end-of-run matmul); rerun on a quiet machine before quoting these figures"
+        )
     print("\n".join(lines))
 
     if args.json:
@@ -382,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": parameters,
             "flops_per_slice_train_order": flops_train_order,
             "flops_per_slice_inference": flops,
-            "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16},
+            "cpu": cpu,
+            "matmul_peak_gflops": {"fp32": peak_fp32, "bf16": peak_bf16, "fp32_end": peak_fp32_end},
+            "load_average": {"start": load_start, "end": load_end},
+            "contended": contended,
             "inference": [asdict(r) for r in inference],
             "training": [asdict(r) for r in training],
             "bf16_vs_fp32": None if difference is None else asdict(difference),
