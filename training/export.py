@@ -1,0 +1,165 @@
+"""``radnet-export``: turn a finished training run into a shipped weights file and its model card.
+
+The card records what the weights are (variant, model and preprocessing configuration, threshold),
+what they were trained on (read from the run and the datasets' manifests), how long it took, and the
+held-out metrics of ``radnet-eval`` runs, so that nothing in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from radnet_node.errors import RadnetError
+from radnet_node.model import RadnetConfig, build_model
+from radnet_node.preprocess import PreprocessSpec
+from radnet_node.weights import export_weights
+from training.train import load_checkpoint
+
+LIMITATIONS = [
+    "Trained only on synthetic head CT phantoms (MNI152-based anatomy) and on synthetic "
+    "hemorrhages inserted into two real single head CT slices; it has never seen a labelled "
+    "patient scan.",
+    "Metrics are measured on held-out synthetic cases from the same generator; they say nothing "
+    "about performance on real patients.",
+    "Knows only acute intracranial hemorrhage (50-90 HU); other pathology (tumour, infarct, "
+    "fractures, postoperative change, contrast) is out of scope and may trigger false results.",
+    "Not a medical device: research and integration testing only.",
+]
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _dataset_description(spec: str) -> dict[str, Any]:
+    """Counts and generator settings of one ``layout:DIR`` training dataset."""
+    kind, _, root = spec.partition(":")
+    folder = Path(root or kind)
+    info: dict[str, Any] = {"spec": spec}
+    labels = folder / "labels.csv"
+    if labels.is_file():
+        with labels.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        info["cases"] = len(rows)
+        info["positive_cases"] = sum(int(r["ct_label"]) for r in rows)
+        subtypes: dict[str, int] = {}
+        for row in rows:
+            for subtype in filter(None, (row.get("subtypes") or "").split(";")):
+                subtypes[subtype] = subtypes.get(subtype, 0) + 1
+        info["cases_per_subtype"] = subtypes
+        info["generators"] = sorted({r.get("generator", "") for r in rows} - {""})
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        info["generator"] = {
+            k: data[k] for k in ("generator_version", "seed", "arguments", "options") if k in data
+        }
+    return info
+
+
+def _history_seconds(run_dir: Path) -> float:
+    path = run_dir / "history.jsonl"
+    if not path.is_file():
+        return 0.0
+    total = 0.0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        total += float(record.get("train_seconds", 0.0)) + float(record.get("val_seconds", 0.0))
+    return total
+
+
+def build_card_fields(
+    run_dir: Path, checkpoint: Mapping[str, Any], evaluations: Mapping[str, Path]
+) -> dict[str, Any]:
+    """The training-data, training and metrics sections of the model card."""
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    config = checkpoint["config"]
+    specs = list(config["data"]["specs"])
+    training_data = {
+        "description": (
+            "Synthetic head CT series from radnet-phantoms: MNI152 (ICBM 2009a) grey/white matter "
+            "and CSF with a synthetic skull, scalp and scanner model, with synthetic acute "
+            "hemorrhages of five subtypes (intraparenchymal, subdural, epidural, subarachnoid, "
+            "intraventricular) and hyperdense mimics in normal cases; plus hemorrhages inserted "
+            "into two real single head CT slices (pydicom/pylibjpeg test data). No patient labels."
+        ),
+        "datasets": [_dataset_description(s) for s in specs],
+        "split": "70:30 at CT level, stratified by CT label (training:validation)",
+        "train_cases": summary.get("train_cases"),
+        "validation_cases": summary.get("val_cases"),
+        "train_slices": summary.get("train_slices"),
+        "skipped_cases": summary.get("skipped_cases"),
+    }
+    train = config["train"]
+    training = {
+        "recipe": "RADnet paper 2.2.3: SGD momentum 0.9, lr/10 after 1/3 and 2/3, He init, "
+        "rotation + horizontal flip balancing, BCE + weighted auxiliary segmentation losses",
+        "epochs": checkpoint["epoch"],
+        "epoch_size_sequences": train.get("epoch_size"),
+        "sequence_length": train["sequence_length"],
+        "slices_seen": (train.get("epoch_size") or 0)
+        * train["sequence_length"]
+        * checkpoint["epoch"],
+        "best_epoch": checkpoint.get("best_epoch"),
+        "wall_time_seconds": round(_history_seconds(run_dir), 1),
+        "runtime": summary.get("runtime"),
+        "config": config,
+    }
+    metrics: dict[str, Any] = {"validation_best_epoch": checkpoint.get("best_validation")}
+    for name, path in evaluations.items():
+        metrics[name] = json.loads(path.read_text(encoding="utf-8"))
+    return {"training_data": training_data, "training": training, "metrics": metrics}
+
+
+@app.command()
+def export(  # noqa: PLR0917 (typer maps parameters to options)
+    run: Annotated[Path, typer.Option(help="radnet-train run directory")],
+    out: Annotated[Path, typer.Option(help="Weights file to write (.pt); the card goes beside it")],
+    version: Annotated[str, typer.Option(help="Model version written into the card")],
+    metrics: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=PATH of a radnet-eval metrics.json, repeatable"),
+    ] = None,
+    checkpoint_name: Annotated[str, typer.Option("--checkpoint", help="best | last")] = "best",
+    name: Annotated[str, typer.Option(help="Model name")] = "radnet-ich",
+    threshold: Annotated[float | None, typer.Option(help="Decision threshold")] = None,
+) -> None:
+    """Export RUN/checkpoints/{best,last}.pt as OUT with its model card OUT.json."""
+    try:
+        checkpoint = load_checkpoint(run / "checkpoints" / f"{checkpoint_name}.pt")
+        evaluations: dict[str, Path] = {}
+        for item in metrics or []:
+            label, sep, path = item.partition("=")
+            if not sep or not Path(path).is_file():
+                raise RadnetError(f"--metrics {item!r}: expected NAME=PATH of an existing file")
+            evaluations[label] = Path(path)
+        config = RadnetConfig.from_dict(checkpoint["model_config"])
+        model = build_model(
+            config.variant, **{k: v for k, v in config.to_dict().items() if k != "variant"}
+        )
+        model.load_state_dict(checkpoint["model_state"], strict=True)
+        fields = build_card_fields(run, checkpoint, evaluations)
+        card = export_weights(
+            model,
+            out,
+            name=name,
+            version=version,
+            preprocess=PreprocessSpec.from_dict(checkpoint["preprocess"]),
+            threshold=float(threshold if threshold is not None else checkpoint["threshold"]),
+            min_consecutive_slices=int(checkpoint["min_consecutive"]),
+            limitations=LIMITATIONS,
+            **fields,
+        )
+    except (RadnetError, OSError, KeyError, ValueError) as error:
+        typer.echo(f"radnet-export: error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"wrote {out} (sha256 {card.sha256[:16]}...) and {out.with_suffix('.json')}")
+
+
+def main() -> None:
+    app()
