@@ -156,3 +156,7 @@ def _done_line(event: SeriesDone) -> str:
         f"{positive}/{n} slices positive, volume {result.hemorrhage_volume_ml:.1f} mL, "
         f"{seconds:.2f} s -> {event.output_dir}"
     )
+
+
+if __name__ == "__main__":
+    app()

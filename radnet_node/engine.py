@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = [
     "LoadedSeries",
     "Precision",
     "cpu_supports_bf16",
+    "default_threads",
     "hemorrhage_volume_ml",
     "prepare_hu",
     "resolve_device",
@@ -46,9 +48,11 @@ Precision = Literal["auto", "fp32", "bf16"]
 #: (max |p_bf16 - p_fp32| over the slices of a series); benchmarks/bench_infer.py checks it.
 BF16_TOLERANCE = 0.02
 
-# Slices per encode_slices call. CPU: measured in benchmarks/bench_infer.py (one call per slice
-# lets the dense blocks use their pre-allocated buffer and keeps memory flat); CUDA: batch.
-_DEFAULT_CHUNK_CPU = 1
+# Slices per encode_slices call, measured with benchmarks/bench_infer.py on the 2-core dev CPU
+# (bf16 + channels_last, 250 px): 1 thread, 1 or 4 slices ~42 ms/slice, 8 slices 56 ms/slice; with
+# 2 threads and a busy neighbour core 4 slices were 4x faster than 1 (fewer thread barriers).
+# CUDA: batch.
+_DEFAULT_CHUNK_CPU = 4
 _DEFAULT_CHUNK_CUDA = 32
 _MAX_AXIAL_ANGLE_DEG = 45.0
 
@@ -73,11 +77,13 @@ class EngineSettings:
     min_slices
         Fewest slices a series needs, overriding the card's preprocessing spec.
     threads
-        torch intra-op threads (process-wide); ``None`` leaves torch's default.
+        torch intra-op threads (process-wide); ``None``: every core this process may use but one
+        (at least 1), leaving a core for DICOM I/O. On the 2-core dev machine with another busy
+        process, 2 threads were up to 40x slower than 1 (threads spin-waiting on a taken core).
     chunk_slices
-        Slices per CNN call; ``None``: 1 on a CPU (measured fastest), 32 on CUDA.
+        Slices per CNN call; ``None``: 4 on a CPU, 32 on CUDA (see benchmarks/bench_infer.py).
     channels_last
-        Run the convolutions in NHWC; ``None``: on CUDA only (see benchmarks/bench_infer.py).
+        Run the convolutions in NHWC; ``None``: yes (CPU bf16: 42 against 62 ms/slice NCHW).
 
     Raises
     ------
@@ -149,6 +155,11 @@ def resolve_device(device: str) -> torch.device:
     if index is not None and index >= count:
         raise ConfigError(f"device: {device!r} requested but torch sees {count} CUDA device(s)")
     return torch.device("cuda", index if index is not None else torch.cuda.current_device())
+
+
+def default_threads() -> int:
+    """Every core this process may run on but one (at least 1): one is left for DICOM I/O."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def cpu_supports_bf16() -> bool:
@@ -240,15 +251,10 @@ class Engine:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.precision = _resolve_precision(settings.precision, self.device)
-        if settings.threads is not None:
-            torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.threads or default_threads())
         model, card = load_model(settings.weights, map_location="cpu")
         self.card: ModelCard = card
-        self.channels_last = (
-            settings.channels_last
-            if settings.channels_last is not None
-            else self.device.type == "cuda"
-        )
+        self.channels_last = True if settings.channels_last is None else settings.channels_last
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)

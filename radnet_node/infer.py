@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from radnet_node.dicom_out import DicomOutputs, NodeIdentity, build_outputs
 from radnet_node.engine import Engine, LoadedSeries
-from radnet_node.errors import InputError, RadnetError
+from radnet_node.errors import InputError, RadnetError, SeriesError
 from radnet_node.preview import preview_png
 from radnet_node.results import SeriesResult
 from radnet_node.series import SeriesGroup, SkippedInput, classify_series, scan_paths
@@ -154,6 +154,8 @@ def process_series(
         # result.json cannot hold the time of its own writing; the returned timings do
         timings["write"] = (time.perf_counter() - write_start) * 1000.0
         timings["total"] = (time.perf_counter() - start) * 1000.0
+    except SeriesError as exc:
+        return SeriesFailed(group.label, exc.reason)  # the label already names the series
     except RadnetError as exc:
         return SeriesFailed(group.label, str(exc))
     except Exception as exc:  # noqa: BLE001 - one series' bug must not stop the others; reported

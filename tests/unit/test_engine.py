@@ -114,7 +114,7 @@ def test_results_are_deterministic(weights: Path) -> None:
 
 def test_batch_of_two_series_equals_two_single_runs(weights: Path) -> None:
     a, b = _series(3, n=5, uid="1.2.3.1"), _series(4, n=7, uid="1.2.3.2")
-    single = _engine(weights)
+    single = _engine(weights, chunk_slices=1)
     # chunks of 4 slices cross the boundary between the two series
     batched = _engine(weights, chunk_slices=4).run([a, b])
     alone = [single.run([a])[0], single.run([b])[0]]
