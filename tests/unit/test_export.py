@@ -1,0 +1,76 @@
+"""radnet-export: a training run becomes a weights file whose model card says what it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from test_train import tiny_config
+from tiny_layout import write_tiny_layout
+from typer.testing import CliRunner
+
+from radnet_node.weights import load_model
+from training.export import app
+from training.train import load_checkpoint, train
+
+torch.set_num_threads(1)
+
+
+def test_export_writes_weights_that_load_and_a_card_built_from_the_run(tmp_path: Path) -> None:
+    data = write_tiny_layout(tmp_path / "data", 6)
+    run = tmp_path / "run"
+    train(tiny_config(data), run, progress=False)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"ct": {"recall": 1.0, "precision": 0.5}}))
+    out = tmp_path / "weights" / "radnet.pt"
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "--run",
+            str(run),
+            "--out",
+            str(out),
+            "--version",
+            "9.9.9",
+            "--metrics",
+            f"held_out={metrics}",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    model, card = load_model(out)
+    assert card.version == "9.9.9"
+    assert card.metrics["held_out"]["ct"]["recall"] == 1.0
+    assert card.training_data["datasets"][0]["cases"] == 6
+    assert card.training_data["datasets"][0]["positive_cases"] == 3
+    assert card.training["epochs"] == 2
+    assert "not a medical device" in card.intended_use.lower()
+    checkpoint = load_checkpoint(run / "checkpoints" / "best.pt")
+    for key, value in checkpoint["model_state"].items():
+        assert torch.equal(
+            model.state_dict()[key], value.float() if value.is_floating_point() else value
+        )
+
+
+def test_export_names_a_missing_metrics_file(tmp_path: Path) -> None:
+    data = write_tiny_layout(tmp_path / "data", 4)
+    run = tmp_path / "run"
+    train(tiny_config(data, epochs=1), run, progress=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "w.pt"),
+            "--version",
+            "1",
+            "--metrics",
+            "held_out=/nonexistent.json",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "/nonexistent.json" in result.output
+    assert not (tmp_path / "w.pt").exists()
