@@ -34,7 +34,7 @@ class SeriesError(RadnetError):
 
 
 class UnsupportedImageError(SeriesError):
-    """The series is not a greyscale CT image series (RGB, secondary capture, other modality, ...)."""
+    """The series is not a greyscale CT image series (RGB, secondary capture, other modality)."""
 
 
 class NoPixelDataError(SeriesError):

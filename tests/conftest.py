@@ -20,8 +20,8 @@ DICOM_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 def dicom_data_dir() -> Path:
     """The shared folder of real CT DICOM files (see its README.md).
 
-    Outside CI a checkout without ``../shared`` skips these tests; in CI (``CI`` set) a missing folder
-    fails them, so a check that did not run is never reported as passing.
+    Outside CI a checkout without ``../shared`` skips these tests; in CI (``CI`` set) a missing
+    folder fails them, so a check that did not run is never reported as passing.
     """
     if not DICOM_DATA_DIR.is_dir():
         message = f"real DICOM test data not found at {DICOM_DATA_DIR}"

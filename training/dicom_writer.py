@@ -16,10 +16,10 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    UID,
     generate_uid,
 )
 
@@ -30,9 +30,11 @@ _UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 class SeriesGeometry:
     """Geometry of an axial CT series in the DICOM patient coordinate system (LPS, mm).
 
-    ``table_positions_mm`` are the z coordinates of the slice origins, in acquisition order; they may be
-    unevenly spaced. A gantry tilt rotates the image plane about the patient's left-right axis while the
-    table still moves along z, which gives the sheared stack scanners write for tilted acquisitions.
+    ``table_positions_mm`` are the z coordinates of the slice origins in acquisition order; they may
+    be unevenly spaced. A gantry tilt rotates the image plane about the patient's left-right axis
+    while the table still moves along z, which gives the sheared stack scanners write for tilted
+    acquisitions. The tilt sign follows the rotation of the column direction towards -z for positive
+    angles; scanners' GantryDetectorTilt sign conventions differ, so the tag is informational.
     """
 
     rows: int = 512
@@ -41,7 +43,7 @@ class SeriesGeometry:
     table_positions_mm: tuple[float, ...] = tuple(float(z) for z in np.arange(0.0, 150.0, 5.0))
     slice_thickness_mm: float = 5.0
     gantry_tilt_deg: float = 0.0
-    # in-plane position of the first pixel's centre (x, y); None centres the field of view on the origin
+    # in-plane position of the first pixel's centre (x, y); None centres the field of view on 0
     first_pixel_xy_mm: tuple[float, float] | None = None
 
     @property
@@ -175,7 +177,7 @@ def _file_meta(sop_uid: UID) -> FileMetaDataset:
     return meta
 
 
-def _ct_dataset(
+def _ct_dataset(  # noqa: PLR0917 (private helper, one call site)
     study: StudyInfo,
     geometry: SeriesGeometry,
     index: int,
