@@ -1,0 +1,74 @@
+-- Orthanc auto-routing of head CTs to radnet-node.
+--
+-- When a series has been stable for Orthanc's "StableAge" seconds, send it to the DICOM modality
+-- named RADNET_MODALITY (declared in "DicomModalities" of orthanc.json) if it is a CT image series
+-- of the head. The decision is written to Orthanc's log. The node makes the final choice of series
+-- (it skips localizers and reformats with an audited reason); this filter only keeps other body
+-- parts and other modalities off the wire. The node's own results (SR, SEG, Secondary Capture) are
+-- never CT image storage, so they are never routed back.
+
+local RADNET_MODALITY = 'radnet'
+
+-- CT Image, Enhanced CT Image and Legacy Converted Enhanced CT Image Storage.
+local CT_SOP_CLASSES = {
+  ['1.2.840.10008.5.1.4.1.1.2'] = true,
+  ['1.2.840.10008.5.1.4.1.1.2.1'] = true,
+  ['1.2.840.10008.5.1.4.1.1.2.2'] = true,
+}
+
+-- Words that mark a head examination in BodyPartExamined, descriptions or the protocol name.
+local HEAD_WORDS = {
+  'HEAD', 'BRAIN', 'SKULL', 'CRANI', 'CEREB', 'NEURO', 'STROKE', 'KOPF', 'SCHAEDEL', 'SCHADEL',
+  'CRANE', 'CERVEAU', 'TETE', 'CABEZA', 'CRANEO', 'CRANIO', 'HOOFD', 'HERSEN',
+}
+
+local function IsHeadText(text)
+  if text == nil or text == '' then
+    return false
+  end
+  local upper = string.upper(text)
+  for _, word in ipairs(HEAD_WORDS) do
+    if string.find(upper, word, 1, true) ~= nil then
+      return true
+    end
+  end
+  return false
+end
+
+function IsHeadCtSeries(seriesTags, studyTags, instanceTags)
+  if seriesTags['Modality'] ~= 'CT' then
+    return false, 'modality is not CT'
+  end
+  if not CT_SOP_CLASSES[instanceTags['SOPClassUID'] or ''] then
+    return false, 'not a CT image SOP class'
+  end
+  for _, text in ipairs({
+    seriesTags['BodyPartExamined'], seriesTags['SeriesDescription'], seriesTags['ProtocolName'],
+    studyTags['StudyDescription'], instanceTags['BodyPartExamined'],
+  }) do
+    if IsHeadText(text) then
+      return true, 'head CT'
+    end
+  end
+  return false, 'no head-like body part or description'
+end
+
+function OnStableSeries(seriesId, tags, metadata)
+  local instances = ParseJson(RestApiGet('/series/' .. seriesId .. '/instances'))
+  if #instances == 0 then
+    return
+  end
+  local instanceTags = ParseJson(RestApiGet('/instances/' .. instances[1]['ID'] .. '/simplified-tags'))
+  local study = ParseJson(RestApiGet('/series/' .. seriesId .. '/study'))
+  local route, reason = IsHeadCtSeries(tags, study['MainDicomTags'], instanceTags)
+  if not route then
+    print('radnet-autoroute: series ' .. seriesId .. ' not sent: ' .. reason)
+    return
+  end
+  -- An asynchronous job: the Lua thread is not blocked while the series is sent, and Orthanc
+  -- retries nothing by itself, so a failed job shows in /jobs for the admin to resubmit.
+  local job = ParseJson(RestApiPost('/modalities/' .. RADNET_MODALITY .. '/store',
+    DumpJson({ Resources = { seriesId }, Asynchronous = true, Priority = 0 })))
+  print('radnet-autoroute: series ' .. seriesId .. ' (' .. #instances .. ' instances) sent to '
+    .. RADNET_MODALITY .. ' as job ' .. job['ID'])
+end

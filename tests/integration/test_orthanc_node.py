@@ -1,0 +1,131 @@
+"""A real Orthanc as the PACS: the test harness itself (store, find, fetch, send, restart), the
+example auto-routing Lua script of ``deploy/``, and the node end to end (Orthanc sends the real
+Philips series, SR and SEG come back into the same study)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import PHILIPS_5MM_SLICES, PHILIPS_STUDY_UID
+from dcmtk import StoreScp, storescu
+from orthanc import Modality, Orthanc, OrthancError, wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+AUTOROUTE_LUA = REPO / "deploy" / "orthanc" / "radnet-autoroute.lua"
+EXAMPLE_ORTHANC_JSON = REPO / "deploy" / "orthanc" / "orthanc.json"
+
+
+def _sop_instance_uids(paths: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
+# --- the harness ----------------------------------------------------------------------------------
+
+
+def test_orthanc_stores_finds_and_returns_the_philips_series_bit_for_bit(
+    make_orthanc: Callable[..., Orthanc], philips_5mm: list[Path]
+) -> None:
+    orthanc = make_orthanc()
+    ids = orthanc.upload_files(philips_5mm)
+
+    assert len(set(ids)) == PHILIPS_5MM_SLICES
+    assert orthanc.statistics()["CountInstances"] == PHILIPS_5MM_SLICES
+    by_modality = orthanc.instances_by_modality(PHILIPS_STUDY_UID)
+    assert list(by_modality) == ["CT"]
+    assert len(by_modality["CT"]) == PHILIPS_5MM_SLICES
+    assert orthanc.fetch_file(ids[0]) == philips_5mm[0].read_bytes()
+    found = orthanc.find("Series", {"SeriesDescription": "STD BRAIN 5MM"})
+    assert len(found) == 1 and found[0]["MainDicomTags"]["BodyPartExamined"] == "BRAIN"
+    assert orthanc.study_instances("1.2.3.4.5.6.7.8.9") == []
+
+
+def test_orthanc_sends_a_series_to_a_dcmtk_receiver_on_request(
+    make_orthanc: Callable[..., Orthanc],
+    make_storescp: Callable[..., StoreScp],
+    philips_5mm: list[Path],
+) -> None:
+    receiver = make_storescp(ae_title="RECEIVER")
+    orthanc = make_orthanc(
+        modalities=[Modality("receiver", "RECEIVER", "127.0.0.1", receiver.port)]
+    )
+    orthanc.upload_files(philips_5mm)
+    study = orthanc.study_id(PHILIPS_STUDY_UID)
+    assert study is not None
+
+    assert orthanc.echo("receiver")
+    orthanc.store_to_modality("receiver", [study])
+
+    assert _sop_instance_uids(receiver.received()) == _sop_instance_uids(philips_5mm)
+
+
+def test_orthanc_refuses_nothing_while_down_and_keeps_its_storage_across_a_restart(
+    make_orthanc: Callable[..., Orthanc], philips_5mm: list[Path], dcmtk: None
+) -> None:
+    orthanc = make_orthanc()
+    orthanc.upload_files(philips_5mm[:2])
+    orthanc.stop()
+
+    down = storescu("127.0.0.1", orthanc.dicom_port, philips_5mm[2:4], called_ae="ORTHANC",
+                    timeout_s=5)  # fmt: skip
+    assert down.returncode != 0
+
+    orthanc.start()
+    up = storescu("127.0.0.1", orthanc.dicom_port, philips_5mm[2:4], called_ae="ORTHANC")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert orthanc.statistics()["CountInstances"] == 4
+
+
+def test_orthanc_start_failure_names_the_problem(orthanc_binary: str, tmp_path: Path) -> None:
+    broken_lua = tmp_path / "broken.lua"
+    broken_lua.write_text("function OnStableSeries(\n", encoding="utf-8")
+    server = Orthanc(workdir=tmp_path / "o", lua_scripts=[broken_lua], start_timeout_s=20)
+    with pytest.raises(OrthancError, match="Orthanc"):
+        server.start()
+    assert not server.running
+
+
+# --- the example Orthanc configuration and Lua script of deploy/ --------------------------------
+
+
+def test_example_orthanc_config_is_json_and_routes_with_the_shipped_lua_script() -> None:
+    config = json.loads(EXAMPLE_ORTHANC_JSON.read_text(encoding="utf-8"))
+
+    assert "radnet" in config["DicomModalities"]
+    assert any(Path(p).name == AUTOROUTE_LUA.name for p in config["LuaScripts"])
+
+
+def test_autoroute_lua_sends_the_head_ct_series_and_nothing_else(
+    make_orthanc: Callable[..., Orthanc],
+    make_storescp: Callable[..., StoreScp],
+    philips_5mm: list[Path],
+    dicom_data_dir: Path,
+) -> None:
+    receiver = make_storescp(ae_title="RADNET")
+    orthanc = make_orthanc(
+        modalities=[Modality("radnet", "RADNET", "127.0.0.1", receiver.port)],
+        lua_scripts=[AUTOROUTE_LUA],
+    )
+    study = dicom_data_dir / "dcm_qa_ct/Philips_Ingenuity_head_phantom/S21570"
+    summary = sorted((study / "S4010").glob("I*"))  # secondary captures, Modality CT
+    spine = dicom_data_dir / "pydicom-testfiles/CT_small.dcm"  # a CT, not of the head
+    orthanc.upload_files([*philips_5mm, *summary, spine])
+
+    def decisions() -> list[str] | None:
+        lines = [line for line in orthanc.log_path.read_text(errors="replace").splitlines()
+                 if "radnet-autoroute:" in line]  # fmt: skip
+        return lines if len(lines) >= 3 else None
+
+    lines = wait_for(decisions, timeout_s=60, what="three auto-routing decisions in the log")
+    wait_for(lambda: len(receiver.received()) >= PHILIPS_5MM_SLICES, timeout_s=60,
+             what="the routed series at the receiver")  # fmt: skip
+
+    assert _sop_instance_uids(receiver.received()) == _sop_instance_uids(philips_5mm)
+    assert sum("sent to radnet" in line for line in lines) == 1
+    assert any("not a CT image SOP class" in line for line in lines)
+    assert any("no head-like body part or description" in line for line in lines)
