@@ -1,5 +1,5 @@
-"""DICOM TLS with a self-signed test CA: a client that trusts the CA and shows a certificate it signed
-is accepted; a client without the CA, without a certificate where one is required, with a
+"""DICOM TLS with a self-signed test CA: a client that trusts the CA and shows a certificate the
+CA signed is accepted; a client without the CA, without a certificate where one is required, with a
 certificate from another CA, or without TLS at all is refused. Checked first against DCMTK's
 ``storescp`` (the reference), then against the node."""
 
