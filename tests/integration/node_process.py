@@ -1,0 +1,293 @@
+"""``radnet-node serve`` as a real child process for tests: a TOML config written from a dict, start
+with a readiness deadline, SIGTERM and kill -9, restart on the same port and data folder, and the
+node's own CLI (``audit show --json``, ``status``) run against the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orthanc import free_port
+
+__all__ = ["NodeError", "NodeProcess", "node_command", "to_toml"]
+
+
+class NodeError(RuntimeError):
+    """The node did not start or stop as expected, or one of its commands failed; says why."""
+
+
+def node_command() -> list[str]:
+    """The ``radnet-node`` console script of this interpreter's environment.
+
+    Raises
+    ------
+    NodeError
+        The package is not installed (no console script).
+    """
+    beside = Path(sys.executable).parent / "radnet-node"
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("radnet-node")
+    if found is None:
+        raise NodeError("the radnet-node console script is not installed (pip install -e .)")
+    return [found]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        # A JSON string is a valid TOML basic string for everything a test config holds.
+        return json.dumps(str(value))
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")
+
+
+def to_toml(document: Mapping[str, Any]) -> str:
+    """A TOML document from a dict of sections: a dict is a ``[table]``, a list of dicts an
+    ``[[array of tables]]``; values nested deeper are inline tables.
+
+    Raises
+    ------
+    TypeError
+        A top-level value is neither a section nor a list of sections, or a value has no TOML form.
+    """
+    lines: list[str] = []
+    for name, section in document.items():
+        if isinstance(section, Mapping):
+            blocks: list[Mapping[str, Any]] = [section]
+            header = f"[{name}]"
+        elif isinstance(section, Sequence) and all(isinstance(s, Mapping) for s in section):
+            blocks = list(section)
+            header = f"[[{name}]]"
+        else:
+            raise TypeError(f"top-level key {name!r} must be a table or a list of tables")
+        for block in blocks:
+            lines.append(header)
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in block.items())
+            lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass
+class NodeProcess:
+    """One ``radnet-node serve`` in ``workdir`` (config, data folder and log live there).
+
+    ``sections`` is merged into the generated config per section (``{"node": {...}}`` adds or
+    replaces keys of ``[node]``); ``destinations`` become ``[[destinations]]``.
+    """
+
+    workdir: Path
+    weights: Path | str
+    ae_title: str = "RADNET"
+    quiet_seconds: float = 1.0
+    destinations: Sequence[Mapping[str, Any]] = ()
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    start_timeout_s: float = 120.0
+    port: int = field(default_factory=free_port)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    starts: int = field(default=0, init=False)
+
+    @property
+    def config_path(self) -> Path:
+        """The TOML config the node runs with."""
+        return self.workdir / "radnet_node.toml"
+
+    @property
+    def data_dir(self) -> Path:
+        """``[node] data_dir``: spool, results and the audit database."""
+        return self.workdir / "var"
+
+    @property
+    def log_path(self) -> Path:
+        """The process log (stdout and stderr of every start, appended)."""
+        return self.workdir / "node.log"
+
+    @property
+    def database_url(self) -> str:
+        """The audit database's SQLAlchemy URL (the default SQLite file in ``data_dir``)."""
+        return f"sqlite:///{self.data_dir / 'audit.sqlite'}"
+
+    def config(self) -> dict[str, Any]:
+        """The configuration as a dict of sections."""
+        document: dict[str, Any] = {
+            "node": {
+                "ae_title": self.ae_title,
+                "host": "127.0.0.1",
+                "port": self.port,
+                "data_dir": str(self.data_dir),
+                "min_free_disk_mb": 1,
+            },
+            "series": {"quiet_seconds": self.quiet_seconds},
+            "model": {"weights": str(self.weights), "device": "cpu", "threads": 1},
+            "logging": {"format": "json", "level": "info"},
+        }
+        for name, values in self.sections.items():
+            document[name] = {**document.get(name, {}), **values}
+        if self.destinations:
+            document["destinations"] = [dict(d) for d in self.destinations]
+        return document
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the node process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        """The process id of the running node.
+
+        Raises
+        ------
+        NodeError
+            The node is not running.
+        """
+        if self._process is None:
+            raise NodeError("the node is not running")
+        return self._process.pid
+
+    def start(self) -> NodeProcess:
+        """Write the config and start ``radnet-node serve``; returns once the DICOM port accepts
+        connections.
+
+        Raises
+        ------
+        NodeError
+            The node exited first or did not listen within ``start_timeout_s`` (it is killed; the
+            message ends with the tail of its log).
+        """
+        if self.running:
+            return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(to_toml(self.config()), encoding="utf-8")
+        env = os.environ | {"TCP_NODELAY": "1", "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            log.write(f"--- start {self.starts + 1} ---\n".encode())
+            log.flush()
+            self._process = subprocess.Popen(  # noqa: S603 - our console script, our config
+                [*node_command(), "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self._process = None
+                raise NodeError(f"radnet-node serve exited with code {code}{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.kill()
+        raise NodeError(
+            f"radnet-node serve did not listen on port {self.port} within "
+            f"{self.start_timeout_s:.0f} s{self.log_tail()}"
+        )
+
+    def kill(self) -> None:
+        """kill -9 the node (no chance to clean up: the crash case)."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        self._process = None
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, as systemd stops the node; returns the exit code.
+
+        Raises
+        ------
+        NodeError
+            The node did not exit within ``timeout_s`` (it is then killed).
+        """
+        process = self._process
+        if process is None:
+            raise NodeError("the node is not running")
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise NodeError(f"the node ignored SIGTERM for {timeout_s:.0f} s") from None
+        self._process = None
+        return int(code)
+
+    def restart_after_crash(self) -> NodeProcess:
+        """kill -9, then start again with the same config, port and data folder."""
+        self.kill()
+        return self.start()
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.running:
+            try:
+                self.terminate(timeout_s=30.0)
+            except NodeError:
+                self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the node's log, for failure messages."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"; node log ({self.log_path}):\n{tail}" if tail else ""
+
+    # --- the node's own CLI ---------------------------------------------------------------------
+
+    def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run ``radnet-node ARGS --config <this config>`` to the end."""
+        return subprocess.run(  # noqa: S603 - our console script
+            [*node_command(), *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            cwd=self.workdir,
+            env=os.environ | {"TCP_NODELAY": "1"},
+        )
+
+    def audit_show(self, uid_or_accession: str) -> Any:
+        """``radnet-node audit show UID --json``, decoded.
+
+        Raises
+        ------
+        NodeError
+            The command failed or did not print JSON.
+        """
+        done = self.cli("audit", "show", uid_or_accession, "--json")
+        if done.returncode != 0:
+            raise NodeError(f"audit show {uid_or_accession} failed ({done.returncode}): "
+                            f"{done.stderr.strip()[-2000:]}")  # fmt: skip
+        try:
+            return json.loads(done.stdout)
+        except json.JSONDecodeError as exc:
+            raise NodeError(f"audit show printed no JSON: {done.stdout[:500]!r}") from exc
