@@ -1,18 +1,23 @@
-"""The ``radnet-node`` command line: the composition root that wires config, engine and use cases.
+"""The ``radnet-node`` command line: the composition root that wires config, engine and use cases
+(``infer``, ``serve``, ``status``, ``echo``, ``audit tail|show``, ``resend``).
 
 Errors become one line on stderr and an exit code, never a traceback.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
-from radnet_node.config import Settings, load_settings
+from radnet_node import audit
+from radnet_node.config import CONFIG_ENV, Settings, load_settings, resolve_config_path
 from radnet_node.engine import Engine
 from radnet_node.errors import ConfigError, RadnetError
 from radnet_node.infer import SeriesDone, SeriesFailed, infer_paths
@@ -51,7 +56,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def _settings(config: Path | None, weights: str | None, device: str | None) -> Settings:
-    settings = load_settings(config)
+    settings = load_settings(resolve_config_path(config))
     overrides = {k: v for k, v in (("weights", weights), ("device", device)) if v is not None}
     if not overrides:
         return settings
@@ -82,7 +87,8 @@ def infer(
         str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: config, else auto]")
     ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="TOML configuration ([model], [series]).")
+        Path | None,
+        typer.Option(help=f"TOML configuration ([model], [series]); default ${CONFIG_ENV}."),
     ] = None,
 ) -> None:
     """Run RADnet on every axial head-CT series found in PATHS and write, per series, into
@@ -156,6 +162,324 @@ def _done_line(event: SeriesDone) -> str:
         f"{positive}/{n} slices positive, volume {result.hemorrhage_volume_ml:.1f} mL, "
         f"{seconds:.2f} s -> {event.output_dir}"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# the node
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help=f"TOML configuration; default ${CONFIG_ENV}, else built-in."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON document per line.")]
+
+
+def _guard(run: Callable[[], int | None]) -> None:
+    """Run a command body: RadnetError -> one line and exit 2; a bug -> one line and exit 70."""
+    try:
+        code = run()
+    except RadnetError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+    except Exception as exc:  # noqa: BLE001 - the CLI promises one line, not a traceback
+        raise _fail(f"internal error (a bug): {type(exc).__name__}: {exc}", EXIT_INTERNAL) from None
+    raise typer.Exit(code or EXIT_OK)
+
+
+def _node_settings(config: Path | None) -> Settings:
+    return load_settings(resolve_config_path(config))
+
+
+def _open_db(settings: Settings) -> audit.AuditDB:
+    return audit.AuditDB(settings.database_url, create=False)
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the DICOM node in the foreground: receive, complete, run, export, audit.
+
+    Stops cleanly on SIGTERM or SIGINT (no new associations; the running job finishes within
+    node.shutdown_grace_seconds or goes back to the queue). Exit code 2: bad configuration,
+    weights, port or data folder.
+    """
+
+    def run() -> int:
+        from radnet_node.logging import configure_logging  # noqa: PLC0415 - serve only
+        from radnet_node.node import Node  # noqa: PLC0415 - keeps the other commands light
+
+        settings = _node_settings(config)
+        configure_logging(settings.logging)
+        node = Node(settings)
+
+        def started(address: tuple[str, int]) -> None:
+            typer.echo(
+                f"radnet-node: {settings.node.ae_title} listening on {address[0]}:{address[1]}, "
+                f"data in {settings.node.data_dir}",
+                err=True,
+            )
+
+        node.serve_forever(on_started=started)
+        return EXIT_OK
+
+    _guard(run)
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    no_echo: Annotated[
+        bool, typer.Option("--no-echo", help="Do not C-ECHO the destinations.")
+    ] = False,
+) -> None:
+    """Queue depth per state, the last results, dead letters, and whether each destination
+    answers a C-ECHO. Exit code 1 when there are dead letters or a destination does not answer."""
+
+    def run() -> int:
+        from radnet_node.export import client_ssl_context, echo  # noqa: PLC0415
+
+        settings = _node_settings(config)
+        db = _open_db(settings)
+        with db.session() as session:
+            summary = audit.status_summary(session)
+        db.dispose()
+        destinations: list[dict[str, Any]] = []
+        for d in settings.destinations:
+            entry: dict[str, Any] = {"name": d.name, "address": f"{d.ae_title}@{d.host}:{d.port}"}
+            if not no_echo:
+                context = client_ssl_context(d.tls) if d.tls is not None else None
+                outcome = echo(
+                    d.host,
+                    d.port,
+                    called_ae_title=d.ae_title,
+                    calling_ae_title=d.calling_ae_title or settings.node.ae_title,
+                    timeout=min(d.timeout_seconds, 10.0),
+                    ssl_context=context,
+                )
+                entry.update(reachable=outcome.ok, echo_error=outcome.error)
+            destinations.append(entry)
+        document = summary.as_dict()
+        document["destinations"] = destinations
+        document["results_dir"] = str(settings.node.data_dir / "results")
+        if as_json:
+            typer.echo(json.dumps(document, default=str))
+        else:
+            _print_status(document, bool(settings.destinations))
+        unreachable = any(d.get("reachable") is False for d in destinations)
+        return EXIT_FAILED if summary.dead_exports or unreachable else EXIT_OK
+
+    _guard(run)
+
+
+def _counts(title: str, counts: dict[str, int]) -> str:
+    body = ", ".join(f"{state} {n}" for state, n in sorted(counts.items())) or "none"
+    return f"{title:9} {body}"
+
+
+def _print_status(document: dict[str, Any], has_destinations: bool) -> None:
+    typer.echo(_counts("series", document["series_by_state"]))
+    typer.echo(_counts("jobs", document["jobs_by_state"]))
+    typer.echo(_counts("exports", document["exports_by_state"]))
+    typer.echo(f"last event {document['last_event_at'] or 'none'}")
+    if not has_destinations:
+        typer.echo(f"no destinations configured: results stay in {document['results_dir']}")
+    for d in document["destinations"]:
+        reach = d.get("reachable")
+        state = (
+            "not checked"
+            if reach is None
+            else "reachable"
+            if reach
+            else (f"NOT reachable: {d.get('echo_error')}")
+        )
+        typer.echo(f"destination {d['name']} ({d['address']}): {state}")
+    for r in document["last_results"]:
+        decision = "PRESENT" if r["ct_positive"] else "absent"
+        unchanged = " (unchanged, not re-sent)" if r["unchanged"] else ""
+        typer.echo(
+            f"result {r['result_id']} {r['at']} series {r['series_instance_uid']}: hemorrhage "
+            f"{decision}, certainty {r['certainty']:.2f}{unchanged}"
+        )
+    dead = document["dead_exports"]
+    typer.echo(f"dead letters: {len(dead)}" + (" (radnet-node resend --all-dead)" if dead else ""))
+    for e in dead:
+        typer.echo(
+            f"  export {e['export_id']} to {e['destination']}, series {e['series_instance_uid']}, "
+            f"{e['attempts']} attempt(s): {e['last_error']}"
+        )
+
+
+@app.command("echo")
+def echo_command(
+    host: Annotated[str, typer.Argument(help="Peer host name or IP address.")],
+    port: Annotated[int, typer.Argument(help="Peer port.")],
+    aec: Annotated[str, typer.Option("--aec", help="Called AE title.")] = "ANY-SCP",
+    aet: Annotated[str, typer.Option("--aet", help="Our (calling) AE title.")] = "RADNET",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+) -> None:
+    """Send a C-ECHO to HOST PORT. Exit code 0 when it answers success, 1 otherwise."""
+
+    def run() -> int:
+        from radnet_node.export import echo  # noqa: PLC0415
+
+        outcome = echo(host, port, called_ae_title=aec, calling_ae_title=aet, timeout=timeout)
+        where = f"{aec}@{host}:{port}"
+        if outcome.ok:
+            typer.echo(f"C-ECHO {where}: success in {outcome.seconds * 1000.0:.0f} ms")
+            return EXIT_OK
+        typer.echo(f"radnet-node: error: C-ECHO {where}: {outcome.error}", err=True)
+        return EXIT_FAILED
+
+    _guard(run)
+
+
+audit_app = typer.Typer(help="Read the audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("tail")
+def audit_tail(
+    config: ConfigOption = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events.")
+    ] = False,
+    as_json: JsonOption = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Events to show first.")] = 20,
+    interval: Annotated[float, typer.Option(help="Seconds between polls with -f.")] = 0.5,
+) -> None:
+    """Print the last events of the audit log (with -f, then every new one as it happens)."""
+
+    def show(events: list[audit.EventView]) -> None:
+        for item in events:
+            typer.echo(audit.dumps(item.as_dict()) if as_json else item.line())
+        sys.stdout.flush()
+
+    def run() -> int:
+        settings = _node_settings(config)
+        db = _open_db(settings)
+        try:
+            with db.session() as session:
+                events = audit.tail_events(session, limit=lines)
+            show(events)
+            last = events[-1].id if events else 0
+            while follow:
+                time.sleep(interval)
+                with db.session() as session:
+                    events = audit.tail_events(session, after_id=last, limit=1000)
+                show(events)
+                if events:
+                    last = events[-1].id
+        finally:
+            db.dispose()
+        return EXIT_OK
+
+    _guard(run)
+
+
+@audit_app.command("show")
+def audit_show(
+    uid_or_accession: Annotated[
+        str, typer.Argument(help="Study, Series or SOP Instance UID, or Accession Number.")
+    ],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The whole story of one study: each series with the time of every step and how long it
+    took, results, exports, and every event. Exit code 3 when nothing matches."""
+
+    def run() -> int:
+        settings = _node_settings(config)
+        db = _open_db(settings)
+        with db.session() as session:
+            story = audit.study_story(session, uid_or_accession)
+        db.dispose()
+        if story is None:
+            typer.echo(
+                f"radnet-node: error: nothing in the audit matches {uid_or_accession!r}", err=True
+            )
+            return EXIT_NOTHING_TO_DO
+        if as_json:
+            typer.echo(audit.dumps(story.as_dict()))
+        else:
+            _print_story(story)
+        return EXIT_OK
+
+    _guard(run)
+
+
+def _print_story(story: audit.StudyStory) -> None:
+    typer.echo(
+        f"study {', '.join(story.study_instance_uids)}"
+        + (f"  accession {', '.join(story.accession_numbers)}" if story.accession_numbers else "")
+    )
+    for series in story.series:
+        typer.echo(
+            f"\nseries {series.series_number if series.series_number is not None else '?'} "
+            f"{series.series_description!r} {series.modality} {series.series_instance_uid}"
+        )
+        typer.echo(
+            f"  state {series.state}, generation {series.generation}, "
+            f"{series.instance_count} instance(s)"
+            + (f"; {series.eligibility_reason}" if series.eligibility_reason else "")
+        )
+        for step in series.steps:
+            took = (
+                ""
+                if step.seconds_since_previous is None
+                else (f"  +{step.seconds_since_previous:.3f} s")
+            )
+            typer.echo(f"  {step.at.isoformat(timespec='milliseconds')}Z  {step.name}{took}")
+        for result in series.results:
+            decision = "PRESENT" if result["ct_positive"] else "absent"
+            timings = result.get("timings_ms") or {}
+            split = ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items())
+            typer.echo(
+                f"  result {result['result_id']} (job {result['job_id']}, generation "
+                f"{result['generation']}): hemorrhage {decision}, certainty "
+                f"{result['certainty']:.2f}"
+                + (" [unchanged]" if result["unchanged"] else "")
+                + (f"; {split}" if split else "")
+            )
+        for export in series.exports:
+            typer.echo(
+                f"  export {export['export_id']} to {export['destination']}: {export['state']}, "
+                f"{export['attempts']} attempt(s)"
+                + (f", last status {export['last_status']}" if export["last_status"] else "")
+                + (f", {export['last_error']}" if export["last_error"] else "")
+            )
+    typer.echo("\nevents:")
+    for item in story.events:
+        typer.echo("  " + item.line())
+
+
+@app.command()
+def resend(
+    export_ids: Annotated[
+        list[int] | None, typer.Argument(help="Export ids (see status / audit show).")
+    ] = None,
+    all_dead: Annotated[bool, typer.Option("--all-dead", help="Every dead letter.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Queue exports to be sent again (attempts start from zero); a running node picks them up."""
+
+    def run() -> int:
+        from radnet_node.export import requeue_exports  # noqa: PLC0415
+
+        if not export_ids and not all_dead:
+            raise RadnetError("give EXPORT_ID(s) or --all-dead")
+        settings = _node_settings(config)
+        db = _open_db(settings)
+        try:
+            ids = requeue_exports(db, export_ids or (), all_dead=all_dead)
+        finally:
+            db.dispose()
+        typer.echo(f"{len(ids)} export(s) queued again" + (f": {ids}" if ids else ""))
+        return EXIT_OK
+
+    _guard(run)
 
 
 if __name__ == "__main__":

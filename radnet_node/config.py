@@ -1,28 +1,144 @@
 """``radnet_node.toml`` -> one frozen, validated settings object; a bad key or value is a
 :class:`~radnet_node.errors.ConfigError` that names it.
 
-Sections read so far: ``[model]`` and ``[series]``. The node adds its own sections (``[node]``,
-``[audit]``, ``[[destinations]]``, ``[logging]``) as fields of :class:`Settings`.
+Sections: ``[node]`` (the DICOM SCP), ``[series]`` (completion and selection), ``[model]``,
+``[[destinations]]`` (where results go), ``[audit]`` (the database) and ``[logging]``.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from radnet_node.engine import EngineSettings
 from radnet_node.errors import ConfigError
 
-__all__ = ["ModelSection", "SeriesSection", "Settings", "load_settings"]
+__all__ = [
+    "CONFIG_ENV",
+    "AuditSection",
+    "DestinationSection",
+    "DestinationTlsSection",
+    "LoggingSection",
+    "ModelSection",
+    "NodeSection",
+    "SeriesSection",
+    "Settings",
+    "TlsSection",
+    "load_settings",
+    "resolve_config_path",
+]
+
+#: environment variable naming the configuration file when ``--config`` is not given
+CONFIG_ENV = "RADNET_NODE_CONFIG"
+
+
+def _ae_title(value: str) -> str:
+    # PS3.8 9.3.2: 1-16 characters of the default repertoire, no backslash or control characters;
+    # leading/trailing spaces are not significant
+    text = value.strip()
+    if not text:
+        raise ValueError("an AE title must not be empty")
+    if len(text) > 16:
+        raise ValueError(f"AE title {value!r} is longer than 16 characters")
+    if "\\" in text or any(ord(ch) < 32 or ord(ch) > 126 for ch in text):
+        raise ValueError(f"AE title {value!r} has a backslash or a non-printable character")
+    return text
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Port = Annotated[int, Field(ge=0, le=65535, strict=True)]
+PositiveInt = Annotated[int, Field(ge=1, strict=True)]
+Seconds = Annotated[float, Field(gt=0.0)]
 
 
 class _Section(BaseModel):
     """Frozen, and an unknown key is an error (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsSection(_Section):
+    """``[node.tls]``: DICOM over TLS for incoming associations (PS3.15 B.1 profile)."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TlsSection:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the client CAs)")
+        return self
+
+
+class NodeSection(_Section):
+    """``[node]``: the node's DICOM identity, network checks and storage."""
+
+    ae_title: AETitle = "RADNET"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    data_dir: Path = Path("var")
+    # empty: any calling AE title / any host
+    allowed_calling_ae_titles: tuple[AETitle, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    max_associations: PositiveInt = 10
+    min_free_disk_mb: Annotated[int, Field(ge=0, strict=True)] = 1024
+    # also accept (and spool, then skip with the reason audited) every other storage SOP class, so
+    # a PACS that routes a whole study does not fail on its secondary captures and dose reports
+    accept_all_storage_classes: bool = True
+    max_pdu_bytes: Annotated[int, Field(ge=0, strict=True)] = 131072
+    name: str = Field(default="radnet-node", min_length=1)
+    institution_name: str | None = None
+    # SIGTERM: how long the running job may take to finish before it is parked (back to queued)
+    shutdown_grace_seconds: Annotated[float, Field(ge=0.0)] = 60.0
+    tls: TlsSection | None = None
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
+                ) from None
+        return value
+
+    def host_allowed(self, address: str) -> bool:
+        """Whether a peer's IP address is on the allow-list (an empty list allows every host)."""
+        if not self.allowed_hosts:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.allowed_hosts)
+
+
+class SeriesSection(_Section):
+    """``[series]``: when a series is complete, and which series are run."""
+
+    quiet_seconds: Seconds = 10.0
+    min_slices: PositiveInt | None = None
+    # several series waiting are handed to the engine together, up to this many
+    max_batch_series: PositiveInt = 4
 
 
 class ModelSection(_Section):
@@ -32,9 +148,9 @@ class ModelSection(_Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
-    min_consecutive_slices: Annotated[int, Field(ge=1, strict=True)] | None = None
-    threads: Annotated[int, Field(ge=1, strict=True)] | None = None
-    chunk_slices: Annotated[int, Field(ge=1, strict=True)] | None = None
+    min_consecutive_slices: PositiveInt | None = None
+    threads: PositiveInt | None = None
+    chunk_slices: PositiveInt | None = None
 
     @field_validator("device")
     @classmethod
@@ -45,17 +161,80 @@ class ModelSection(_Section):
         raise ValueError(f"{value!r} is not auto, cpu, cuda or cuda:N")
 
 
-class SeriesSection(_Section):
-    """``[series]``: which series are run."""
+class DestinationTlsSection(_Section):
+    """``tls`` of a destination: the CA that signs the peer, and our client certificate if asked."""
 
-    min_slices: Annotated[int, Field(ge=1, strict=True)] | None = None
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    check_hostname: bool = False
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
+class DestinationSection(_Section):
+    """One ``[[destinations]]``: a C-STORE SCP that receives every result."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Annotated[int, Field(ge=1, le=65535, strict=True)]
+    calling_ae_title: AETitle | None = None  # default: [node] ae_title
+    tls: DestinationTlsSection | None = None
+    retries: Annotated[int, Field(ge=0, strict=True)] = 8
+    backoff_seconds: Seconds = 10.0
+    max_backoff_seconds: Seconds = 900.0
+    timeout_seconds: Seconds = 30.0
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after ``attempts`` failed attempts (exponential, capped)."""
+        exponent = max(0, attempts - 1)
+        return float(min(self.max_backoff_seconds, self.backoff_seconds * 2.0 ** min(exponent, 30)))
+
+
+class AuditSection(_Section):
+    """``[audit]``: the database (SQLAlchemy URL); default: SQLite in ``data_dir``."""
+
+    database_url: str | None = None
+
+
+class LoggingSection(_Section):
+    """``[logging]``: the process log (the audit database is separate)."""
+
+    format: Literal["json", "console"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    log_patient_names: bool = False
 
 
 class Settings(_Section):
     """The whole configuration; every section has defaults, so an empty file is valid."""
 
-    model: ModelSection = ModelSection()
+    node: NodeSection = NodeSection()
     series: SeriesSection = SeriesSection()
+    model: ModelSection = ModelSection()
+    destinations: tuple[DestinationSection, ...] = ()
+    audit: AuditSection = AuditSection()
+    logging: LoggingSection = LoggingSection()
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: tuple[DestinationSection, ...]) -> tuple[DestinationSection, ...]:
+        names = [d.name for d in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"destination name {name!r} is used twice")
+        return value
+
+    @property
+    def database_url(self) -> str:
+        """``audit.database_url``, else ``sqlite:///<data_dir>/audit.sqlite``."""
+        if self.audit.database_url:
+            return self.audit.database_url
+        return f"sqlite:///{self.node.data_dir / 'audit.sqlite'}"
 
     def engine_settings(self) -> EngineSettings:
         """The engine's settings from ``[model]`` and ``[series]``."""
@@ -70,12 +249,90 @@ class Settings(_Section):
             chunk_slices=self.model.chunk_slices,
         )
 
+    def relative_to(self, base: Path) -> Settings:
+        """The same settings with every relative path (data dir, TLS files, weights, SQLite file)
+        taken relative to ``base`` and made absolute."""
+
+        def resolve(path: Path | None) -> Path | None:
+            if path is None:
+                return None
+            path = path.expanduser()
+            return path if path.is_absolute() else (base / path).absolute()
+
+        node = self.node
+        updates: dict[str, Any] = {"data_dir": resolve(node.data_dir)}
+        if node.tls is not None:
+            updates["tls"] = node.tls.model_copy(
+                update={
+                    "certificate": resolve(node.tls.certificate),
+                    "private_key": resolve(node.tls.private_key),
+                    "ca_certificates": resolve(node.tls.ca_certificates),
+                }
+            )
+        destinations = tuple(
+            d
+            if d.tls is None
+            else d.model_copy(
+                update={
+                    "tls": d.tls.model_copy(
+                        update={
+                            "ca_certificates": resolve(d.tls.ca_certificates),
+                            "certificate": resolve(d.tls.certificate),
+                            "private_key": resolve(d.tls.private_key),
+                        }
+                    )
+                }
+            )
+            for d in self.destinations
+        )
+        model = self.model
+        if model.weights != "shipped" and not Path(model.weights).expanduser().is_absolute():
+            model = model.model_copy(update={"weights": str(resolve(Path(model.weights)))})
+        audit = self.audit
+        if audit.database_url:
+            audit = audit.model_copy(
+                update={"database_url": _sqlite_relative_to(audit.database_url, base)}
+            )
+        return self.model_copy(
+            update={
+                "node": node.model_copy(update=updates),
+                "destinations": destinations,
+                "model": model,
+                "audit": audit,
+            }
+        )
+
+
+def _sqlite_relative_to(url: str, base: Path) -> str:
+    """A SQLite URL with a relative file path made absolute against ``base``; others unchanged."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"audit.database_url: not a database URL ({exc})") from None
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or not database or database == ":memory:":
+        return url
+    if database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str((base / database).absolute())).render_as_string(
+        hide_password=False
+    )
+
+
+def resolve_config_path(option: str | Path | None) -> Path | None:
+    """The configuration file to use: ``--config``, else ``$RADNET_NODE_CONFIG``, else none."""
+    if option is not None:
+        return Path(option)
+    from_env = os.environ.get(CONFIG_ENV, "").strip()
+    return Path(from_env) if from_env else None
+
 
 def load_settings(path: str | Path | None) -> Settings:
     """Read and validate a TOML configuration file (``None``: the built-in defaults).
 
-    A relative ``model.weights`` path is taken relative to the file's folder, so a config and its
-    weights can move together.
+    Relative paths in the file (``node.data_dir``, TLS files, ``model.weights``, a SQLite database
+    file) are taken relative to the file's folder, so a config and its files can move together;
+    with no file, relative to the current directory.
 
     Parameters
     ----------
@@ -90,10 +347,10 @@ def load_settings(path: str | Path | None) -> Settings:
     ------
     ConfigError
         The file cannot be read, is not TOML, or a key is unknown or has an invalid value; the
-        message names the file and the key (``model.threshold: ...``).
+        message names the file and the key (``node.port: ...``).
     """
     if path is None:
-        return Settings()
+        return Settings().relative_to(Path.cwd())
     file = Path(path)
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
@@ -111,8 +368,4 @@ def load_settings(path: str | Path | None) -> Settings:
             message = "unknown key"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{file}: {key}: {message}{more}") from exc
-    weights = settings.model.weights
-    if weights != "shipped" and not Path(weights).is_absolute():
-        model = settings.model.model_copy(update={"weights": str(file.parent / weights)})
-        settings = settings.model_copy(update={"model": model})
-    return settings
+    return settings.relative_to(file.parent.absolute())

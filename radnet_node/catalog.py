@@ -1,0 +1,373 @@
+"""The series catalog: instances registered as they arrive, series completed after a quiet period,
+re-opened by late instances, and selected (run or rejected, with the reason) once complete.
+
+Only database rows and spool headers here; no DIMSE and no inference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from radnet_node.audit import (
+    AuditDB,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    add_event,
+    utcnow,
+)
+from radnet_node.errors import InputError
+from radnet_node.series import SeriesGroup, classify_series, group_by_series, read_header
+
+__all__ = [
+    "InstanceInfo",
+    "Registration",
+    "RegistrationOutcome",
+    "Selection",
+    "complete_quiet_series",
+    "is_safe_uid",
+    "load_series_group",
+    "register_instance",
+    "reopen_series",
+    "select_series",
+]
+
+# A DICOM UID: digits and dots, at most 64 characters (PS3.5 9.1). Checked before a UID becomes a
+# file or folder name in the spool, so a peer cannot write outside it.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_safe_uid(value: str) -> bool:
+    """Whether ``value`` is a syntactically valid UID (and so a safe file name)."""
+    return len(value) <= 64 and bool(_UID.match(value))
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What the catalog records of one received instance (read from its header, no pixels)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    size_bytes: int
+    spool_path: str
+    accession_number: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+
+
+class RegistrationOutcome(enum.StrEnum):
+    """What registering an instance did."""
+
+    NEW = "new"  # a new instance of a series still receiving (or a new series)
+    REOPENED = "reopened"  # a late instance: the series was complete or further, now received again
+    DUPLICATE = "duplicate"  # the SOP Instance UID is already stored: nothing changed
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The outcome of :func:`register_instance`."""
+
+    outcome: RegistrationOutcome
+    series_id: int
+    generation: int
+    # for a duplicate: where the first copy is stored
+    existing_spool_path: str | None = None
+
+
+def register_instance(
+    session: Session,
+    info: InstanceInfo,
+    *,
+    association_id: int | None = None,
+    now: dt.datetime | None = None,
+) -> Registration:
+    """Record one received instance and update its series (one small transaction's worth).
+
+    A new series starts in ``received``; an instance for a series that is complete or further
+    re-opens it (generation + 1, back to ``received``; a queued job of the old generation is
+    superseded). A SOP Instance UID already stored changes nothing (audited as a duplicate).
+
+    Parameters
+    ----------
+    session
+        An open session; the caller commits.
+    info
+        The instance.
+    association_id
+        The association it came on (None: recovered from the spool at start-up).
+    now
+        The time of receipt; default now.
+
+    Returns
+    -------
+    Registration
+    """
+    now = now or utcnow()
+    existing = session.execute(
+        select(Instance.spool_path, Instance.series_id, Series.generation)
+        .join(Series, Series.id == Instance.series_id)
+        .where(Instance.sop_instance_uid == info.sop_instance_uid)
+    ).first()
+    if existing is not None:
+        add_event(
+            session,
+            "instance.duplicate",
+            f"SOP Instance UID already stored, kept the first copy ({existing.spool_path})",
+            level="warning",
+            study_instance_uid=info.study_instance_uid,
+            series_instance_uid=info.series_instance_uid,
+            sop_instance_uid=info.sop_instance_uid,
+            accession_number=info.accession_number or None,
+            association_id=association_id,
+        )
+        return Registration(
+            RegistrationOutcome.DUPLICATE,
+            existing.series_id,
+            existing.generation,
+            existing_spool_path=existing.spool_path,
+        )
+    series = session.scalar(
+        select(Series).where(Series.series_instance_uid == info.series_instance_uid)
+    )
+    outcome = RegistrationOutcome.NEW
+    ids = {
+        "study_instance_uid": info.study_instance_uid,
+        "series_instance_uid": info.series_instance_uid,
+        "accession_number": info.accession_number or None,
+        "association_id": association_id,
+    }
+    if series is None:
+        series = Series(
+            series_instance_uid=info.series_instance_uid,
+            study_instance_uid=info.study_instance_uid,
+            accession_number=info.accession_number,
+            modality=info.modality,
+            series_number=info.series_number,
+            series_description=info.series_description[:256],
+            state=SeriesState.RECEIVED,
+            generation=1,
+            instance_count=0,
+            first_instance_at=now,
+            last_instance_at=now,
+        )
+        session.add(series)
+        session.flush()
+        add_event(
+            session,
+            "series.first_instance",
+            f"first instance of series {info.series_number or '?'} "
+            f"{info.series_description!r} ({info.modality or 'no modality'})",
+            sop_instance_uid=info.sop_instance_uid,
+            **ids,  # type: ignore[arg-type]
+        )
+    elif series.state != SeriesState.RECEIVED:
+        outcome = RegistrationOutcome.REOPENED
+        _reopen(session, series, f"late instance {info.sop_instance_uid}", association_id)
+    series.instance_count += 1
+    series.last_instance_at = now
+    session.add(
+        Instance(
+            sop_instance_uid=info.sop_instance_uid,
+            sop_class_uid=info.sop_class_uid,
+            series_id=series.id,
+            transfer_syntax_uid=info.transfer_syntax_uid,
+            size_bytes=info.size_bytes,
+            spool_path=info.spool_path,
+            association_id=association_id,
+            received_at=now,
+            generation=series.generation,
+        )
+    )
+    return Registration(outcome, series.id, series.generation)
+
+
+def _reopen(session: Session, series: Series, why: str, association_id: int | None) -> None:
+    previous = series.state
+    series.generation += 1
+    series.state = SeriesState.RECEIVED
+    series.completed_at = None
+    superseded = session.execute(
+        update(Job)
+        .where(Job.series_id == series.id, Job.state == JobState.QUEUED)
+        .values(state=JobState.SUPERSEDED, finished_at=utcnow(), error="series re-opened")
+    ).rowcount
+    add_event(
+        session,
+        "series.reopened",
+        f"re-opened ({why}): was {previous}, now generation {series.generation}"
+        + (f"; {superseded} queued job(s) superseded" if superseded else ""),
+        study_instance_uid=series.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        accession_number=series.accession_number or None,
+        association_id=association_id,
+        data={"previous_state": previous, "generation": series.generation},
+    )
+
+
+def reopen_series(session: Session, series_instance_uid: str, why: str) -> int:
+    """Re-open a series as a late instance would (generation + 1); returns the new generation.
+
+    Raises
+    ------
+    KeyError
+        If the series is not in the catalog.
+    """
+    series = session.scalar(select(Series).where(Series.series_instance_uid == series_instance_uid))
+    if series is None:
+        raise KeyError(f"series {series_instance_uid} is not in the catalog")
+    if series.state != SeriesState.RECEIVED:
+        _reopen(session, series, why, None)
+        series.last_instance_at = utcnow()
+    return series.generation
+
+
+def complete_quiet_series(
+    session: Session, quiet_seconds: float, *, now: dt.datetime | None = None
+) -> list[int]:
+    """Mark complete every received series without a new instance for ``quiet_seconds``.
+
+    Returns
+    -------
+    list of int
+        The ids of the series completed.
+    """
+    now = now or utcnow()
+    cutoff = now - dt.timedelta(seconds=quiet_seconds)
+    quiet = session.scalars(
+        select(Series).where(
+            Series.state == SeriesState.RECEIVED, Series.last_instance_at <= cutoff
+        )
+    ).all()
+    for series in quiet:
+        series.state = SeriesState.COMPLETE
+        series.completed_at = now
+        add_event(
+            session,
+            "series.complete",
+            f"complete: {series.instance_count} instance(s), none for {quiet_seconds:g} s "
+            f"(generation {series.generation})",
+            study_instance_uid=series.study_instance_uid,
+            series_instance_uid=series.series_instance_uid,
+            accession_number=series.accession_number or None,
+            data={"instances": series.instance_count, "generation": series.generation},
+        )
+    return [s.id for s in quiet]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select_series` decided for one complete series."""
+
+    series_id: int
+    series_instance_uid: str
+    state: SeriesState  # queued, rejected or failed; or the unchanged state if it moved on
+    reason: str
+    job_id: int | None = None
+
+
+def load_series_group(paths: Sequence[str], label: str) -> SeriesGroup:
+    """Read the headers of one series' spool files (no pixel data) into a :class:`SeriesGroup`.
+
+    Raises
+    ------
+    InputError
+        A spool file is missing, unreadable or not DICOM (names the file).
+    ValueError
+        If the files hold more or less than one series.
+    """
+    headers = [(path, read_header(path)) for path in paths]
+    groups = group_by_series(headers)
+    if len(groups) != 1:
+        raise ValueError(f"{label}: the spool files hold {len(groups)} series, expected one")
+    return groups[0]
+
+
+def select_series(db: AuditDB, series_id: int, *, min_slices: int) -> Selection:
+    """Decide whether a complete series is run: queue a job, or reject it with the reason.
+
+    The headers are read outside any transaction; the decision is written only if the series is
+    still complete in the same generation (a late instance may have re-opened it meanwhile).
+
+    Parameters
+    ----------
+    db
+        The audit database.
+    series_id
+        A series in state ``complete``.
+    min_slices
+        Fewest slices a series needs (the engine's preprocessing spec).
+
+    Returns
+    -------
+    Selection
+
+    Raises
+    ------
+    AuditError
+        The database cannot be read or written.
+    """
+    with db.session() as session:
+        series = session.get(Series, series_id)
+        if series is None or series.state != SeriesState.COMPLETE:
+            state = SeriesState(series.state) if series is not None else SeriesState.REJECTED
+            return Selection(series_id, "", state, "no longer complete")
+        generation = series.generation
+        series_uid = series.series_instance_uid
+        paths = list(
+            session.scalars(
+                select(Instance.spool_path)
+                .where(Instance.series_id == series_id)
+                .order_by(Instance.id)
+            ).all()
+        )
+    state: SeriesState
+    try:
+        group = load_series_group(paths, f"series {series_uid}")
+        eligibility = classify_series(group.headers, min_slices=min_slices)
+        state = SeriesState.QUEUED if eligibility.eligible else SeriesState.REJECTED
+        reason = eligibility.reason
+    except (InputError, ValueError) as exc:
+        state, reason = SeriesState.FAILED, f"cannot read the spooled instances: {exc}"
+    with db.session() as session:
+        series = session.get(Series, series_id)
+        if (
+            series is None
+            or series.state != SeriesState.COMPLETE
+            or (series.generation != generation)
+        ):
+            return Selection(
+                series_id, series_uid, SeriesState(series.state if series else "rejected"),
+                "re-opened while being selected",
+            )  # fmt: skip
+        series.state = state
+        series.eligibility_reason = reason
+        ids = {
+            "study_instance_uid": series.study_instance_uid,
+            "series_instance_uid": series_uid,
+            "accession_number": series.accession_number or None,
+        }
+        job_id = None
+        if state == SeriesState.QUEUED:
+            job = Job(series_id=series_id, generation=generation, state=JobState.QUEUED)
+            session.add(job)
+            session.flush()
+            job_id = job.id
+            add_event(session, "series.selected", f"queued: {reason}", job_id=job_id, **ids)  # type: ignore[arg-type]
+        elif state == SeriesState.REJECTED:
+            add_event(session, "series.rejected", f"skipped: {reason}", **ids)  # type: ignore[arg-type]
+        else:
+            add_event(session, "series.failed", reason, level="error", **ids)  # type: ignore[arg-type]
+    return Selection(series_id, series_uid, state, reason, job_id)

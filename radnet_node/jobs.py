@@ -1,0 +1,686 @@
+"""The job queue: complete series are selected, queued jobs are handed to the engine in batches,
+results are written to ``data_dir/results`` and queued for export; and crash recovery, which puts
+every unfinished step back on its way from the database and the spool at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import structlog
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+
+from radnet_node.audit import (
+    Association,
+    AuditDB,
+    Export,
+    ExportState,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    Series,
+    SeriesState,
+    add_event,
+    utcnow,
+)
+from radnet_node.catalog import (
+    InstanceInfo,
+    is_safe_uid,
+    load_series_group,
+    register_instance,
+    select_series,
+)
+from radnet_node.config import Settings
+from radnet_node.dicom_out import NodeIdentity, build_outputs
+from radnet_node.engine import Engine, LoadedSeries
+from radnet_node.errors import InputError, RadnetError
+from radnet_node.infer import result_document, write_series_folder
+from radnet_node.logging import bound
+from radnet_node.preview import preview_png
+from radnet_node.results import SeriesResult
+from radnet_node.series import SeriesGroup, read_header
+
+__all__ = [
+    "OUTPUT_FILES",
+    "Recovery",
+    "SeriesOutputs",
+    "Worker",
+    "build_series_outputs",
+    "content_hash",
+    "park_running_jobs",
+    "recover",
+]
+
+_log = structlog.get_logger("radnet_node.jobs")
+
+#: output kind -> file name in the result folder (the DICOM ones are what export sends)
+OUTPUT_FILES = {
+    "sr": "sr.dcm",
+    "seg": "seg.dcm",
+    "key_image": "key-image.dcm",
+    "preview": "preview.png",
+    "result": "result.json",
+}
+# Values that change on every build of the same result: creation dates and times.
+_TIME_VRS = frozenset({"DA", "TM", "DT"})
+
+
+def content_hash(datasets: Mapping[str, Dataset]) -> str:
+    """SHA-256 of what would be sent, without dates and times (they change on every build).
+
+    Every element of every dataset (in sequences too) except those with VR DA, TM or DT goes in
+    by tag, VR and value; the output UIDs are deterministic for (source instances, model), so
+    the same inputs and model give the same hash, and any other content another.
+
+    Parameters
+    ----------
+    datasets
+        Output kind -> dataset.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    digest = hashlib.sha256()
+    for kind in sorted(datasets):
+        digest.update(kind.encode() + b"\0")
+        for element in datasets[kind].iterall():
+            if element.VR in _TIME_VRS or element.VR == "SQ":
+                continue
+            value = element.value
+            raw = value if isinstance(value, bytes) else repr(value).encode("utf-8")
+            digest.update(f"{element.tag:08X}{element.VR}".encode() + raw + b"\0")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SeriesOutputs:
+    """What one result becomes: the files of its folder, the output UIDs and the content hash."""
+
+    files: Mapping[str, bytes]  # file name -> content
+    output_uids: Mapping[str, str]  # output kind -> SOP Instance UID
+    content_hash: str
+    document: Mapping[str, Any]
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def build_series_outputs(
+    result: SeriesResult,
+    loaded: LoadedSeries,
+    group: SeriesGroup,
+    identity: NodeIdentity,
+    *,
+    runtime: Mapping[str, Any],
+    timings_ms: Mapping[str, float],
+) -> SeriesOutputs:
+    """Build the SR, SEG, key image (positive results), preview and result.json of one result,
+    the same objects ``radnet-node infer`` writes.
+
+    Raises
+    ------
+    SeriesError
+        A builder refuses the result (see :func:`radnet_node.dicom_out.build_outputs`).
+    """
+    sources = {str(ds.SOPInstanceUID): ds for ds in group.headers}
+    key_hu = loaded.hu.hu[result.key_slice_index] if result.ct_positive else None
+    dicom = build_outputs(result, sources, identity, key_slice_hu=key_hu)
+    datasets: dict[str, Dataset] = {"sr": dicom.sr, "seg": dicom.seg}
+    if dicom.key_image is not None:
+        datasets["key_image"] = dicom.key_image
+    files = {OUTPUT_FILES[kind]: _encode(ds) for kind, ds in datasets.items()}
+    files[OUTPUT_FILES["preview"]] = preview_png(result, loaded.hu.hu)
+    uids = {kind: str(ds.SOPInstanceUID) for kind, ds in datasets.items()}
+    outputs = {kind: OUTPUT_FILES[kind] for kind in (*datasets, "preview", "result")}
+    document = result_document(
+        result,
+        outputs=outputs,
+        output_uids=uids,
+        timings_ms=timings_ms,
+        series_description=str(group.first.get("SeriesDescription", "") or ""),
+        runtime=runtime,
+    )
+    files[OUTPUT_FILES["result"]] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
+    return SeriesOutputs(files, uids, content_hash(datasets), document)
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    job_id: int
+    series_id: int
+    series_instance_uid: str
+    study_instance_uid: str
+    accession_number: str
+    generation: int
+    paths: tuple[str, ...]
+
+    @property
+    def ids(self) -> dict[str, Any]:
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "accession_number": self.accession_number or None,
+            "job_id": self.job_id,
+        }
+
+
+@dataclass
+class _Prepared:
+    claimed: _Claimed
+    group: SeriesGroup
+    loaded: LoadedSeries
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Worker:
+    """Selects complete series and runs queued jobs, one batch at a time (one thread).
+
+    Parameters
+    ----------
+    db
+        The audit database.
+    engine
+        The loaded engine (kept warm).
+    settings
+        The node's settings (results folder, destinations, batch size).
+    identity
+        The node as its DICOM objects name it.
+    """
+
+    def __init__(
+        self,
+        db: AuditDB,
+        engine: Engine,
+        settings: Settings,
+        identity: NodeIdentity,
+        on_exports_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.on_exports_queued = on_exports_queued
+        self.engine = engine
+        self.settings = settings
+        self.identity = identity
+        self.results_dir = settings.node.data_dir / "results"
+        self.destinations = tuple(d.name for d in settings.destinations)
+
+    # ---------------------------------------------------------------------------------------
+    def select_complete(self) -> int:
+        """Select every complete series (queue it or reject it); returns how many."""
+        with self.db.session() as session:
+            ids = session.scalars(
+                select(Series.id).where(Series.state == SeriesState.COMPLETE).order_by(Series.id)
+            ).all()
+        for series_id in ids:
+            select_series(self.db, series_id, min_slices=self.engine.spec.min_slices)
+        return len(ids)
+
+    def _claim(self) -> list[_Claimed]:
+        claimed: list[_Claimed] = []
+        with self.db.session() as session:
+            jobs = session.scalars(
+                select(Job)
+                .where(Job.state == JobState.QUEUED)
+                .order_by(Job.id)
+                .limit(self.settings.series.max_batch_series)
+            ).all()
+            for job in jobs:
+                series = session.get(Series, job.series_id)
+                if series is None or series.generation != job.generation:
+                    job.state = JobState.SUPERSEDED
+                    job.finished_at = utcnow()
+                    job.error = "series re-opened before the job ran"
+                    continue
+                job.state = JobState.RUNNING
+                job.started_at = utcnow()
+                job.attempts += 1
+                series.state = SeriesState.RUNNING
+                paths = session.scalars(
+                    select(Instance.spool_path)
+                    .where(Instance.series_id == series.id)
+                    .order_by(Instance.id)
+                ).all()
+                item = _Claimed(
+                    job.id,
+                    series.id,
+                    series.series_instance_uid,
+                    series.study_instance_uid,
+                    series.accession_number,
+                    job.generation,
+                    tuple(paths),
+                )
+                add_event(
+                    session,
+                    "job.running",
+                    f"running on {len(paths)} instance(s), attempt {job.attempts}",
+                    **item.ids,
+                )
+                claimed.append(item)
+        return claimed
+
+    def run_batch(self) -> int:
+        """Claim up to ``series.max_batch_series`` queued jobs and run them in one engine call.
+
+        A series that cannot be read fails alone; if the batch call fails, each series is run
+        on its own so one bad series does not fail the others. Returns the number of jobs claimed.
+        """
+        claimed = self._claim()
+        if not claimed:
+            return 0
+        prepared: list[_Prepared] = []
+        for item in claimed:
+            with bound(series_uid=item.series_instance_uid, job_id=item.job_id):
+                try:
+                    started = time.perf_counter()
+                    group = load_series_group(item.paths, f"series {item.series_instance_uid}")
+                    loaded = self.engine.load(group.paths, series_label=group.label)
+                    prepared.append(_Prepared(item, group, loaded, started))
+                except (RadnetError, ValueError) as exc:
+                    self._fail(item, str(exc))
+                except Exception as exc:  # noqa: BLE001 - a bug in one series must not stop the node
+                    self._fail(item, f"internal error: {type(exc).__name__}: {exc}")
+        if not prepared:
+            return len(claimed)
+        try:
+            results = self.engine.run([p.loaded for p in prepared])
+        except Exception as exc:  # noqa: BLE001 - retried one by one below, errors recorded there
+            if len(prepared) == 1:
+                self._fail(prepared[0].claimed, f"inference failed: {type(exc).__name__}: {exc}")
+                return len(claimed)
+            _log.warning("batch failed, running its series one by one", error=str(exc))
+            for item in prepared:
+                try:
+                    self._finish(item, self.engine.run([item.loaded])[0])
+                except Exception as single:  # noqa: BLE001 - recorded as this job's failure
+                    self._fail(item.claimed, f"inference failed: {type(single).__name__}: {single}")
+            return len(claimed)
+        for item, result in zip(prepared, results, strict=True):
+            try:
+                self._finish(item, result)
+            except Exception as exc:  # noqa: BLE001 - recorded as this job's failure
+                self._fail(item.claimed, f"{type(exc).__name__}: {exc}")
+        return len(claimed)
+
+    def step(self) -> bool:
+        """Select complete series, then run one batch; whether anything was done."""
+        return bool(self.select_complete()) | bool(self.run_batch())
+
+    # ---------------------------------------------------------------------------------------
+    def _finish(self, item: _Prepared, result: SeriesResult) -> None:
+        claimed = item.claimed
+        write_start = time.perf_counter()
+        timings = dict(result.timings_ms)
+        outputs = build_series_outputs(
+            result,
+            item.loaded,
+            item.group,
+            self.identity,
+            runtime=self.engine.describe(),
+            timings_ms=timings,
+        )
+        folder = self.results_dir / claimed.series_instance_uid
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(folder, f"cannot create the results folder: {exc}") from exc
+        final = write_series_folder(folder, f"job-{claimed.job_id}", outputs.files)
+        timings["write"] = (time.perf_counter() - write_start) * 1000.0
+        timings["total"] = (time.perf_counter() - item.started) * 1000.0
+        volume = float(result.hemorrhage_volume_ml)
+        with self.db.session() as session:
+            job = session.get(Job, claimed.job_id)
+            series = session.get(Series, claimed.series_id)
+            assert job is not None and series is not None  # rows are never deleted
+            now = utcnow()
+            job.finished_at = now
+            job.timings_ms = {k: round(float(v), 1) for k, v in timings.items()}
+            superseded = series.generation != claimed.generation
+            row = Result(
+                job_id=job.id,
+                series_id=series.id,
+                generation=claimed.generation,
+                created_at=now,
+                content_hash=outputs.content_hash,
+                ct_positive=bool(result.ct_positive),
+                certainty=float(result.certainty),
+                hemorrhage_volume_ml=volume if math.isfinite(volume) else None,
+                sr_sop_instance_uid=outputs.output_uids["sr"],
+                seg_sop_instance_uid=outputs.output_uids["seg"],
+                key_image_sop_instance_uid=outputs.output_uids.get("key_image"),
+                result_dir=str(final),
+                result_json=json.dumps(outputs.document),
+            )
+            session.add(row)
+            session.flush()
+            decision = "PRESENT" if result.ct_positive else "absent"
+            summary = (
+                f"hemorrhage {decision}, certainty {result.certainty:.2f}, "
+                f"{len(result.positive_slice_indices)}/{len(result.slice_probabilities)} slices "
+                f"positive, {timings['total'] / 1000.0:.2f} s"
+            )
+            if superseded:
+                job.state = JobState.SUPERSEDED
+                job.error = "series re-opened while the job ran; its result is not sent"
+                add_event(
+                    session,
+                    "job.superseded",
+                    f"{summary}; not sent: the series was re-opened (generation "
+                    f"{series.generation}) while it ran",
+                    level="warning",
+                    **claimed.ids,
+                )
+                return
+            job.state = JobState.DONE
+            series.state = SeriesState.DONE
+            add_event(
+                session,
+                "job.done",
+                summary,
+                data={"timings_ms": job.timings_ms, "result_dir": str(final)},
+                **claimed.ids,
+            )
+            queued = self._queue_exports(session, row, claimed)
+            row.unchanged = not queued if self.destinations else self._same_as_last(session, row)
+            if row.unchanged:
+                add_event(
+                    session,
+                    "result.unchanged",
+                    "same content as the last result sent for this series: not sent again",
+                    **claimed.ids,
+                )
+        if queued and self.on_exports_queued is not None:
+            self.on_exports_queued()  # committed: the exporters find them now
+
+    def _same_as_last(self, session: Any, row: Result) -> bool:
+        previous = session.scalar(
+            select(Result.content_hash)
+            .join(Job, Job.id == Result.job_id)
+            .where(
+                Result.series_id == row.series_id,
+                Result.id != row.id,
+                Job.state == JobState.DONE,
+            )
+            .order_by(Result.id.desc())
+            .limit(1)
+        )
+        return previous == row.content_hash
+
+    def _queue_exports(self, session: Any, row: Result, claimed: _Claimed) -> list[str]:
+        """Create an export per destination unless it already has (or is getting) this content;
+        a pending export of an older result of the series is superseded."""
+        queued = []
+        for name in self.destinations:
+            same = session.scalar(
+                select(Export.id)
+                .join(Result, Result.id == Export.result_id)
+                .where(
+                    Result.series_id == row.series_id,
+                    Result.content_hash == row.content_hash,
+                    Export.destination == name,
+                    Export.state.in_(
+                        (ExportState.PENDING, ExportState.SENDING, ExportState.DELIVERED)
+                    ),
+                )
+                .limit(1)
+            )
+            if same is not None:
+                continue
+            session.execute(
+                update(Export)
+                .where(
+                    Export.destination == name,
+                    Export.state == ExportState.PENDING,
+                    Export.result_id.in_(
+                        select(Result.id).where(Result.series_id == row.series_id)
+                    ),
+                )
+                .values(state=ExportState.SUPERSEDED, last_error="a newer result replaced it")
+            )
+            export = Export(result_id=row.id, destination=name, next_attempt_at=utcnow())
+            session.add(export)
+            session.flush()
+            add_event(
+                session,
+                "export.queued",
+                f"queued for {name}",
+                export_id=export.id,
+                **claimed.ids,
+            )
+            queued.append(name)
+        if not self.destinations:
+            add_event(
+                session,
+                "result.kept",
+                f"no destinations configured: the result stays in {row.result_dir}",
+                **claimed.ids,
+            )
+        return queued
+
+    def _fail(self, claimed: _Claimed, reason: str) -> None:
+        with self.db.session() as session:
+            job = session.get(Job, claimed.job_id)
+            series = session.get(Series, claimed.series_id)
+            if job is not None:
+                job.state = JobState.FAILED
+                job.finished_at = utcnow()
+                job.error = reason
+            if series is not None and series.generation == claimed.generation:
+                series.state = SeriesState.FAILED
+            add_event(session, "job.failed", reason, level="error", **claimed.ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# crash recovery and shutdown
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :func:`recover` put back on its way."""
+
+    jobs_requeued: int = 0
+    exports_reset: int = 0
+    associations_closed: int = 0
+    instances_registered: int = 0
+    temporary_files_removed: int = 0
+    files_quarantined: int = 0
+
+    @property
+    def anything(self) -> bool:
+        return any(
+            (
+                self.jobs_requeued,
+                self.exports_reset,
+                self.associations_closed,
+                self.instances_registered,
+                self.temporary_files_removed,
+                self.files_quarantined,
+            )
+        )
+
+
+def park_running_jobs(db: AuditDB, why: str) -> int:
+    """Put every running job (and its series) back to queued; returns how many."""
+    with db.session() as session:
+        jobs = session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all()
+        for job in jobs:
+            job.state = JobState.QUEUED
+            job.started_at = None
+            series = session.get(Series, job.series_id)
+            if series is not None and series.state == SeriesState.RUNNING:
+                series.state = SeriesState.QUEUED
+            add_event(
+                session,
+                "job.requeued",
+                f"back to queued: {why}",
+                level="warning",
+                study_instance_uid=series.study_instance_uid if series else None,
+                series_instance_uid=series.series_instance_uid if series else None,
+                job_id=job.id,
+            )
+        return len(jobs)
+
+
+def _spool_files(spool_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(instance files, temporary files) under the spool."""
+    instances: list[Path] = []
+    temporary: list[Path] = []
+    if not spool_dir.is_dir():
+        return instances, temporary
+    for path in spool_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            temporary.append(path)
+        elif path.suffix == ".dcm":
+            instances.append(path)
+    return sorted(instances), temporary
+
+
+def recover(db: AuditDB, data_dir: Path) -> Recovery:
+    """Put every unfinished step back on its way after a crash (or a clean stop).
+
+    - running jobs go back to queued (their series too); exports caught sending go back to
+      pending (the destination may then receive the same SOP Instance UIDs twice, and stores
+      them once);
+    - associations left open are closed in the audit;
+    - spool temporary files (a write cut short, never answered with success) are removed;
+    - spool files without a database row (renamed into place, then killed before the commit, so
+      never answered with success either) are registered now, in file-name order: nothing
+      received is lost; an unreadable one is moved to ``data_dir/quarantine`` with an audit row;
+    - half-written result folders are removed.
+
+    Series still receiving complete after their quiet period as usual; complete series are
+    selected and queued jobs run by the worker.
+
+    Raises
+    ------
+    AuditError
+        The database cannot be read or written.
+    """
+    requeued = park_running_jobs(db, "the node stopped while it ran")
+    with db.session() as session:
+        sending = session.scalars(select(Export).where(Export.state == ExportState.SENDING)).all()
+        for export in sending:
+            export.state = ExportState.PENDING
+            export.next_attempt_at = utcnow()
+            add_event(
+                session,
+                "export.resumed",
+                f"the node stopped while sending to {export.destination}: sent again",
+                level="warning",
+                export_id=export.id,
+            )
+        open_associations = session.scalars(
+            select(Association).where(Association.ended_at.is_(None))
+        ).all()
+        for association in open_associations:
+            association.ended_at = utcnow()
+            association.end_reason = "node stopped"
+        known = set(session.scalars(select(Instance.spool_path)).all())
+    spool_dir = data_dir / "spool"
+    instances, temporary = _spool_files(spool_dir)
+    for path in temporary:
+        path.unlink(missing_ok=True)
+    registered = quarantined = 0
+    for path in instances:
+        if str(path) in known:
+            continue
+        try:
+            info = _instance_info(path)
+        except InputError as exc:
+            target = data_dir / "quarantine" / path.relative_to(spool_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+            quarantined += 1
+            with db.session() as session:
+                add_event(
+                    session,
+                    "instance.quarantined",
+                    f"unreadable spool file moved to {target}: {exc.reason}",
+                    level="error",
+                )
+            continue
+        with db.session() as session:
+            registration = register_instance(session, info)
+            add_event(
+                session,
+                "instance.recovered",
+                f"spool file without a database row registered ({registration.outcome})",
+                level="warning",
+                study_instance_uid=info.study_instance_uid,
+                series_instance_uid=info.series_instance_uid,
+                sop_instance_uid=info.sop_instance_uid,
+            )
+        registered += 1
+    results_dir = data_dir / "results"
+    if results_dir.is_dir():
+        for leftover in results_dir.glob("*/.*-job-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    recovery = Recovery(
+        jobs_requeued=requeued,
+        exports_reset=len(sending),
+        associations_closed=len(open_associations),
+        instances_registered=registered,
+        temporary_files_removed=len(temporary),
+        files_quarantined=quarantined,
+    )
+    if recovery.anything:
+        with db.session() as session:
+            add_event(
+                session,
+                "node.recovered",
+                "recovered at start-up: "
+                + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in _fields(recovery) if v),
+                level="warning",
+                data=dict(_fields(recovery)),
+            )
+    return recovery
+
+
+def _fields(recovery: Recovery) -> list[tuple[str, int]]:
+    return [(name, getattr(recovery, name)) for name in Recovery.__dataclass_fields__]
+
+
+def _instance_info(path: Path) -> InstanceInfo:
+    ds = read_header(path)
+    meta = ds.file_meta
+    uids = {
+        key: str(ds.get(key, "") or "")
+        for key in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    }
+    for key, value in uids.items():
+        if not is_safe_uid(value):
+            raise InputError(path, f"{key} {value!r} is missing or not a UID")
+    try:
+        number = int(ds.get("SeriesNumber")) if ds.get("SeriesNumber") not in (None, "") else None
+    except (TypeError, ValueError):
+        number = None
+    return InstanceInfo(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
+        size_bytes=path.stat().st_size,
+        spool_path=str(path),
+        accession_number=str(ds.get("AccessionNumber", "") or "")[:64],
+        modality=str(ds.get("Modality", "") or "")[:16],
+        series_number=number,
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+    )
