@@ -165,13 +165,21 @@ def default_threads() -> int:
 def cpu_supports_bf16() -> bool:
     """Whether bf16 autocast runs natively on this CPU (AVX512-BF16 or AMX), checked by a tiny try.
 
-    Without native instructions oneDNN emulates bf16 and it is slower than fp32.
+    Without native instructions oneDNN emulates bf16 and it is slower than fp32, so "auto" only
+    picks bf16 where the CPU has them. Training uses the same check.
     """
     capability = torch.backends.cpu.get_cpu_capability()
     if "AVX512" not in capability and "AMX" not in capability:
         return False
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            flags = handle.read()
+        if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+            return False
+    except OSError:
+        pass  # not Linux: trust oneDNN's answer above
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             probe = torch.nn.functional.conv2d(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 3, 3))
