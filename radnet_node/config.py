@@ -201,6 +201,16 @@ class AuditSection(_Section):
 
     database_url: str | None = None
 
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                make_url(value)
+            except ArgumentError:
+                raise ValueError(f"{value!r} is not a SQLAlchemy database URL") from None
+        return value
+
 
 class LoggingSection(_Section):
     """``[logging]``: the process log (the audit database is separate)."""
@@ -305,10 +315,7 @@ class Settings(_Section):
 
 def _sqlite_relative_to(url: str, base: Path) -> str:
     """A SQLite URL with a relative file path made absolute against ``base``; others unchanged."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ConfigError(f"audit.database_url: not a database URL ({exc})") from None
+    parsed = make_url(url)  # validated by AuditSection
     database = parsed.database
     if not parsed.drivername.startswith("sqlite") or not database or database == ":memory:":
         return url

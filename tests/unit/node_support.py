@@ -108,7 +108,8 @@ def node_settings(data_dir: Path, weights: Path, **sections: dict[str, Any]) -> 
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` at the
+    deadline."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -138,7 +139,9 @@ def send(
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     datasets = [f if isinstance(f, Dataset) else pydicom.dcmread(f) for f in files]
-    for pair in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
+    for pair in sorted(
+        {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}
+    ):
         ae.add_requested_context(pair[0], pair[1])
     assoc = ae.associate(host, port, ae_title=called, bind_address=bind_address)
     if not assoc.is_established:
@@ -156,8 +159,13 @@ def send(
     return statuses
 
 
-def reject_reason(port: int, *, called: str = "RADNET", calling: str = "MODALITY",
-                  bind_address: tuple[str, int] | None = None) -> tuple[int, int, int] | None:
+def reject_reason(
+    port: int,
+    *,
+    called: str = "RADNET",
+    calling: str = "MODALITY",
+    bind_address: tuple[str, int] | None = None,
+) -> tuple[int, int, int] | None:
     """(result, source, reason) of the A-ASSOCIATE-RJ, or None when the association was accepted
     (it is then released)."""  # fmt: skip
     ae = AE(ae_title=calling)

@@ -1,0 +1,218 @@
+"""The SCP against real associations on localhost: spool bytes and rows, duplicates, the association
+checks with their A-ASSOCIATE-RJ reasons, the association limit, the disk threshold, compressed
+transfer syntaxes; every refusal has an audit row."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import func, select
+
+from radnet_node.audit import Association, AuditDB, Event, Instance, Series
+from radnet_node.config import NodeSection
+from radnet_node.ingest import (
+    CT_STORAGE_CLASSES,
+    STATUS_OUT_OF_RESOURCES,
+    IngestSCP,
+    spool_path,
+)
+from tests.unit.node_support import reject_reason, send, wait_for, write_series
+
+
+def _node(tmp_path: Path, **values: object) -> NodeSection:
+    base = {"host": "127.0.0.1", "port": 0, "data_dir": tmp_path / "data", "min_free_disk_mb": 0}
+    return NodeSection.model_validate({**base, **values})
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[AuditDB]:
+    database = AuditDB(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    yield database
+    database.dispose()
+
+
+@contextmanager
+def _running(node: NodeSection, db: AuditDB) -> Iterator[IngestSCP]:
+    scp = IngestSCP(node, db)
+    scp.start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
+@pytest.fixture
+def scp(tmp_path: Path, db: AuditDB) -> Iterator[IngestSCP]:
+    with _running(_node(tmp_path), db) as running:
+        yield running
+
+
+def _events(db: AuditDB, kind: str) -> list[Event]:
+    with db.session() as session:
+        return list(session.scalars(select(Event).where(Event.kind == kind)).all())
+
+
+def test_store_spools_the_bytes_as_sent_and_records_them(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    files = write_series(tmp_path, "a")
+    assert send(scp.address[1], files) == [0x0000] * len(files)
+    with db.session() as session:
+        rows = session.scalars(select(Instance).order_by(Instance.id)).all()
+        series = session.scalars(select(Series)).one()
+    assert len(rows) == len(files) and series.instance_count == len(files)
+    assert series.state == "received" and series.accession_number == "ACCa"
+    for path, row in zip(files, rows, strict=True):
+        sent = pydicom.dcmread(path)
+        spooled = Path(row.spool_path)
+        assert spooled == spool_path(
+            scp.spool_dir, sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID
+        )
+        stored = pydicom.dcmread(spooled)
+        assert stored.PixelData == sent.PixelData
+        assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+        assert row.size_bytes == spooled.stat().st_size
+        assert row.association_id is not None
+    assert not [p for p in scp.spool_dir.rglob(".*")]  # no temporary file left behind
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "6 instance(s) stored" in closed[0].message
+
+
+def test_a_duplicate_sop_instance_is_stored_once_and_audited(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    files = write_series(tmp_path, "a")
+    send(scp.address[1], files[:2])
+    before = Path(spool_path(scp.spool_dir, *_uids(files[0]))).stat().st_mtime_ns
+    assert send(scp.address[1], files[:1]) == [0x0000]
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 2
+        assert session.scalars(select(Series)).one().instance_count == 2
+    assert Path(spool_path(scp.spool_dir, *_uids(files[0]))).stat().st_mtime_ns == before
+    duplicate = _events(db, "instance.duplicate")
+    assert len(duplicate) == 1 and duplicate[0].sop_instance_uid == _uids(files[0])[2]
+
+
+def _uids(path: Path) -> tuple[str, str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless])
+def test_compressed_transfer_syntaxes_are_accepted_without_decoding(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB, syntax: str
+) -> None:
+    files = write_series(tmp_path, "c", slices=1, transfer_syntax=syntax)
+    assert send(scp.address[1], files) == [0x0000]
+    with db.session() as session:
+        row = session.scalars(select(Instance)).one()
+    assert row.transfer_syntax_uid == syntax
+    # the encapsulated stream as sent (the file meta is the receiver's own)
+    assert pydicom.dcmread(row.spool_path).PixelData == pydicom.dcmread(files[0]).PixelData
+
+
+def test_ct_classes_are_offered_in_the_usual_transfer_syntaxes(scp: IngestSCP) -> None:
+    supported = {c.abstract_syntax: set(c.transfer_syntax) for c in scp.ae.supported_contexts}
+    for sop_class in CT_STORAGE_CLASSES:
+        assert {
+            "1.2.840.10008.1.2.1",  # explicit VR little endian
+            "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+            "1.2.840.10008.1.2.4.57",  # JPEG lossless P14
+            "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+            "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+            "1.2.840.10008.1.2.4.91",  # JPEG 2000
+            "1.2.840.10008.1.2.5",  # RLE
+        } <= supported[sop_class]
+
+
+def test_echo_succeeds(scp: IngestSCP) -> None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.address[1], ae_title="RADNET")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_wrong_called_ae_title_is_rejected_and_audited(scp: IngestSCP, db: AuditDB) -> None:
+    assert reject_reason(scp.address[1], called="OTHER") == (0x01, 0x01, 0x07)
+    with db.session() as session:
+        row = session.scalars(select(Association)).one()
+    assert not row.accepted and "called AE title 'OTHER'" in (row.reject_reason or "")
+    assert _events(db, "association.rejected")
+
+
+def test_calling_ae_and_host_allow_lists(tmp_path: Path, db: AuditDB) -> None:
+    node = _node(tmp_path, allowed_calling_ae_titles=["ORTHANC"], allowed_hosts=["127.0.0.1"])
+    with _running(node, db) as scp:
+        port = scp.address[1]
+        assert reject_reason(port, calling="MODALITY") == (0x01, 0x01, 0x03)
+        assert reject_reason(port, calling="ORTHANC") is None
+        # an address outside the allow-list (pynetdicom binds the client to it)
+        refused = reject_reason(port, calling="ORTHANC", bind_address=("127.0.0.2", 0))
+        assert refused == (0x01, 0x01, 0x01)
+    reasons = [e.message for e in _events(db, "association.rejected")]
+    assert any("calling AE title 'MODALITY' is not allowed" in r for r in reasons)
+    assert any("host 127.0.0.2 is not allowed" in r for r in reasons)
+
+
+def test_associations_beyond_the_limit_are_rejected_transiently(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    with _running(_node(tmp_path, max_associations=1), db) as scp:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", scp.address[1], ae_title="RADNET")
+        assert first.is_established
+        try:
+            assert reject_reason(scp.address[1]) == (0x02, 0x03, 0x02)
+        finally:
+            first.release()
+        wait_for(lambda: scp.active_associations() == 0, 10, "the first association to close")
+        assert reject_reason(scp.address[1]) is None
+    assert "the limit is 1" in _events(db, "association.rejected")[0].message
+
+
+def test_low_disk_space_refuses_with_out_of_resources(tmp_path: Path, db: AuditDB) -> None:
+    files = write_series(tmp_path, "d", slices=1)
+    with _running(_node(tmp_path, min_free_disk_mb=10**12), db) as scp:
+        assert send(scp.address[1], files) == [STATUS_OUT_OF_RESOURCES]
+        assert not list(scp.spool_dir.rglob("*.dcm"))
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
+    refused = _events(db, "instance.refused")
+    assert "0xA700" in refused[0].message and "free disk space" in refused[0].message
+
+
+def test_a_database_failure_is_a_failure_status_and_leaves_no_file(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    files = write_series(tmp_path, "e", slices=1)
+    with db.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE instances")  # every insert fails from now on
+    assert send(scp.address[1], files) == [STATUS_OUT_OF_RESOURCES]
+    assert not list(scp.spool_dir.rglob("*.dcm"))
+
+
+def test_a_dataset_without_valid_uids_is_not_understood(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    ds = pydicom.dcmread(write_series(tmp_path, "f", slices=1)[0])
+    ds.SeriesInstanceUID = "../../etc"
+    assert send(scp.address[1], [ds]) == [0xC000]
+    assert not list((tmp_path / "data").rglob("*.dcm"))
+    assert "SeriesInstanceUID '../../etc'" in _events(db, "instance.refused")[0].message
+
+
+def test_only_ct_classes_when_other_storage_is_not_accepted(tmp_path: Path, db: AuditDB) -> None:
+    scp = IngestSCP(_node(tmp_path, accept_all_storage_classes=False), db)
+    classes = {c.abstract_syntax for c in scp.ae.supported_contexts}
+    assert classes == {*CT_STORAGE_CLASSES, Verification}
+    assert CTImageStorage in classes
