@@ -1,0 +1,161 @@
+"""The series catalog: registration, duplicates, completion after the quiet period, re-opening by a
+late instance (superseding a queued job), and selection with the reason audited."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from radnet_node.audit import AuditDB, Event, Job, Series, utcnow
+from radnet_node.catalog import (
+    InstanceInfo,
+    RegistrationOutcome,
+    complete_quiet_series,
+    is_safe_uid,
+    register_instance,
+    select_series,
+)
+from tests.unit.node_support import write_series
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[AuditDB]:
+    database = AuditDB(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    yield database
+    database.dispose()
+
+
+def _info(path: Path) -> InstanceInfo:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return InstanceInfo(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        size_bytes=path.stat().st_size,
+        spool_path=str(path),
+        accession_number=str(ds.AccessionNumber),
+        modality=str(ds.Modality),
+        series_number=int(ds.SeriesNumber),
+        series_description=str(ds.SeriesDescription),
+    )
+
+
+def _register(db: AuditDB, paths: list[Path], at: dt.datetime | None = None) -> list[str]:
+    outcomes = []
+    with db.session() as session:
+        for path in paths:
+            outcomes.append(register_instance(session, _info(path), now=at).outcome)
+    return outcomes
+
+
+def _series(db: AuditDB) -> Series:
+    with db.session() as session:
+        return session.scalars(select(Series)).one()
+
+
+def _kinds(db: AuditDB) -> list[str]:
+    with db.session() as session:
+        return list(session.scalars(select(Event.kind).order_by(Event.id)).all())
+
+
+def test_uid_check_keeps_paths_inside_the_spool() -> None:
+    assert is_safe_uid("1.2.840.10008.5.1.4.1.1.2")
+    for bad in ("", "../x", "1.2/3", "1.2.", ".1", "1" * 65, "1.2.a"):
+        assert not is_safe_uid(bad)
+
+
+def test_series_completes_only_after_the_quiet_period(tmp_path: Path, db: AuditDB) -> None:
+    files = write_series(tmp_path, "a")
+    start = utcnow()
+    assert _register(db, files, at=start) == [RegistrationOutcome.NEW] * len(files)
+    with db.session() as session:
+        assert complete_quiet_series(session, 10.0, now=start + dt.timedelta(seconds=9)) == []
+    with db.session() as session:
+        assert len(complete_quiet_series(session, 10.0, now=start + dt.timedelta(seconds=10)))
+    series = _series(db)
+    assert series.state == "complete" and series.instance_count == len(files)
+    assert _kinds(db) == ["series.first_instance", "series.complete"]
+
+
+def test_duplicate_changes_nothing(tmp_path: Path, db: AuditDB) -> None:
+    files = write_series(tmp_path, "a")
+    _register(db, files[:3])
+    assert _register(db, files[:1]) == [RegistrationOutcome.DUPLICATE]
+    assert _series(db).instance_count == 3
+    assert _kinds(db)[-1] == "instance.duplicate"
+
+
+def test_late_instance_reopens_and_supersedes_the_queued_job(tmp_path: Path, db: AuditDB) -> None:
+    files = write_series(tmp_path, "a")
+    _register(db, files[:-1])
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    selection = select_series(db, _series(db).id, min_slices=5)
+    assert selection.state == "queued" and selection.job_id is not None
+    assert _register(db, files[-1:]) == [RegistrationOutcome.REOPENED]
+    series = _series(db)
+    assert (series.state, series.generation, series.completed_at) == ("received", 2, None)
+    with db.session() as session:
+        job = session.get(Job, selection.job_id)
+        assert job is not None and job.state == "superseded"
+    assert "series.reopened" in _kinds(db)
+
+
+def test_selection_queues_an_axial_head_ct(tmp_path: Path, db: AuditDB) -> None:
+    _register(db, write_series(tmp_path, "a"))
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    selection = select_series(db, _series(db).id, min_slices=5)
+    assert selection.state == "queued"
+    series = _series(db)
+    assert series.state == "queued" and "axial head CT, 6 slices" in (
+        series.eligibility_reason or ""
+    )
+    with db.session() as session:
+        job = session.scalars(select(Job)).one()
+    assert (job.state, job.generation) == ("queued", 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "a localizer (scout) image"),
+        ({"Modality": "MR"}, "Modality MR, not CT"),
+        ({}, "too few slices: 3"),
+    ],
+)
+def test_selection_rejects_with_the_reason_audited(
+    tmp_path: Path, db: AuditDB, change: dict[str, object], reason: str
+) -> None:
+    files = write_series(tmp_path, "r", slices=3 if not change else 6)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in change.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
+    _register(db, files)
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    selection = select_series(db, _series(db).id, min_slices=5)
+    assert selection.state == "rejected" and reason in selection.reason
+    with db.session() as session:
+        rejected = session.scalars(select(Event).where(Event.kind == "series.rejected")).one()
+        assert reason in rejected.message
+        assert session.scalars(select(Job)).all() == []
+
+
+def test_a_missing_spool_file_fails_the_series_naming_it(tmp_path: Path, db: AuditDB) -> None:
+    files = write_series(tmp_path, "m")
+    _register(db, files)
+    files[2].unlink()
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    selection = select_series(db, _series(db).id, min_slices=5)
+    assert selection.state == "failed" and str(files[2]) in selection.reason
