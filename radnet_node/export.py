@@ -441,6 +441,8 @@ class Exporter:
                 )
             except RadnetError as exc:
                 _log.error("export loop error", destination=self.destination.name, error=str(exc))
+            except Exception:  # noqa: BLE001 - a bug must not silently end this destination's thread
+                _log.exception("export loop error (a bug)", destination=self.destination.name)
             self.wake.wait(self.poll_seconds)
             self.wake.clear()
 

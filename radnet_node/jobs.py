@@ -73,14 +73,17 @@ OUTPUT_FILES = {
     "preview": "preview.png",
     "result": "result.json",
 }
-# Values that change on every build of the same result: creation dates and times.
+# Values that change on every build of the same result: creation dates and times, and the SEG's
+# Dimension Organization UID, which highdicom generates anew on every build.
 _TIME_VRS = frozenset({"DA", "TM", "DT"})
+_RANDOM_TAGS = frozenset({0x00209164})  # DimensionOrganizationUID
 
 
 def content_hash(datasets: Mapping[str, Dataset]) -> str:
-    """SHA-256 of what would be sent, without dates and times (they change on every build).
+    """SHA-256 of what would be sent, without what changes on every build of the same result.
 
-    Every element of every dataset (in sequences too) except those with VR DA, TM or DT goes in
+    Every element of every dataset (in sequences too) except those with VR DA, TM or DT and the
+    Dimension Organization UID goes in
     by tag, VR and value; the output UIDs are deterministic for (source instances, model), so
     the same inputs and model give the same hash, and any other content another.
 
@@ -98,7 +101,7 @@ def content_hash(datasets: Mapping[str, Dataset]) -> str:
     for kind in sorted(datasets):
         digest.update(kind.encode() + b"\0")
         for element in datasets[kind].iterall():
-            if element.VR in _TIME_VRS or element.VR == "SQ":
+            if element.VR in _TIME_VRS or element.VR == "SQ" or element.tag in _RANDOM_TAGS:
                 continue
             value = element.value
             raw = value if isinstance(value, bytes) else repr(value).encode("utf-8")

@@ -145,6 +145,9 @@ class Node:
             except RadnetError as exc:
                 _log.error("worker step failed", error=str(exc))
                 busy = False
+            except Exception:  # noqa: BLE001 - a bug must not silently end the worker thread
+                _log.exception("worker step failed with an unexpected error (a bug)")
+                busy = False
             if not busy:
                 self._wake.wait(1.0)
                 self._wake.clear()

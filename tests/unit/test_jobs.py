@@ -1,0 +1,292 @@
+"""The job worker with the real (tiny) engine: results and exports, batching, unchanged results not
+sent again, late instances, failures kept to their series, and crash recovery from the database and
+the spool."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import torch
+from sqlalchemy import select
+
+from radnet_node.audit import Association, AuditDB, Event, Export, Instance, Job, Result, Series
+from radnet_node.catalog import (
+    InstanceInfo,
+    complete_quiet_series,
+    register_instance,
+    reopen_series,
+)
+from radnet_node.config import Settings
+from radnet_node.engine import Engine, EngineSettings
+from radnet_node.jobs import Worker, content_hash, recover
+from radnet_node.node import node_identity
+from tests.unit.node_support import node_settings, tiny_weights, write_series
+
+DESTINATIONS = [
+    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+    {"name": "archive", "ae_title": "ARCH", "host": "127.0.0.1", "port": 105},
+]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def engine(weights: Path) -> Engine:
+    torch.set_num_threads(1)
+    return Engine(EngineSettings(weights=weights, device="cpu", precision="fp32", threads=1))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, weights: Path) -> Settings:
+    return node_settings(tmp_path / "data", weights, destinations=DESTINATIONS)
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[AuditDB]:
+    database = AuditDB(settings.database_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def worker(db: AuditDB, engine: Engine, settings: Settings) -> Worker:
+    return Worker(db, engine, settings, node_identity(settings))
+
+
+def _info(path: Path) -> InstanceInfo:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return InstanceInfo(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        size_bytes=path.stat().st_size,
+        spool_path=str(path),
+        accession_number=str(ds.AccessionNumber),
+        modality="CT",
+        series_number=int(ds.SeriesNumber),
+    )
+
+
+def _receive(db: AuditDB, paths: list[Path], *, complete: bool = True) -> None:
+    with db.session() as session:
+        for path in paths:
+            register_instance(session, _info(path))
+    if complete:
+        with db.session() as session:
+            complete_quiet_series(session, 0.0)
+
+
+def _rows(db: AuditDB, model: Any) -> list[Any]:
+    with db.session() as session:
+        return list(session.scalars(select(model).order_by(model.id)).all())
+
+
+def _kinds(db: AuditDB) -> list[str]:
+    return [e.kind for e in _rows(db, Event)]
+
+
+def test_a_complete_series_is_run_written_and_queued_for_every_destination(
+    tmp_path: Path, db: AuditDB, worker: Worker
+) -> None:
+    _receive(db, write_series(tmp_path, "a"))
+    assert worker.step()
+    (job,) = _rows(db, Job)
+    (result,) = _rows(db, Result)
+    (series,) = _rows(db, Series)
+    assert (job.state, series.state) == ("done", "done")
+    assert {"read_decode", "model", "write", "total"} <= set(job.timings_ms)
+    folder = Path(result.result_dir)
+    assert folder == worker.results_dir / series.series_instance_uid / f"job-{job.id}"
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"sr.dcm", "seg.dcm", "key-image.dcm", "preview.png", "result.json"}
+    assert pydicom.dcmread(folder / "sr.dcm").SOPInstanceUID == result.sr_sop_instance_uid
+    assert result.ct_positive and len(result.content_hash) == 64 and not result.unchanged
+    exports = _rows(db, Export)
+    assert sorted(e.destination for e in exports) == ["archive", "pacs"]
+    assert {e.state for e in exports} == {"pending"}
+    assert _kinds(db)[-4:] == ["job.running", "job.done", "export.queued", "export.queued"]
+    assert not worker.step()  # nothing left to do
+
+
+def test_series_waiting_together_go_through_one_engine_call(
+    tmp_path: Path, db: AuditDB, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    real_run = worker.engine.run
+
+    def counting_run(series: Any) -> Any:
+        batches.append(len(series))
+        return real_run(series)
+
+    monkeypatch.setattr(worker.engine, "run", counting_run)
+    _receive(db, write_series(tmp_path, "a") + write_series(tmp_path, "b"))
+    worker.select_complete()
+    assert worker.run_batch() == 2
+    assert batches == [2]
+    assert [j.state for j in _rows(db, Job)] == ["done", "done"]
+
+
+def test_an_unchanged_result_is_not_sent_again(tmp_path: Path, db: AuditDB, worker: Worker) -> None:
+    _receive(db, write_series(tmp_path, "a"))
+    worker.step()
+    (series,) = _rows(db, Series)
+    with db.session() as session:
+        # re-opened with the same instances (as after a crash between two steps)
+        reopen_series(session, series.series_instance_uid, "test")
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    worker.step()
+    first, second = _rows(db, Result)
+    assert second.content_hash == first.content_hash
+    assert second.sr_sop_instance_uid == first.sr_sop_instance_uid
+    assert second.unchanged
+    assert len(_rows(db, Export)) == 2  # only the first result's
+    assert "result.unchanged" in _kinds(db)
+
+
+def test_a_late_instance_gives_a_new_result_that_replaces_the_pending_export(
+    tmp_path: Path, db: AuditDB, worker: Worker
+) -> None:
+    files = write_series(tmp_path, "a")
+    _receive(db, files[:-1])
+    worker.step()
+    _receive(db, files[-1:])
+    worker.step()
+    first, second = _rows(db, Result)
+    assert (first.generation, second.generation) == (1, 2)
+    assert second.content_hash != first.content_hash
+    assert second.sr_sop_instance_uid != first.sr_sop_instance_uid
+    states = {(e.result_id, e.destination): e.state for e in _rows(db, Export)}
+    assert states == {
+        (first.id, "pacs"): "superseded",
+        (first.id, "archive"): "superseded",
+        (second.id, "pacs"): "pending",
+        (second.id, "archive"): "pending",
+    }
+
+
+def test_a_series_reopened_while_it_runs_is_not_sent(
+    tmp_path: Path, db: AuditDB, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = write_series(tmp_path, "a")
+    _receive(db, files[:-1])
+    real_run = worker.engine.run
+
+    def late_instance_during_run(series: Any) -> Any:
+        _receive(db, files[-1:], complete=False)
+        return real_run(series)
+
+    monkeypatch.setattr(worker.engine, "run", late_instance_during_run)
+    worker.step()
+    (job,) = _rows(db, Job)
+    (series,) = _rows(db, Series)
+    assert job.state == "superseded" and series.state == "received" and series.generation == 2
+    assert _rows(db, Export) == []
+    monkeypatch.setattr(worker.engine, "run", real_run)
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    worker.step()
+    assert [j.state for j in _rows(db, Job)] == ["superseded", "done"]
+    assert len(_rows(db, Export)) == 2
+
+
+def test_a_broken_series_fails_alone(tmp_path: Path, db: AuditDB, worker: Worker) -> None:
+    good = write_series(tmp_path, "good")
+    bad = write_series(tmp_path, "bad")
+    ds = pydicom.dcmread(bad[3])
+    ds.PixelData = ds.PixelData[:100]  # too short for 64 x 64
+    ds.save_as(bad[3])
+    _receive(db, good + bad)
+    worker.step()
+    jobs = {j.series_id: j for j in _rows(db, Job)}
+    states = {s.series_instance_uid: (s.state, jobs[s.id]) for s in _rows(db, Series)}
+    bad_uid = str(pydicom.dcmread(bad[0]).SeriesInstanceUID)
+    good_uid = str(pydicom.dcmread(good[0]).SeriesInstanceUID)
+    assert states[good_uid][0] == "done"
+    assert states[bad_uid][0] == "failed"
+    assert states[bad_uid][1].error  # the reason, for the audit
+    failed = [e for e in _rows(db, Event) if e.kind == "job.failed"]
+    assert len(failed) == 1 and failed[0].series_instance_uid == bad_uid
+
+
+def test_content_hash_ignores_dates_and_times_only() -> None:
+    a = pydicom.Dataset()
+    a.ContentDate, a.ContentTime, a.PatientID = "20260101", "120000", "P1"
+    b = pydicom.Dataset()
+    b.ContentDate, b.ContentTime, b.PatientID = "20270202", "130101", "P1"
+    assert content_hash({"sr": a}) == content_hash({"sr": b})
+    b.PatientID = "P2"
+    assert content_hash({"sr": a}) != content_hash({"sr": b})
+
+
+def test_recovery_requeues_running_jobs_and_resends_interrupted_exports(
+    tmp_path: Path,
+    db: AuditDB,
+    worker: Worker,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _receive(db, write_series(tmp_path, "a"))
+
+    def killed(series: Any) -> Any:
+        raise SystemExit("killed during inference")
+
+    # what a kill -9 during inference leaves: the job running, an association still open
+    monkeypatch.setattr(worker.engine, "run", killed)
+    with pytest.raises(SystemExit):
+        worker.step()
+    monkeypatch.undo()
+    with db.session() as session:
+        session.add(
+            Association(
+                calling_ae_title="M", called_ae_title="RADNET", peer_host="127.0.0.1",
+                peer_port=1, accepted=True,
+            )
+        )  # fmt: skip
+    assert [(j.state, j.attempts) for j in _rows(db, Job)] == [("running", 1)]
+    recovery = recover(db, settings.node.data_dir)
+    assert (recovery.jobs_requeued, recovery.associations_closed) == (1, 1)
+    assert [j.state for j in _rows(db, Job)] == ["queued"]
+    assert _rows(db, Series)[0].state == "queued"
+    assert _rows(db, Association)[0].end_reason == "node stopped"
+    worker.step()
+    assert [(j.state, j.attempts) for j in _rows(db, Job)] == [("done", 2)]
+    assert len(_rows(db, Result)) == 1 and len(_rows(db, Export)) == 2
+
+    # killed while sending: the export goes back to pending and is sent again
+    with db.session() as session:
+        session.scalars(select(Export)).first().state = "sending"  # type: ignore[union-attr]
+    assert recover(db, settings.node.data_dir).exports_reset == 1
+    assert {e.state for e in _rows(db, Export)} == {"pending"}
+
+
+def test_recovery_registers_spool_files_without_rows_and_cleans_the_rest(
+    tmp_path: Path, db: AuditDB, settings: Settings
+) -> None:
+    files = write_series(tmp_path, "a")
+    spool = settings.node.data_dir / "spool" / "1.2" / "1.2.3"
+    spool.mkdir(parents=True)
+    for path in files[:2]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        shutil.copy(path, spool / f"{ds.SOPInstanceUID}.dcm")
+    (spool / ".9.9.123.tmp").write_bytes(b"half a file")
+    (spool / "1.2.3.4.dcm").write_bytes(b"garbage")
+    recovery = recover(db, settings.node.data_dir)
+    assert recovery.instances_registered == 2
+    assert recovery.temporary_files_removed == 1
+    assert recovery.files_quarantined == 1
+    assert not (spool / ".9.9.123.tmp").exists()
+    assert (settings.node.data_dir / "quarantine" / "1.2" / "1.2.3" / "1.2.3.4.dcm").exists()
+    assert {Path(i.spool_path).parent for i in _rows(db, Instance)} == {spool}
+    assert "node.recovered" in _kinds(db)
+    assert recover(db, settings.node.data_dir).anything is False  # idempotent
