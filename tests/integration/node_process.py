@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +21,23 @@ from typing import Any
 
 from orthanc import free_port
 
-__all__ = ["NodeError", "NodeProcess", "node_command", "to_toml"]
+__all__ = [
+    "TINY_MODEL",
+    "NodeError",
+    "NodeProcess",
+    "node_command",
+    "to_toml",
+    "vm_hwm_mb",
+    "write_test_weights",
+]
+
+#: a RADnet small enough to run 28 slices in well under a second on one core
+TINY_MODEL: dict[str, Any] = {
+    "layers_per_block": 1,
+    "growth_rate": 4,
+    "stem_channels": 4,
+    "lstm_hidden": 4,
+}
 
 
 class NodeError(RuntimeError):
@@ -42,6 +59,58 @@ def node_command() -> list[str]:
     if found is None:
         raise NodeError("the radnet-node console script is not installed (pip install -e .)")
     return [found]
+
+
+def write_test_weights(
+    out: Path, *, model: Mapping[str, Any] | None = None, positive: bool = True
+) -> Path:
+    """Export RADnet weights with a model card for tests and benchmarks (not a trained model).
+
+    ``model``: :func:`radnet_node.model.build_model` overrides (default :data:`TINY_MODEL` at a
+    64 px input); ``positive``: the slice classifier is fixed to score every slice 0.993
+    (``False``: 0.007), so the CT-level result is known in advance; the auxiliary heads are random.
+    """
+    import torch  # noqa: PLC0415 - only the tests and benchmarks that make weights need torch
+
+    from radnet_node.model import build_model  # noqa: PLC0415
+    from radnet_node.preprocess import PreprocessSpec  # noqa: PLC0415
+    from radnet_node.weights import export_weights  # noqa: PLC0415
+
+    overrides = dict(model) if model is not None else {"input_size": 64, **TINY_MODEL}
+    torch.manual_seed(0)
+    network = build_model("radnet", **overrides)
+    with torch.no_grad():
+        network.classifier.weight.zero_()
+        network.classifier.bias.fill_(5.0 if positive else -5.0)
+    input_size = int(overrides.get("input_size", 250))
+    export_weights(
+        network,
+        out,
+        name="radnet-test",
+        version="0.0.1",
+        preprocess=PreprocessSpec(
+            pixel_spacing_mm=250.0 / input_size, field_of_view_mm=250.0, min_slices=5
+        ),
+        threshold=0.5,
+        min_consecutive_slices=3,
+        training_data={"description": "none: fixed classifier for tests"},
+        training={},
+        metrics={},
+        limitations=["tests and benchmarks only"],
+    )
+    return out
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident set size (VmHWM) of a live process in MiB, from /proc; ``None`` elsewhere."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text(encoding="ascii")
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return None
 
 
 def _toml_value(value: Any) -> str:
@@ -291,3 +360,53 @@ class NodeProcess:
             return json.loads(done.stdout)
         except json.JSONDecodeError as exc:
             raise NodeError(f"audit show printed no JSON: {done.stdout[:500]!r}") from exc
+
+    # --- the audit database, read-only ------------------------------------------------------------
+
+    def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only SQL query on the node's SQLite audit database (empty when the
+        database does not exist yet). Table names come from :mod:`radnet_node.audit`'s models."""
+        path = self.data_dir / "audit.sqlite"
+        if not path.is_file():
+            return []
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+        try:
+            return list(connection.execute(sql, tuple(parameters)))
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        finally:
+            connection.close()
+
+    def job_states(self) -> list[str]:
+        """The state of every job."""
+        from radnet_node.audit import Job  # noqa: PLC0415
+
+        return [str(row[0]) for row in self.query(f"SELECT state FROM {Job.__tablename__}")]
+
+    def exports(self) -> list[tuple[str, str, int]]:
+        """(destination, state, attempts) of every export."""
+        from radnet_node.audit import Export  # noqa: PLC0415
+
+        rows = self.query(f"SELECT destination, state, attempts FROM {Export.__tablename__}")
+        return [(str(d), str(s), int(a)) for d, s, a in rows]
+
+    def spooled_instances(self) -> dict[str, Path]:
+        """SOP Instance UID -> spool file of every instance the node recorded."""
+        from radnet_node.audit import Instance  # noqa: PLC0415
+
+        rows = self.query(f"SELECT sop_instance_uid, spool_path FROM {Instance.__tablename__}")
+        return {str(uid): Path(path) for uid, path in rows}
+
+    def settled(self) -> bool:
+        """Nothing left to do: at least one job, none queued or running, and every export
+        delivered, dead or superseded."""
+        jobs = self.job_states()
+        exports = self.exports()
+        return (
+            bool(jobs)
+            and not any(s in ("queued", "running") for s in jobs)
+            and bool(exports)
+            and all(s in ("delivered", "dead", "superseded") for _, s, _ in exports)
+        )

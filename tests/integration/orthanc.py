@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,18 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# Logs every instance Orthanc receives, duplicates included (Orthanc stores a duplicate SOP Instance
+# UID once and records no change for it, so its database alone cannot show a double delivery).
+_RECEPTION_LOG_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  print('radnet-test-received ' .. tostring(dicom['SOPInstanceUID']) .. ' '
+    .. tostring(dicom['Modality']) .. ' ' .. tostring(origin['RequestOrigin']) .. ' '
+    .. tostring(origin['RemoteAet']))
+  return true
+end
+"""
+_RECEPTION_MARK = "radnet-test-received "
 
 # Debian installs the server in /usr/sbin, which is not on a normal user's PATH.
 _ORTHANC_CANDIDATES = ("Orthanc", "/usr/sbin/Orthanc")
@@ -120,6 +133,8 @@ class Orthanc:
 
     ``modalities`` are registered in the config; ``lua_scripts`` are loaded at start (a syntax
     error makes the start fail with Orthanc's log in the message); ``extra_config`` is merged last.
+    ``log_receptions`` adds a Lua filter that logs every received instance, so that
+    :meth:`receptions` can count deliveries, duplicates included.
     """
 
     workdir: Path
@@ -129,9 +144,11 @@ class Orthanc:
     tls: OrthancTls | None = None
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     start_timeout_s: float = 30.0
+    log_receptions: bool = True
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _starts: int = field(default=0, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -145,8 +162,12 @@ class Orthanc:
 
     @property
     def log_path(self) -> Path:
-        """Orthanc's log file (``--logfile``)."""
-        return self.workdir / "orthanc.log"
+        """Orthanc's log file of the current (or last) start (``--logfile``)."""
+        return self.workdir / f"orthanc-{max(self._starts, 1)}.log"
+
+    def log_files(self) -> list[Path]:
+        """The log files of every start, oldest first (Orthanc truncates its log file at start)."""
+        return [self.workdir / f"orthanc-{n}.log" for n in range(1, self._starts + 1)]
 
     @property
     def storage_dir(self) -> Path:
@@ -177,7 +198,7 @@ class Orthanc:
             "DicomScuTimeout": 30,
             "SaveJobs": False,
             "OverwriteInstances": False,
-            "LuaScripts": [str(p) for p in self.lua_scripts],
+            "LuaScripts": [str(p) for p in self._lua_scripts()],
             "DicomAssociationCloseDelay": 0,
         }
         if self.tls is not None:
@@ -190,6 +211,12 @@ class Orthanc:
             }
         config |= dict(self.extra_config)
         return config
+
+    def _lua_scripts(self) -> list[Path]:
+        scripts = list(self.lua_scripts)
+        if self.log_receptions:
+            scripts.append(self.workdir / "log-receptions.lua")
+        return scripts
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -216,6 +243,8 @@ class Orthanc:
             )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage_dir.mkdir(exist_ok=True)
+        self._starts += 1
+        (self.workdir / "log-receptions.lua").write_text(_RECEPTION_LOG_LUA, encoding="utf-8")
         self.config_path.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
         # Orthanc writes its log itself; stdout/stderr only catch what it prints before that.
         with (self.workdir / "orthanc.stdout.log").open("ab") as log:
@@ -422,3 +451,30 @@ class Orthanc:
             since = int(page["Last"])
             if page["Done"]:
                 return entries
+
+    def receptions(self, origin: str = "DicomProtocol") -> Counter[str]:
+        """How many times each SOP Instance UID was received (duplicates included), from Orthanc's
+        log since its first start; ``origin``: ``DicomProtocol`` (C-STORE), ``RestApi``, or ``""``
+        for any.
+
+        Raises
+        ------
+        OrthancError
+            The server was made with ``log_receptions=False``.
+        """
+        if not self.log_receptions:
+            raise OrthancError("receptions are not logged (log_receptions=False)")
+        counts: Counter[str] = Counter()
+        lines = [
+            line
+            for path in self.log_files()
+            if path.is_file()
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+        ]
+        for line in lines:
+            if _RECEPTION_MARK not in line:
+                continue
+            fields = line.split(_RECEPTION_MARK, 1)[1].split()
+            if len(fields) >= 3 and (not origin or fields[2] == origin):
+                counts[fields[0]] += 1
+        return counts

@@ -5,13 +5,23 @@ Philips series, SR and SEG come back into the same study)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
-from conftest import PHILIPS_5MM_SLICES, PHILIPS_STUDY_UID
+from conftest import (
+    PHILIPS_5MM_SLICES,
+    PHILIPS_STUDY_UID,
+    SECONDARY_CAPTURE,
+    assert_delivered_once,
+    need_program,
+    wait_for_results,
+)
 from dcmtk import StoreScp, storescu
+from node_process import NodeProcess
 from orthanc import Modality, Orthanc, OrthancError, wait_for
 
 pytestmark = pytest.mark.integration
@@ -129,3 +139,76 @@ def test_autoroute_lua_sends_the_head_ct_series_and_nothing_else(
     assert sum("sent to radnet" in line for line in lines) == 1
     assert any("not a CT image SOP class" in line for line in lines)
     assert any("no head-like body part or description" in line for line in lines)
+
+
+# --- the node end to end ------------------------------------------------------------------------
+
+
+def _referenced_uids(dataset: pydicom.Dataset) -> set[str]:
+    return {str(e.value) for e in dataset.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+
+
+def _dciodvfy_errors(dciodvfy: str, path: Path) -> list[str]:
+    done = subprocess.run([dciodvfy, "-new", str(path)], capture_output=True, text=True,
+                          check=False, timeout=120)  # fmt: skip
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_orthanc_sends_the_philips_series_and_gets_a_valid_sr_and_seg_back_into_the_study(
+    node_and_orthanc: Callable[..., tuple[NodeProcess, Orthanc]],
+    philips_5mm: list[Path],
+    tmp_path: Path,
+) -> None:
+    dciodvfy = need_program("dciodvfy")
+    node, orthanc = node_and_orthanc(quiet_seconds=1.5)
+    orthanc.upload_files(philips_5mm)
+    (series,) = orthanc.find("Series", {"SeriesDescription": "STD BRAIN 5MM"}, expand=False)
+
+    assert orthanc.echo("radnet")
+    orthanc.store_to_modality("radnet", [series])
+    grouped = wait_for_results(orthanc, PHILIPS_STUDY_UID)
+    wait_for(node.settled, timeout_s=120, what="every export delivered")
+
+    files = {}
+    for modality in ("SR", "SEG"):
+        files[modality] = tmp_path / f"{modality.lower()}.dcm"
+        files[modality].write_bytes(orthanc.fetch_file(grouped[modality][0]["ID"]))
+    sr = hd.sr.srread(files["SR"])
+    seg = hd.seg.segread(files["SEG"])
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID == PHILIPS_STUDY_UID
+    assert seg.SOPInstanceUID in _referenced_uids(sr)
+    assert _referenced_uids(seg) <= _sop_instance_uids(philips_5mm)
+    assert _referenced_uids(seg)
+    for path in files.values():
+        assert _dciodvfy_errors(dciodvfy, path) == [], path.name
+    # the tiny test weights call every slice positive: a key image comes too
+    assert any(i["Tags"].get("SOPClassUID") == SECONDARY_CAPTURE
+               for instances in grouped.values() for i in instances)  # fmt: skip
+    assert_delivered_once(orthanc, PHILIPS_STUDY_UID)
+
+    story = node.audit_show(PHILIPS_STUDY_UID)
+    assert story["study_instance_uids"] == [PHILIPS_STUDY_UID]
+    (run,) = [s for s in story["series"] if s["results"]]
+    assert run["instance_count"] == PHILIPS_5MM_SLICES
+    assert {e["state"] for e in run["exports"]} == {"delivered"}
+
+
+def test_results_wait_while_the_pacs_is_down_and_arrive_once_when_it_is_back(
+    node_and_orthanc: Callable[..., tuple[NodeProcess, Orthanc]], philips_5mm: list[Path]
+) -> None:
+    node, orthanc = node_and_orthanc(quiet_seconds=1.0)
+    orthanc.stop()
+
+    sent = storescu("127.0.0.1", node.port, philips_5mm, called_ae=node.ae_title)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    def failed_attempts() -> int:
+        return sum(attempts for _, state, attempts in node.exports() if state != "delivered")
+
+    wait_for(lambda: failed_attempts() >= 2, timeout_s=180, what="two failed export attempts")
+    assert all(state != "delivered" for _, state, _ in node.exports())
+
+    orthanc.start()
+    wait_for_results(orthanc, PHILIPS_STUDY_UID)
+    wait_for(node.settled, timeout_s=120, what="every export delivered")
+    assert_delivered_once(orthanc, PHILIPS_STUDY_UID)

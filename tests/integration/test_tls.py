@@ -1,15 +1,19 @@
 """DICOM TLS with a self-signed test CA: a client that trusts the CA and shows a certificate the
 CA signed is accepted; a client without the CA, without a certificate where one is required, with a
 certificate from another CA, or without TLS at all is refused. Checked first against DCMTK's
-``storescp`` (the reference), then against the node."""
+``storescp`` (the reference), then against the node, with the node's other association checks
+(called AE title, calling AE title and host allow-lists, out of resources)."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from dcmtk import StoreScp, TlsOptions, echoscu
+from dcmtk import StoreScp, TlsOptions, echoscu, storescu
+from node_process import NodeProcess
 from tls import Pki
 
 pytestmark = pytest.mark.integration
@@ -55,3 +59,105 @@ def test_dcmtk_reference_server_accepts_only_clients_of_its_ca(
 
     output = result.stdout + result.stderr
     assert (result.returncode == 0) is client.accepted, output
+
+
+# --- the node ------------------------------------------------------------------------------------
+
+
+def _node_tls(pki: Pki, *, require_client_certificate: bool) -> dict[str, object]:
+    return {
+        "certificate": str(pki.server.certificate),
+        "private_key": str(pki.server.private_key),
+        "ca_certificates": str(pki.ca.certificate),
+        "require_client_certificate": require_client_certificate,
+    }
+
+
+def test_node_with_tls_accepts_only_clients_of_its_ca(
+    pki: Pki, make_node: Callable[..., NodeProcess]
+) -> None:
+    node = make_node(sections={"node": {"tls": _node_tls(pki, require_client_certificate=True)}})
+
+    outcomes = {}
+    for client in CLIENTS:
+        result = echoscu("127.0.0.1", node.port, called_ae=node.ae_title,
+                         tls=client.options(pki), timeout_s=10)  # fmt: skip
+        outcomes[client.name] = result.returncode == 0
+    assert outcomes == {c.name: c.accepted for c in CLIENTS}
+    assert node.running
+
+
+def test_node_with_tls_and_no_client_certificate_required_accepts_anonymous_clients(
+    pki: Pki, make_node: Callable[..., NodeProcess], philips_5mm: list[Path]
+) -> None:
+    node = make_node(sections={"node": {"tls": _node_tls(pki, require_client_certificate=False)}})
+    anonymous = TlsOptions(None, None, [pki.ca.certificate])
+
+    echo = echoscu("127.0.0.1", node.port, called_ae=node.ae_title, tls=anonymous)
+    store = storescu("127.0.0.1", node.port, philips_5mm[:2], called_ae=node.ae_title,
+                     tls=anonymous)  # fmt: skip
+    untrusted = echoscu("127.0.0.1", node.port, called_ae=node.ae_title,
+                        tls=TlsOptions(None, None, [pki.rogue_ca.certificate]))  # fmt: skip
+
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    assert store.returncode == 0, store.stdout + store.stderr
+    assert len(node.spooled_instances()) == 2
+    assert untrusted.returncode != 0
+
+
+def _rejection(result: subprocess.CompletedProcess[str]) -> str:
+    """The reason line of an A-ASSOCIATE-RJ as echoscu prints it ("" when not rejected)."""
+    for line in (result.stdout + result.stderr).splitlines():
+        if "Reason:" in line:
+            return line.split("Reason:", 1)[1].strip()
+    return ""
+
+
+def test_node_answers_c_echo_and_rejects_a_wrong_called_ae_title(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    node = make_node()
+
+    good = echoscu("127.0.0.1", node.port, called_ae=node.ae_title)
+    wrong = echoscu("127.0.0.1", node.port, called_ae="NOTRADNET")
+
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert wrong.returncode != 0
+    assert _rejection(wrong) == "Called AE Title Not Recognized"
+
+
+def test_node_rejects_a_calling_ae_title_that_is_not_on_the_allow_list(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    node = make_node(sections={"node": {"allowed_calling_ae_titles": ["PACS1"]}})
+
+    allowed = echoscu("127.0.0.1", node.port, called_ae=node.ae_title, calling_ae="PACS1")
+    refused = echoscu("127.0.0.1", node.port, called_ae=node.ae_title, calling_ae="INTRUDER")
+
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert refused.returncode != 0
+    assert _rejection(refused) == "Calling AE Title Not Recognized"
+
+
+def test_node_rejects_a_host_that_is_not_on_the_allow_list(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    node = make_node(sections={"node": {"allowed_hosts": ["192.0.2.0/24"]}})
+
+    refused = echoscu("127.0.0.1", node.port, called_ae=node.ae_title)
+
+    assert refused.returncode != 0
+    assert "Rejected Permanent" in refused.stdout + refused.stderr
+
+
+def test_node_refuses_instances_with_out_of_resources_when_the_disk_is_full(
+    make_node: Callable[..., NodeProcess], philips_5mm: list[Path]
+) -> None:
+    # more free space required than any test machine has
+    node = make_node(sections={"node": {"min_free_disk_mb": 1_000_000_000}})
+
+    refused = storescu("127.0.0.1", node.port, philips_5mm[:1], called_ae=node.ae_title)
+
+    assert refused.returncode != 0
+    assert "Refused: OutOfResources" in refused.stdout + refused.stderr  # A700
+    assert node.spooled_instances() == {}
