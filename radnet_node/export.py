@@ -105,9 +105,10 @@ def _associate(
                 f"reason {primitive.reason_str})"
             )
         return None, f"association rejected by {called_ae_title}@{host}:{port}{detail}"
-    if assoc.is_aborted:
-        return None, f"association aborted by {called_ae_title}@{host}:{port}"
-    return None, f"cannot connect to {host}:{port} (refused, unreachable or timed out)"
+    socket = assoc.dul.socket
+    if socket is None or not getattr(socket, "_is_connected", False):
+        return None, f"cannot connect to {host}:{port} (refused, unreachable or timed out)"
+    return None, f"association aborted by {called_ae_title}@{host}:{port} (or no answer)"
 
 
 @dataclass(frozen=True)

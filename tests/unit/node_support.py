@@ -189,6 +189,7 @@ class Destination:
 
     ae_title: str = "PACS"
     status: int = 0x0000
+    require_called_aet: bool = False
     received: list[Dataset] = field(default_factory=list)
     port: int = 0
     _server: Any = None
@@ -203,6 +204,7 @@ class Destination:
 
     def start(self, port: int = 0) -> Destination:
         ae = AE(ae_title=self.ae_title)
+        ae.require_called_aet = self.require_called_aet
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax)
