@@ -350,6 +350,10 @@ class Worker:
             job = session.get(Job, claimed.job_id)
             series = session.get(Series, claimed.series_id)
             assert job is not None and series is not None  # rows are never deleted
+            if job.state != JobState.RUNNING:
+                # parked by a shutdown that did not wait for us: the next start runs it again
+                _log.warning("result discarded: the job was parked", job_id=job.id)
+                return
             now = utcnow()
             job.finished_at = now
             job.timings_ms = {k: round(float(v), 1) for k, v in timings.items()}

@@ -1,0 +1,198 @@
+"""The whole node in-process on localhost with the tiny engine: a series in, SR + SEG + key image
+out at a real Storage SCP, the other series of the study skipped with the reason; a late instance; a
+crash during inference recovered at the next start with the result delivered once; a shutdown that
+parks the running job."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import torch
+from sqlalchemy import select
+
+from radnet_node.audit import Event, Job, study_story
+from radnet_node.config import Settings
+from radnet_node.engine import Engine, EngineSettings
+from radnet_node.node import Node
+from tests.unit.node_support import (
+    Destination,
+    node_settings,
+    send,
+    tiny_weights,
+    wait_for,
+    write_series,
+)
+from training.dicom_writer import StudyInfo
+
+SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+SC = "1.2.840.10008.5.1.4.1.1.7"  # the key image
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def engine(weights: Path) -> Engine:
+    torch.set_num_threads(1)
+    return Engine(EngineSettings(weights=weights, device="cpu", precision="fp32", threads=1))
+
+
+@pytest.fixture
+def pacs() -> Iterator[Destination]:
+    destination = Destination().start()
+    yield destination
+    destination.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, weights: Path, pacs: Destination) -> Settings:
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+    return node_settings(tmp_path / "data", weights, destinations=[destination])
+
+
+@pytest.fixture
+def node(settings: Settings, engine: Engine) -> Iterator[Node]:
+    running = Node(settings, engine)
+    running.start()
+    yield running
+    running.stop()
+
+
+def _classes(pacs: Destination) -> list[str]:
+    return sorted(str(ds.SOPClassUID) for ds in list(pacs.received))
+
+
+def test_a_study_in_sr_seg_and_key_image_out_into_the_same_study(
+    tmp_path: Path, node: Node, pacs: Destination
+) -> None:
+    study = StudyInfo(uid_seed="node-e2e", accession_number="E2E1")
+    head = write_series(tmp_path, "head", study=study, series_number=2)
+    scout = write_series(
+        tmp_path, "scout", study=study, series_number=1, slices=2,
+        series_description="SCOUT",
+    )  # fmt: skip
+    for path in scout:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(path)
+    assert node.address is not None
+    assert send(node.address[1], scout + head) == [0x0000] * 8
+    wait_for(lambda: len(pacs.received) >= 3, 60, "SR, SEG and key image at the PACS")
+    assert _classes(pacs) == sorted([SR, SEG, SC])
+    source = pydicom.dcmread(head[0])
+    for ds in pacs.received:
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID and ds.AccessionNumber == "E2E1"
+
+    def delivered_story() -> Any:
+        with node.db.session() as session:
+            story = study_story(session, "E2E1")
+        done = story is not None and any(
+            step.name == "stored at pacs" for s in story.series for step in s.steps
+        )
+        return story if done else None
+
+    story = wait_for(delivered_story, 10, "the export to be recorded as delivered")
+    by_description = {s.series_description: s for s in story.series}
+    assert by_description["SCOUT"].state == "rejected"
+    assert "localizer" in (by_description["SCOUT"].eligibility_reason or "")
+    steps = [step.name for step in by_description["HEAD 5MM (SYNTHETIC)"].steps]
+    assert steps == [
+        "first instance", "last instance", "complete", "queued", "running", "result written",
+        "job done", "stored at pacs",
+    ]  # fmt: skip
+
+
+def test_a_late_instance_reruns_and_sends_the_new_result(
+    tmp_path: Path, node: Node, pacs: Destination
+) -> None:
+    files = write_series(tmp_path, "late", slices=7)
+    assert node.address is not None
+    send(node.address[1], files[:6])
+    wait_for(lambda: len(pacs.received) >= 3, 60, "the first result")
+    first = set(pacs.sop_uids())
+    send(node.address[1], files[6:])
+    wait_for(lambda: len(pacs.received) >= 6, 60, "the second result")
+    assert len(set(pacs.sop_uids()) - first) == 3  # new objects, new UIDs
+    with node.db.session() as session:
+        kinds = session.scalars(select(Event.kind)).all()
+    assert "series.reopened" in kinds
+
+
+# the worker thread is meant to die here, as the whole process would
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crash_during_inference_is_resumed_and_delivered_once(
+    tmp_path: Path, settings: Settings, engine: Engine, pacs: Destination,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    files = write_series(tmp_path, "crash")
+    crashed = threading.Event()
+
+    def killed(series: Any) -> Any:
+        crashed.set()
+        raise SystemExit("killed during inference")  # ends the worker thread as a kill would
+
+    monkeypatch.setattr(engine, "run", killed)
+    first = Node(settings, engine)
+    address = first.start()
+    send(address[1], files)
+    wait_for(crashed.is_set, 30, "inference to start")
+    # the process dies here: nothing is stopped cleanly, the job is left running
+    first.scp.stop()
+    first.stopping.set()
+    first.db.dispose()
+    with first.db.session() as session:
+        assert [j.state for j in session.scalars(select(Job)).all()] == ["running"]
+    monkeypatch.undo()
+
+    second = Node(settings, engine)
+    second.start()
+    try:
+        assert second.recovery is not None and second.recovery.jobs_requeued == 1
+        wait_for(lambda: len(pacs.received) >= 3, 60, "the result after the restart")
+        with second.db.session() as session:
+            jobs = session.scalars(select(Job)).all()
+        assert [(j.state, j.attempts) for j in jobs] == [("done", 2)]
+    finally:
+        second.stop()
+    assert sorted(pacs.sop_uids()) == sorted(set(pacs.sop_uids()))  # nothing twice
+    assert len(pacs.received) == 3
+
+
+def test_stop_parks_a_job_that_does_not_finish_in_time(
+    tmp_path: Path, settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = threading.Event()
+    release = threading.Event()
+    real_run = engine.run
+
+    def slow(series: Any) -> Any:
+        running.set()
+        release.wait(30)
+        return real_run(series)
+
+    monkeypatch.setattr(engine, "run", slow)
+    node = Node(settings, engine)
+    address = node.start()
+    try:
+        send(address[1], write_series(tmp_path, "park"))
+        wait_for(running.is_set, 30, "inference to start")
+        node.stop(grace_seconds=0.0)
+        with node.db.session() as session:
+            job = session.scalars(select(Job)).one()
+            kinds = session.scalars(select(Event.kind).order_by(Event.id)).all()
+        assert job.state == "queued"
+        assert "job.requeued" in kinds and kinds[-1] == "node.stopped"
+    finally:
+        release.set()
+        node._worker_thread.join(30)
+    with node.db.session() as session:
+        assert session.scalars(select(Job)).one().state == "queued"  # the late finish discarded
