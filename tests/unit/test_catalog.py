@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from node_support import write_series
 from sqlalchemy import select
 
 from radnet_node.audit import AuditDB, Event, Job, Series, utcnow
@@ -20,7 +21,6 @@ from radnet_node.catalog import (
     register_instance,
     select_series,
 )
-from tests.unit.node_support import write_series
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from node_support import Destination, wait_for, write_series
 from sqlalchemy import select
 
 from radnet_node.audit import AuditDB, Event, Export, Job, Result, Series
 from radnet_node.config import DestinationSection
 from radnet_node.errors import RadnetError
 from radnet_node.export import Exporter, deliver_due, echo, requeue_exports, store_files
-from tests.unit.node_support import Destination, wait_for, write_series
 
 
 @pytest.fixture

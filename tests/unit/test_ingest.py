@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from node_support import reject_reason, send, wait_for, write_series
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -23,7 +24,6 @@ from radnet_node.ingest import (
     IngestSCP,
     spool_path,
 )
-from tests.unit.node_support import reject_reason, send, wait_for, write_series
 
 
 def _node(tmp_path: Path, **values: object) -> NodeSection:

@@ -12,6 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 import torch
+from node_support import node_settings, tiny_weights, write_series
 from sqlalchemy import select
 
 from radnet_node.audit import Association, AuditDB, Event, Export, Instance, Job, Result, Series
@@ -25,7 +26,6 @@ from radnet_node.config import Settings
 from radnet_node.engine import Engine, EngineSettings
 from radnet_node.jobs import Worker, content_hash, recover
 from radnet_node.node import node_identity
-from tests.unit.node_support import node_settings, tiny_weights, write_series
 
 DESTINATIONS = [
     {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},

@@ -13,13 +13,7 @@ from typing import Any
 import pydicom
 import pytest
 import torch
-from sqlalchemy import select
-
-from radnet_node.audit import Event, Job, study_story
-from radnet_node.config import Settings
-from radnet_node.engine import Engine, EngineSettings
-from radnet_node.node import Node
-from tests.unit.node_support import (
+from node_support import (
     Destination,
     node_settings,
     send,
@@ -27,6 +21,12 @@ from tests.unit.node_support import (
     wait_for,
     write_series,
 )
+from sqlalchemy import select
+
+from radnet_node.audit import Event, Job, study_story
+from radnet_node.config import Settings
+from radnet_node.engine import Engine, EngineSettings
+from radnet_node.node import Node
 from training.dicom_writer import StudyInfo
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
