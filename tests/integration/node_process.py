@@ -159,7 +159,8 @@ class NodeProcess:
     """One ``radnet-node serve`` in ``workdir`` (config, data folder and log live there).
 
     ``sections`` is merged into the generated config per section (``{"node": {...}}`` adds or
-    replaces keys of ``[node]``); ``destinations`` become ``[[destinations]]``.
+    replaces keys of ``[node]``; a value ``None`` removes the key, so the node's default applies);
+    ``destinations`` become ``[[destinations]]``.
     """
 
     workdir: Path
@@ -208,7 +209,8 @@ class NodeProcess:
             "logging": {"format": "json", "level": "info"},
         }
         for name, values in self.sections.items():
-            document[name] = {**document.get(name, {}), **values}
+            merged = {**document.get(name, {}), **values}
+            document[name] = {key: value for key, value in merged.items() if value is not None}
         if self.destinations:
             document["destinations"] = [dict(d) for d in self.destinations]
         return document

@@ -1,0 +1,161 @@
+"""Benchmark of DICOM ingest: images/s of the node's Storage SCP (``radnet-node serve``) receiving a
+series from DCMTK ``storescu``, against DCMTK ``storescp`` receiving the same files in the same run.
+
+Run ``python benchmarks/bench_ingest.py [--slices 200] [--size 512] [--repeats 3] [--json F]``.
+It writes a synthetic head CT (default 200 slices of 512 x 512, uncompressed, ~100 MB) and sends it
+on one association with ``storescu -pdu 131072``, ``TCP_NODELAY=1`` in every DCMTK environment
+(Debian's DCMTK stalls on Nagle's algorithm without it), to
+
+- ``storescp -pdu 131072 +B`` writing every file to disk (the reference), and
+- ``radnet-node serve`` (fresh data folder per run, ``quiet_seconds`` of a day so no job runs;
+  the model is a tiny one because ingest never touches it), which spools and records each instance
+  before it answers.
+
+Runs alternate between the two receivers; the median wall time of ``storescu`` from start to exit
+gives images/s, and the ratio node / DCMTK is printed (target: >= 1). Every run checks that the
+receiver holds all the instances afterwards. Quote figures only from a quiet machine.
+
+The DCMTK and node process harnesses are shared with the integration tests
+(``tests/integration/dcmtk.py``, ``node_process.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+from dcmtk import MAX_PDU, StoreScp, dcmtk_env, storescu_command  # noqa: E402
+from node_process import NodeProcess, write_test_weights  # noqa: E402
+from orthanc import free_port  # noqa: E402
+
+from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series  # noqa: E402
+
+
+def synthetic_series(folder: Path, slices: int, size: int) -> list[Path]:
+    """A head-like CT series of ``slices`` x ``size`` x ``size`` (uncompressed, 16 bit)."""
+    spacing = 230.0 / size
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    y, x = (yy - (size - 1) / 2) * spacing, (xx - (size - 1) / 2) * spacing
+    plane = np.full((size, size), -1000.0, dtype=np.float32)
+    plane[(y / 90.0) ** 2 + (x / 72.0) ** 2 <= 1.0] = 1000.0
+    plane[(y / 84.0) ** 2 + (x / 66.0) ** 2 <= 1.0] = 32.0
+    rng = np.random.default_rng(0)
+    volume = plane[None] + rng.normal(0.0, 4.0, size=(slices, size, size)).astype(np.float32)
+    geometry = SeriesGeometry(
+        rows=size,
+        columns=size,
+        pixel_spacing_mm=(spacing, spacing),
+        table_positions_mm=tuple(float(z) for z in np.arange(slices) * 1.0),
+        slice_thickness_mm=1.0,
+    )
+    return write_ct_series(
+        volume, geometry, folder, StudyInfo(uid_seed=f"bench-ingest-{slices}-{size}"),
+        series_description="HEAD 1MM (BENCH INGEST)",
+    )  # fmt: skip
+
+
+def send(port: int, ae_title: str, files: list[Path]) -> float:
+    """Send ``files`` with storescu on one association; returns the wall time in seconds.
+
+    Raises
+    ------
+    SystemExit
+        storescu failed (its output is in the message).
+    """
+    command = storescu_command("127.0.0.1", port, files, called_ae=ae_title, calling_ae="BENCH")
+    start = time.perf_counter()
+    done = subprocess.run(command, env=dcmtk_env(), capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(
+            f"storescu to {ae_title} failed ({done.returncode}):\n{done.stdout[-2000:]}"
+        )
+    return elapsed
+
+
+def run_dcmtk(files: list[Path], work: Path) -> float:
+    """One run into a fresh storescp writing to disk; returns storescu's wall time."""
+    receiver = StoreScp(port=free_port(), output_dir=work / "out", ae_title="STORESCP")
+    with receiver:
+        elapsed = send(receiver.port, "STORESCP", files)
+        received = len(receiver.received())
+    if received != len(files):
+        raise SystemExit(f"storescp holds {received} of {len(files)} files")
+    return elapsed
+
+
+def run_node(files: list[Path], work: Path, weights: Path) -> float:
+    """One run into a fresh ``radnet-node serve``; returns storescu's wall time."""
+    node = NodeProcess(work, weights=weights, quiet_seconds=86400.0)
+    with node:
+        elapsed = send(node.port, node.ae_title, files)
+        spooled = sum(1 for _ in (node.data_dir / "spool").rglob("*.dcm"))
+        log = node.log_tail()
+    if spooled != len(files):
+        raise SystemExit(f"the node spooled {spooled} of {len(files)} files{log}")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and print a Markdown table; returns the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        files = synthetic_series(work / "series", args.slices, args.size)
+        megabytes = sum(f.stat().st_size for f in files) / 2**20
+        weights = write_test_weights(work / "weights" / "tiny.pt")
+        times: dict[str, list[float]] = {"dcmtk storescp": [], "radnet-node": []}
+        for repeat in range(args.repeats):
+            times["dcmtk storescp"].append(run_dcmtk(files, work / f"dcmtk-{repeat}"))
+            times["radnet-node"].append(run_node(files, work / f"node-{repeat}", weights))
+
+    rates = {name: len(files) / statistics.median(t) for name, t in times.items()}
+    ratio = rates["radnet-node"] / rates["dcmtk storescp"]
+    print(
+        f"\n{len(files)} instances, {args.size} x {args.size}, {megabytes:.0f} MB, one "
+        f"association, max PDU {MAX_PDU}, TCP_NODELAY=1, {args.repeats} runs each (median)\n"
+    )
+    print("| receiver | images/s | MB/s | wall s (runs) |")
+    print("|---|---|---|---|")
+    for name, t in times.items():
+        runs = ", ".join(f"{x:.2f}" for x in t)
+        print(f"| {name} | {rates[name]:.0f} | {rates[name] * megabytes / len(files):.1f} "
+              f"| {statistics.median(t):.2f} ({runs}) |")  # fmt: skip
+    print(f"\nratio radnet-node / DCMTK: {ratio:.2f} (target >= 1)")
+    figures = {
+        "instances": len(files),
+        "size": args.size,
+        "megabytes": megabytes,
+        "max_pdu": MAX_PDU,
+        "repeats": args.repeats,
+        "wall_seconds": times,
+        "images_per_second": rates,
+        "ratio_node_over_dcmtk": ratio,
+        "machine": platform.processor() or platform.machine(),
+    }
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
