@@ -12,8 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import (
+    PHILIPS_STUDY_UID,
+    assert_delivered_once,
+    orthanc_destination,
+    wait_for_results,
+)
 from dcmtk import StoreScp, TlsOptions, echoscu, storescu
 from node_process import NodeProcess
+from orthanc import Modality, Orthanc, OrthancTls, wait_for
 from tls import Pki
 
 pytestmark = pytest.mark.integration
@@ -161,3 +168,38 @@ def test_node_refuses_instances_with_out_of_resources_when_the_disk_is_full(
     assert refused.returncode != 0
     assert "Refused: OutOfResources" in refused.stdout + refused.stderr  # A700
     assert node.spooled_instances() == {}
+
+
+def test_orthanc_and_the_node_exchange_the_study_and_the_results_over_tls_only(
+    pki: Pki,
+    make_node: Callable[..., NodeProcess],
+    make_orthanc: Callable[..., Orthanc],
+    philips_5mm: list[Path],
+) -> None:
+    # both ends use the server certificate (it carries serverAuth and clientAuth), both trust the CA
+    node = make_node(
+        start=False,
+        quiet_seconds=1.0,
+        sections={"node": {"tls": _node_tls(pki, require_client_certificate=True)}},
+    )
+    orthanc = make_orthanc(
+        modalities=[Modality("radnet", node.ae_title, "127.0.0.1", node.port, use_tls=True)],
+        tls=OrthancTls(pki.server.certificate, pki.server.private_key, pki.ca.certificate),
+    )
+    client = {
+        "ca_certificates": str(pki.ca.certificate),
+        "certificate": str(pki.client.certificate),
+        "private_key": str(pki.client.private_key),
+    }
+    node.destinations = [orthanc_destination(orthanc, tls=client)]
+    node.start()
+    orthanc.upload_files(philips_5mm)
+    (series,) = orthanc.find("Series", {"SeriesDescription": "STD BRAIN 5MM"}, expand=False)
+
+    orthanc.store_to_modality("radnet", [series])
+    wait_for_results(orthanc, PHILIPS_STUDY_UID)
+    wait_for(node.settled, timeout_s=120, what="every export delivered")
+
+    assert_delivered_once(orthanc, PHILIPS_STUDY_UID)
+    plain = echoscu("127.0.0.1", orthanc.dicom_port, called_ae=orthanc.ae_title)
+    assert plain.returncode != 0  # Orthanc's port speaks TLS only: the results came over TLS
