@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from radnet_node.audit import (
@@ -199,11 +199,14 @@ def _reopen(session: Session, series: Series, why: str, association_id: int | No
     series.generation += 1
     series.state = SeriesState.RECEIVED
     series.completed_at = None
-    superseded = session.execute(
-        update(Job)
-        .where(Job.series_id == series.id, Job.state == JobState.QUEUED)
-        .values(state=JobState.SUPERSEDED, finished_at=utcnow(), error="series re-opened")
-    ).rowcount
+    queued = session.scalars(
+        select(Job).where(Job.series_id == series.id, Job.state == JobState.QUEUED)
+    ).all()
+    for job in queued:
+        job.state = JobState.SUPERSEDED
+        job.finished_at = utcnow()
+        job.error = "series re-opened"
+    superseded = len(queued)
     add_event(
         session,
         "series.reopened",
@@ -322,8 +325,8 @@ def select_series(db: AuditDB, series_id: int, *, min_slices: int) -> Selection:
     with db.session() as session:
         series = session.get(Series, series_id)
         if series is None or series.state != SeriesState.COMPLETE:
-            state = SeriesState(series.state) if series is not None else SeriesState.REJECTED
-            return Selection(series_id, "", state, "no longer complete")
+            now_state = SeriesState(series.state) if series is not None else SeriesState.REJECTED
+            return Selection(series_id, "", now_state, "no longer complete")
         generation = series.generation
         series_uid = series.series_instance_uid
         paths = list(

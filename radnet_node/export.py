@@ -16,10 +16,9 @@ from pathlib import Path
 import pydicom
 import structlog
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association as PynetAssociation
-from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from radnet_node.audit import (
@@ -34,6 +33,9 @@ from radnet_node.audit import (
 from radnet_node.config import DestinationSection, DestinationTlsSection
 from radnet_node.errors import ConfigError, RadnetError
 from radnet_node.logging import bound
+
+#: the Verification SOP Class (C-ECHO)
+Verification = UID("1.2.840.10008.1.1")
 
 __all__ = [
     "WARNING_STATUSES",

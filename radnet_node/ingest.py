@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom.uid import (
@@ -24,6 +24,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -33,7 +34,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association as PynetAssociation
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
@@ -41,6 +42,9 @@ from radnet_node.audit import Association, AuditDB, Instance, add_event, utcnow
 from radnet_node.catalog import InstanceInfo, RegistrationOutcome, is_safe_uid, register_instance
 from radnet_node.config import NodeSection, TlsSection
 from radnet_node.errors import ConfigError, RadnetError
+
+#: the Verification SOP Class (C-ECHO)
+Verification = UID("1.2.840.10008.1.1")
 
 __all__ = [
     "CT_STORAGE_CLASSES",
@@ -70,7 +74,8 @@ CT_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ImplicitVRLittleEndian,
     ExplicitVRBigEndian,
     JPEGLosslessSV1,
-    JPEGLossless,
+    JPEGLossless,  # process 14
+    JPEGExtended12Bit,  # lossy, 12 bit
     JPEGLSLossless,
     JPEGLSNearLossless,
     JPEG2000Lossless,
@@ -192,8 +197,9 @@ class IngestSCP:
             ae.add_supported_context(sop_class, list(CT_TRANSFER_SYNTAXES))
         if self.node.accept_all_storage_classes:
             for context in AllStoragePresentationContexts:
-                if context.abstract_syntax not in CT_STORAGE_CLASSES:
-                    ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+                abstract = str(context.abstract_syntax)
+                if abstract not in CT_STORAGE_CLASSES:
+                    ae.add_supported_context(abstract, ALL_TRANSFER_SYNTAXES)
         return ae
 
     @property
@@ -422,7 +428,7 @@ def _on_store(event: evt.Event, state: _IngestState) -> int:
     with state.lock:
         info = state.open.get(id(event.assoc))
     association_id = info.association_id if info is not None else None
-    request = event.request
+    request = cast(C_STORE, event.request)
     sop_uid = str(request.AffectedSOPInstanceUID or "").strip()
 
     def refuse(status: int, why: str, **ids: Any) -> int:

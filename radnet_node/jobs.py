@@ -307,17 +307,17 @@ class Worker:
                 self._fail(prepared[0].claimed, f"inference failed: {type(exc).__name__}: {exc}")
                 return len(claimed)
             _log.warning("batch failed, running its series one by one", error=str(exc))
-            for item in prepared:
+            for one in prepared:
                 try:
-                    self._finish(item, self.engine.run([item.loaded])[0])
+                    self._finish(one, self.engine.run([one.loaded])[0])
                 except Exception as single:  # noqa: BLE001 - recorded as this job's failure
-                    self._fail(item.claimed, f"inference failed: {type(single).__name__}: {single}")
+                    self._fail(one.claimed, f"inference failed: {type(single).__name__}: {single}")
             return len(claimed)
-        for item, result in zip(prepared, results, strict=True):
+        for one, result in zip(prepared, results, strict=True):
             try:
-                self._finish(item, result)
+                self._finish(one, result)
             except Exception as exc:  # noqa: BLE001 - recorded as this job's failure
-                self._fail(item.claimed, f"{type(exc).__name__}: {exc}")
+                self._fail(one.claimed, f"{type(exc).__name__}: {exc}")
         return len(claimed)
 
     def step(self) -> bool:
