@@ -5,6 +5,9 @@ parks the running job."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import structlog
 import torch
 from node_support import (
     Destination,
@@ -24,8 +28,9 @@ from node_support import (
 from sqlalchemy import select
 
 from radnet_node.audit import Event, Job, study_story
-from radnet_node.config import Settings
+from radnet_node.config import LoggingSection, Settings
 from radnet_node.engine import Engine, EngineSettings
+from radnet_node.logging import bound, configure_logging
 from radnet_node.node import Node
 from training.dicom_writer import StudyInfo
 
@@ -196,3 +201,26 @@ def test_stop_parks_a_job_that_does_not_finish_in_time(
         node._worker_thread.join(30)
     with node.db.session() as session:
         assert session.scalars(select(Job)).one().state == "queued"  # the late finish discarded
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_process_log_is_json_with_bound_ids_and_no_patient_names_unless_allowed(
+    allowed: bool,
+) -> None:
+    stream = io.StringIO()
+    pynetdicom_logger = logging.getLogger("pynetdicom")
+    saved = (pynetdicom_logger.handlers[:], pynetdicom_logger.level, pynetdicom_logger.propagate)
+    try:
+        configure_logging(
+            LoggingSection(format="json", level="info", log_patient_names=allowed), stream
+        )
+        with bound(series_uid="1.2.3", job_id=7):
+            structlog.get_logger("test").info("hello", patient_name="Doe^Jane")
+        structlog.get_logger("test").debug("not at info level")
+    finally:
+        structlog.reset_defaults()
+        pynetdicom_logger.handlers[:], pynetdicom_logger.level, pynetdicom_logger.propagate = saved
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert (record["event"], record["series_uid"], record["job_id"]) == ("hello", "1.2.3", 7)
+    assert ("patient_name" in record) is allowed
