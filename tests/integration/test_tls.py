@@ -2,7 +2,8 @@
 CA signed is accepted; a client without the CA, without a certificate where one is required, with a
 certificate from another CA, or without TLS at all is refused. Checked first against DCMTK's
 ``storescp`` (the reference), then against the node, with the node's other association checks
-(called AE title, calling AE title and host allow-lists, out of resources)."""
+(called AE title, calling AE title and host allow-lists, maximum associations, out of
+resources)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from conftest import (
 from dcmtk import StoreScp, TlsOptions, echoscu, storescu
 from node_process import NodeProcess
 from orthanc import Modality, Orthanc, OrthancTls, wait_for
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from tls import Pki
 
 pytestmark = pytest.mark.integration
@@ -203,3 +206,26 @@ def test_orthanc_and_the_node_exchange_the_study_and_the_results_over_tls_only(
     assert_delivered_once(orthanc, PHILIPS_STUDY_UID)
     plain = echoscu("127.0.0.1", orthanc.dicom_port, called_ae=orthanc.ae_title)
     assert plain.returncode != 0  # Orthanc's port speaks TLS only: the results came over TLS
+
+
+def test_node_rejects_associations_beyond_its_maximum_as_transient(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    node = make_node(sections={"node": {"max_associations": 1}})
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context(Verification)
+    held = holder.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert held.is_established
+    try:
+        refused = echoscu("127.0.0.1", node.port, called_ae=node.ae_title)
+    finally:
+        held.release()
+    again = wait_for(
+        lambda: echoscu("127.0.0.1", node.port, called_ae=node.ae_title).returncode == 0,
+        timeout_s=30,
+        what="a C-ECHO once the held association is released",
+    )
+
+    assert refused.returncode != 0
+    assert "Rejected Transient" in refused.stdout + refused.stderr, refused.stdout
+    assert again
