@@ -24,7 +24,6 @@ __all__ = [
     "echoscu",
     "find_binary",
     "require_binary",
-    "start_storescu",
     "storescu",
     "storescu_command",
     "wait_for_port",
@@ -171,23 +170,6 @@ def storescu(
         command, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout_s + 60,
         check=False,
     )  # fmt: skip
-
-
-def start_storescu(
-    host: str,
-    port: int,
-    files: Sequence[Path],
-    *,
-    called_ae: str,
-    calling_ae: str = "STORESCU",
-    log: Path,
-) -> subprocess.Popen[bytes]:
-    """Start ``storescu`` in the background, its verbose output to ``log``."""
-    command = storescu_command(host, port, files, called_ae=called_ae, calling_ae=calling_ae)
-    with log.open("wb") as out:
-        return subprocess.Popen(  # noqa: S603 - our own arguments
-            command, env=dcmtk_env(), stdout=out, stderr=subprocess.STDOUT
-        )
 
 
 def wait_for_port(
