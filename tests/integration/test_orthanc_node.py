@@ -169,21 +169,22 @@ def test_orthanc_sends_the_philips_series_and_gets_a_valid_sr_and_seg_back_into_
     grouped = wait_for_results(orthanc, PHILIPS_STUDY_UID)
     wait_for(node.settled, timeout_s=120, what="every export delivered")
 
-    files = {}
-    for modality in ("SR", "SEG"):
-        files[modality] = tmp_path / f"{modality.lower()}.dcm"
-        files[modality].write_bytes(orthanc.fetch_file(grouped[modality][0]["ID"]))
-    sr = hd.sr.srread(files["SR"])
-    seg = hd.seg.segread(files["SEG"])
-    assert sr.StudyInstanceUID == seg.StudyInstanceUID == PHILIPS_STUDY_UID
+    # the tiny test weights call every slice positive: a key image comes too
+    (key_image,) = [i for instances in grouped.values() for i in instances
+                    if i["Tags"].get("SOPClassUID") == SECONDARY_CAPTURE]  # fmt: skip
+    files = {name: tmp_path / f"{name}.dcm" for name in ("sr", "seg", "key-image")}
+    for name, instance in (("sr", grouped["SR"][0]), ("seg", grouped["SEG"][0]),
+                           ("key-image", key_image)):  # fmt: skip
+        files[name].write_bytes(orthanc.fetch_file(instance["ID"]))
+    sr = hd.sr.srread(files["sr"])
+    seg = hd.seg.segread(files["seg"])
+    key = pydicom.dcmread(files["key-image"])
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID == key.StudyInstanceUID == PHILIPS_STUDY_UID
     assert seg.SOPInstanceUID in _referenced_uids(sr)
     assert _referenced_uids(seg) <= _sop_instance_uids(philips_5mm)
     assert _referenced_uids(seg)
     for path in files.values():
         assert _dciodvfy_errors(dciodvfy, path) == [], path.name
-    # the tiny test weights call every slice positive: a key image comes too
-    assert any(i["Tags"].get("SOPClassUID") == SECONDARY_CAPTURE
-               for instances in grouped.values() for i in instances)  # fmt: skip
     assert_delivered_once(orthanc, PHILIPS_STUDY_UID)
 
     story = node.audit_show(PHILIPS_STUDY_UID)
