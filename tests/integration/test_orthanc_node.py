@@ -193,6 +193,7 @@ def test_orthanc_sends_the_philips_series_and_gets_a_valid_sr_and_seg_back_into_
     (run,) = [s for s in story["series"] if s["results"]]
     assert run["instance_count"] == PHILIPS_5MM_SLICES
     assert {e["state"] for e in run["exports"]} == {"delivered"}
+    assert node.terminate(timeout_s=60) == 0  # SIGTERM, as systemd stops it: a clean exit
 
 
 def test_results_wait_while_the_pacs_is_down_and_arrive_once_when_it_is_back(
