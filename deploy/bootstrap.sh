@@ -2,7 +2,7 @@
 # Set up radnet-node on a fresh Debian/Ubuntu machine: system tools (as root, when missing), a virtual
 # environment in .venv with the CPU build of torch 2.13.0, and the package. Idempotent; safe to re-run.
 #   deploy/bootstrap.sh          runtime only
-#   deploy/bootstrap.sh --test   also the test tools (DCMTK, Orthanc, dicom3tools, dcmqi, pytest)
+#   deploy/bootstrap.sh --test   also the test tools (DCMTK, Orthanc, Lua, dicom3tools, dcmqi, pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 with_tests=0
@@ -13,6 +13,10 @@ command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 if (( with_tests )); then
   command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
   command -v dsrdump >/dev/null 2>&1 || need_apt+=(dcmtk)
+  # deploy checks: Lua syntax of the Orthanc auto-routing script, the systemd unit, test certificates
+  command -v luac5.3 >/dev/null 2>&1 || need_apt+=(lua5.3)
+  command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+  command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 fi
 if (( ${#need_apt[@]} )); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import PHILIPS_STUDY_UID, assert_delivered_once, wait_for_results
 from dcmtk import storescu
 from node_process import NodeProcess, write_test_weights
 from orthanc import Orthanc, wait_for
+from pacs import PHILIPS_STUDY_UID, assert_delivered_once, wait_for_results
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage

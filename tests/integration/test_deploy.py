@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import missing_tool, need_program
+from pacs import missing_tool, need_program
 
 from radnet_node.config import load_settings
 

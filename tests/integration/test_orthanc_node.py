@@ -12,7 +12,10 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
-from conftest import (
+from dcmtk import StoreScp, storescu
+from node_process import NodeProcess
+from orthanc import Modality, Orthanc, OrthancError, wait_for
+from pacs import (
     PHILIPS_5MM_SLICES,
     PHILIPS_STUDY_UID,
     SECONDARY_CAPTURE,
@@ -20,9 +23,6 @@ from conftest import (
     need_program,
     wait_for_results,
 )
-from dcmtk import StoreScp, storescu
-from node_process import NodeProcess
-from orthanc import Modality, Orthanc, OrthancError, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
+from dcmtk import StoreScp, TlsOptions, echoscu, storescu
+from node_process import NodeProcess
+from orthanc import Modality, Orthanc, OrthancTls, wait_for
+from pacs import (
     PHILIPS_STUDY_UID,
     assert_delivered_once,
     orthanc_destination,
     wait_for_results,
 )
-from dcmtk import StoreScp, TlsOptions, echoscu, storescu
-from node_process import NodeProcess
-from orthanc import Modality, Orthanc, OrthancTls, wait_for
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from tls import Pki

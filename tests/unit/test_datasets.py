@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import synthetic_head_hu
+from synthetic_heads import synthetic_head_hu
 
 from radnet_node.errors import DatasetError
 from radnet_node.preprocess import PreprocessSpec
