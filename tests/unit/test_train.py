@@ -21,9 +21,11 @@ from training.train import (
     TrainingCase,
     _cli,
     _milestones,
+    _optimizer,
     augment,
     build_windows,
     compute_loss,
+    crop_batch,
     load_checkpoint,
     sample_windows,
     to_training_case,
@@ -336,3 +338,47 @@ def test_training_learns_the_tiny_bright_blob_task(tmp_path: Path) -> None:
     assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
     assert history[-1]["val"]["slice"]["auc"] >= 0.9
     assert history[-1]["val"]["dice"]["mean"] > 0.5
+
+
+# ----------------------------------------------------------------------------- shipped-run options
+
+
+def test_min_blood_pixels_leaves_specks_of_blood_out_of_the_slice_loss() -> None:
+    image = np.zeros((3, 8, 8), np.float32)
+    mask = np.zeros((3, 8, 8), np.uint8)
+    mask[0, :2, :2] = 1  # 4 px: a speck
+    mask[1, :4, :4] = 1  # 16 px
+    case = Case("s", image, np.array([1, 1, 0], np.int8), mask, 1, "layout")
+    assert to_training_case(case, min_blood_pixels=10).slice_labels.tolist() == [-1, 1, 0]
+    assert to_training_case(case).slice_labels.tolist() == [1, 1, 0]
+    assert to_training_case(case, min_blood_pixels=10).mask_known.all()  # masks still train
+
+
+def test_optimizer_is_sgd_by_default_and_adamw_on_request(tiny_data: Path) -> None:
+    model = torch.nn.Linear(2, 1)
+    sgd = _optimizer(model, tiny_config(tiny_data))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["momentum"] == 0.9
+    adamw = _optimizer(model, load_config(None, {"optim": {"optimizer": "adamw", "lr": 1e-3}}))
+    assert isinstance(adamw, torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="optimizer"):
+        load_config(None, {"optim": {"optimizer": "adam"}})
+
+
+def test_crop_batch_keeps_the_blood_and_rederives_slice_labels() -> None:
+    images = torch.zeros(1, 3, 64, 64)
+    masks = torch.zeros(1, 3, 64, 64)
+    masks[0, 1, 50:56, 50:56] = 1.0  # 36 px of blood on slice 1, near a corner
+    masks[0, 2, 50:52, 50:52] = 1.0  # a 4 px speck on slice 2
+    images[masks > 0] = 0.9
+    known = torch.ones(1, 3, dtype=torch.bool)
+    batch = Batch(images, torch.tensor([[0.0, 1.0, 1.0]]), masks, known)
+    for seed in range(5):
+        cropped = crop_batch(batch, 24, np.random.default_rng(seed), min_blood_pixels=10)
+        assert cropped.images.shape == (1, 3, 24, 24)
+        assert cropped.masks[0, 1].sum() > 0  # the crop is placed on the blood
+        assert torch.equal(cropped.images > 0.5, cropped.masks > 0)  # image and mask stay aligned
+        assert cropped.slice_labels[0, 0] == 0.0
+        assert cropped.slice_labels[0, 1] == (1.0 if cropped.masks[0, 1].sum() >= 10 else -1.0)
+        assert cropped.slice_labels[0, 2] in (-1.0, 0.0)  # a speck, or outside the crop
+    assert crop_batch(batch, 64, np.random.default_rng(0), 10) is batch  # no crop at full size
