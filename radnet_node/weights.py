@@ -178,6 +178,7 @@ def export_weights(
         torch.save(state, tmp)
         tmp.flush()
         os.fsync(tmp.fileno())
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600; a weights file is not a secret
     os.replace(tmp.name, out)
     card = ModelCard(
         name=name,
