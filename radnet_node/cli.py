@@ -88,7 +88,7 @@ def infer(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option(help=f"TOML configuration ([model], [series]); default ${CONFIG_ENV}."),
+        typer.Option(help=f"TOML configuration (model, series sections); default ${CONFIG_ENV}."),
     ] = None,
 ) -> None:
     """Run RADnet on every axial head-CT series found in PATHS and write, per series, into
