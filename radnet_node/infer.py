@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from radnet_node.dicom_out import DicomOutputs, NodeIdentity, build_outputs
+from radnet_node.dicom_out import NodeIdentity, build_outputs
 from radnet_node.engine import Engine, LoadedSeries
 from radnet_node.errors import InputError, RadnetError, SeriesError
 from radnet_node.preview import preview_png
@@ -36,6 +37,10 @@ __all__ = [
     "process_series",
     "result_document",
     "write_series_folder",
+    "OUTPUT_FILES",
+    "SeriesOutputs",
+    "build_series_outputs",
+    "content_hash",
 ]
 
 RESULT_SCHEMA_VERSION = 1
@@ -134,22 +139,13 @@ def process_series(
         loaded = engine.load(group.paths, series_label=group.label)
         result = engine.run([loaded])[0]
         write_start = time.perf_counter()
-        files = _output_files(result, loaded, group, identity)
         timings = dict(result.timings_ms)
-        timings["write"] = (time.perf_counter() - write_start) * 1000.0
-        outputs = {kind: file.name for kind, file in files.items()}
-        outputs["result"] = "result.json"
         timings["total"] = (time.perf_counter() - start) * 1000.0
-        document = result_document(
-            result,
-            outputs=outputs,
-            output_uids={k: f.sop_instance_uid for k, f in files.items() if f.sop_instance_uid},
-            timings_ms=timings,
-            series_description=str(group.first.get("SeriesDescription", "") or ""),
-            runtime=engine.describe(),
+        built = build_series_outputs(
+            result, loaded, group, identity, runtime=engine.describe(), timings_ms=timings
         )
-        payload = {file.name: file.content for file in files.values()}
-        payload["result.json"] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
+        outputs = dict(built.document["outputs"])
+        payload = dict(built.files)
         final = write_series_folder(out_dir, result.series_instance_uid, payload)
         # result.json cannot hold the time of its own writing; the returned timings do
         timings["write"] = (time.perf_counter() - write_start) * 1000.0
@@ -165,35 +161,107 @@ def process_series(
     )
 
 
+#: output kind -> file name in the result folder (the DICOM ones are what export sends)
+OUTPUT_FILES = {
+    "sr": "sr.dcm",
+    "seg": "seg.dcm",
+    "key_image": "key-image.dcm",
+    "preview": "preview.png",
+    "result": "result.json",
+}
+# Values that change on every build of the same result: creation dates and times, and the SEG's
+# Dimension Organization UID, which highdicom generates anew on every build.
+_TIME_VRS = frozenset({"DA", "TM", "DT"})
+_RANDOM_TAGS = frozenset({0x00209164})  # DimensionOrganizationUID
+
+
+def content_hash(datasets: Mapping[str, Dataset]) -> str:
+    """SHA-256 of what would be sent, without what changes on every build of the same result.
+
+    Every element of every dataset (in sequences too) except those with VR DA, TM or DT and the
+    Dimension Organization UID goes in
+    by tag, VR and value; the output UIDs are deterministic for (source instances, model), so
+    the same inputs and model give the same hash, and any other content another.
+
+    Parameters
+    ----------
+    datasets
+        Output kind -> dataset.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    digest = hashlib.sha256()
+    for kind in sorted(datasets):
+        digest.update(kind.encode() + b"\0")
+        for element in datasets[kind].iterall():
+            if element.VR in _TIME_VRS or element.VR == "SQ" or element.tag in _RANDOM_TAGS:
+                continue
+            value = element.value
+            raw = value if isinstance(value, bytes) else repr(value).encode("utf-8")
+            digest.update(f"{element.tag:08X}{element.VR}".encode() + raw + b"\0")
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
-class _OutputFile:
-    name: str
-    content: bytes
-    sop_instance_uid: str = ""
+class SeriesOutputs:
+    """What one result becomes: the files of its folder, the output UIDs and the content hash."""
 
-
-def _output_files(
-    result: SeriesResult, loaded: LoadedSeries, group: SeriesGroup, identity: NodeIdentity
-) -> dict[str, _OutputFile]:
-    """Output kind -> file: the DICOM objects (SR, SEG, key image when positive) and the preview."""
-    sources: dict[str, Dataset] = {str(ds.SOPInstanceUID): ds for ds in group.headers}
-    key_hu = loaded.hu.hu[result.key_slice_index] if result.ct_positive else None
-    dicom: DicomOutputs = build_outputs(result, sources, identity, key_slice_hu=key_hu)
-    objects = {"sr": ("sr.dcm", dicom.sr), "seg": ("seg.dcm", dicom.seg)}
-    if dicom.key_image is not None:
-        objects["key_image"] = ("key-image.dcm", dicom.key_image)
-    files = {
-        kind: _OutputFile(name, _encode(ds), str(ds.SOPInstanceUID))
-        for kind, (name, ds) in objects.items()
-    }
-    files["preview"] = _OutputFile("preview.png", preview_png(result, loaded.hu.hu))
-    return files
+    files: Mapping[str, bytes]  # file name -> content
+    output_uids: Mapping[str, str]  # output kind -> SOP Instance UID
+    content_hash: str
+    document: Mapping[str, Any]
 
 
 def _encode(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def build_series_outputs(
+    result: SeriesResult,
+    loaded: LoadedSeries,
+    group: SeriesGroup,
+    identity: NodeIdentity,
+    *,
+    runtime: Mapping[str, Any],
+    timings_ms: Mapping[str, float],
+) -> SeriesOutputs:
+    """Build the SR, SEG, key image (positive results), preview and result.json of one result,
+    for ``radnet-node infer`` and the node alike.
+
+    Raises
+    ------
+    SeriesError
+        A builder refuses the result (see :func:`radnet_node.dicom_out.build_outputs`).
+    """
+    build_start = time.perf_counter()
+    sources = {str(ds.SOPInstanceUID): ds for ds in group.headers}
+    key_hu = loaded.hu.hu[result.key_slice_index] if result.ct_positive else None
+    dicom = build_outputs(result, sources, identity, key_slice_hu=key_hu)
+    datasets: dict[str, Dataset] = {"sr": dicom.sr, "seg": dicom.seg}
+    if dicom.key_image is not None:
+        datasets["key_image"] = dicom.key_image
+    files = {OUTPUT_FILES[kind]: _encode(ds) for kind, ds in datasets.items()}
+    files[OUTPUT_FILES["preview"]] = preview_png(result, loaded.hu.hu)
+    uids = {kind: str(ds.SOPInstanceUID) for kind, ds in datasets.items()}
+    outputs = {kind: OUTPUT_FILES[kind] for kind in (*datasets, "preview", "result")}
+    timings = dict(timings_ms)
+    # result.json cannot hold the time of its own writing: "write" is the time to build the files
+    timings.setdefault("write", (time.perf_counter() - build_start) * 1000.0)
+    document = result_document(
+        result,
+        outputs=outputs,
+        output_uids=uids,
+        timings_ms=timings,
+        series_description=str(group.first.get("SeriesDescription", "") or ""),
+        runtime=runtime,
+    )
+    files[OUTPUT_FILES["result"]] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
+    return SeriesOutputs(files, uids, content_hash(datasets), document)
 
 
 def result_document(

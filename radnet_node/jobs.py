@@ -5,20 +5,16 @@ every unfinished step back on its way from the database and the spool at start-u
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import structlog
-from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
 from radnet_node.audit import (
@@ -43,12 +39,17 @@ from radnet_node.catalog import (
     select_series,
 )
 from radnet_node.config import Settings
-from radnet_node.dicom_out import NodeIdentity, build_outputs
+from radnet_node.dicom_out import NodeIdentity
 from radnet_node.engine import Engine, LoadedSeries
 from radnet_node.errors import InputError, RadnetError
-from radnet_node.infer import result_document, write_series_folder
+from radnet_node.infer import (
+    OUTPUT_FILES,
+    SeriesOutputs,
+    build_series_outputs,
+    content_hash,
+    write_series_folder,
+)
 from radnet_node.logging import bound
-from radnet_node.preview import preview_png
 from radnet_node.results import SeriesResult
 from radnet_node.series import SeriesGroup, read_header
 
@@ -64,104 +65,6 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("radnet_node.jobs")
-
-#: output kind -> file name in the result folder (the DICOM ones are what export sends)
-OUTPUT_FILES = {
-    "sr": "sr.dcm",
-    "seg": "seg.dcm",
-    "key_image": "key-image.dcm",
-    "preview": "preview.png",
-    "result": "result.json",
-}
-# Values that change on every build of the same result: creation dates and times, and the SEG's
-# Dimension Organization UID, which highdicom generates anew on every build.
-_TIME_VRS = frozenset({"DA", "TM", "DT"})
-_RANDOM_TAGS = frozenset({0x00209164})  # DimensionOrganizationUID
-
-
-def content_hash(datasets: Mapping[str, Dataset]) -> str:
-    """SHA-256 of what would be sent, without what changes on every build of the same result.
-
-    Every element of every dataset (in sequences too) except those with VR DA, TM or DT and the
-    Dimension Organization UID goes in
-    by tag, VR and value; the output UIDs are deterministic for (source instances, model), so
-    the same inputs and model give the same hash, and any other content another.
-
-    Parameters
-    ----------
-    datasets
-        Output kind -> dataset.
-
-    Returns
-    -------
-    str
-        64 hex digits.
-    """
-    digest = hashlib.sha256()
-    for kind in sorted(datasets):
-        digest.update(kind.encode() + b"\0")
-        for element in datasets[kind].iterall():
-            if element.VR in _TIME_VRS or element.VR == "SQ" or element.tag in _RANDOM_TAGS:
-                continue
-            value = element.value
-            raw = value if isinstance(value, bytes) else repr(value).encode("utf-8")
-            digest.update(f"{element.tag:08X}{element.VR}".encode() + raw + b"\0")
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class SeriesOutputs:
-    """What one result becomes: the files of its folder, the output UIDs and the content hash."""
-
-    files: Mapping[str, bytes]  # file name -> content
-    output_uids: Mapping[str, str]  # output kind -> SOP Instance UID
-    content_hash: str
-    document: Mapping[str, Any]
-
-
-def _encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def build_series_outputs(
-    result: SeriesResult,
-    loaded: LoadedSeries,
-    group: SeriesGroup,
-    identity: NodeIdentity,
-    *,
-    runtime: Mapping[str, Any],
-    timings_ms: Mapping[str, float],
-) -> SeriesOutputs:
-    """Build the SR, SEG, key image (positive results), preview and result.json of one result,
-    the same objects ``radnet-node infer`` writes.
-
-    Raises
-    ------
-    SeriesError
-        A builder refuses the result (see :func:`radnet_node.dicom_out.build_outputs`).
-    """
-    sources = {str(ds.SOPInstanceUID): ds for ds in group.headers}
-    key_hu = loaded.hu.hu[result.key_slice_index] if result.ct_positive else None
-    dicom = build_outputs(result, sources, identity, key_slice_hu=key_hu)
-    datasets: dict[str, Dataset] = {"sr": dicom.sr, "seg": dicom.seg}
-    if dicom.key_image is not None:
-        datasets["key_image"] = dicom.key_image
-    files = {OUTPUT_FILES[kind]: _encode(ds) for kind, ds in datasets.items()}
-    files[OUTPUT_FILES["preview"]] = preview_png(result, loaded.hu.hu)
-    uids = {kind: str(ds.SOPInstanceUID) for kind, ds in datasets.items()}
-    outputs = {kind: OUTPUT_FILES[kind] for kind in (*datasets, "preview", "result")}
-    document = result_document(
-        result,
-        outputs=outputs,
-        output_uids=uids,
-        timings_ms=timings_ms,
-        series_description=str(group.first.get("SeriesDescription", "") or ""),
-        runtime=runtime,
-    )
-    files[OUTPUT_FILES["result"]] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
-    return SeriesOutputs(files, uids, content_hash(datasets), document)
 
 
 @dataclass(frozen=True)
