@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
+
 __all__ = [
     "DcmtkError",
     "StoreScp",
@@ -259,11 +261,20 @@ class StoreScp:
         self._process = None
 
     def received(self) -> list[Path]:
-        """The files received so far."""
-        return sorted(p for p in self.output_dir.iterdir() if p.is_file())
+        """The files received so far; storescp writes into its folder directly, so a file still
+        being written (not yet readable as a whole DICOM file) is not counted."""
+        return sorted(p for p in self.output_dir.iterdir() if p.is_file() and _complete(p))
 
     def __enter__(self) -> StoreScp:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _complete(path: Path) -> bool:
+    try:
+        pydicom.dcmread(path)  # a truncated file fails to read
+    except Exception:  # noqa: BLE001 - a partial file fails in many ways; it is simply not done
+        return False
+    return True
