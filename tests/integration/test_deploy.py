@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from node_process import node_command
 from pacs import missing_tool, need_program
 
 from radnet_node.config import load_settings
@@ -40,9 +41,7 @@ def _unit() -> configparser.ConfigParser:
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     analyze = need_program("systemd-analyze")
-    node = shutil.which("radnet-node")
-    if node is None:
-        missing_tool("the radnet-node console script is not installed")
+    node = node_command()[0]
     # verify checks that ExecStart exists: point it at this checkout's console script.
     unit = tmp_path / UNIT.name
     unit.write_text(

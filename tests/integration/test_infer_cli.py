@@ -4,7 +4,6 @@ per series or skipped file, exit codes, and no half-written output folder."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from node_process import node_command
 from pydicom import uid
 from pydicom.encaps import encapsulate
 from typer.testing import CliRunner
@@ -204,7 +204,7 @@ def test_a_failed_series_gives_exit_1_and_the_others_are_still_written(
         "--weights", weights,
     )  # fmt: skip
     assert code == EXIT_FAILED
-    assert f"FAILED  #2 \"HEAD 5MM (SYNTHETIC)\" {ds.SeriesInstanceUID}" in stdout
+    assert f'FAILED  #2 "HEAD 5MM (SYNTHETIC)" {ds.SeriesInstanceUID}' in stdout
     failed_line = next(line for line in stdout.splitlines() if line.startswith("FAILED"))
     assert str(other[2]) in failed_line and "MPEG2" in failed_line
     assert f"ERROR   {truncated}: corrupt DICOM file" in stdout
@@ -270,10 +270,9 @@ def test_a_failed_write_leaves_no_folder_and_keeps_the_previous_one(tmp_path: Pa
     assert (tmp_path / "1.2.3" / "result.json").read_bytes() == b"old"
 
 
-@pytest.mark.skipif(shutil.which("radnet-node") is None, reason="console script not installed")
 def test_console_script_runs(tmp_path: Path, weights: Path, generated: list[Path]) -> None:
     run = subprocess.run(
-        ["radnet-node", "infer", str(generated[0].parent), "--out", str(tmp_path / "o"),
+        [*node_command(), "infer", str(generated[0].parent), "--out", str(tmp_path / "o"),
          "--weights", str(weights), "--device", "cpu"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
