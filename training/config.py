@@ -125,6 +125,10 @@ class TrainSection(_Section):
     # cheaper steps and a larger share of blood in the pooled features; see train.crop_batch.
     crop_size: int = Field(0, ge=0)
     crop_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # Start from these weights instead of He initialisation (a fine-tuning stage): a radnet-train
+    # checkpoint (.pt with its saved state) or exported weights with their model card. The
+    # architecture must match exactly; optimizer and schedule start fresh.
+    init_from: str | None = None
 
 
 class TrainConfig(_Section):

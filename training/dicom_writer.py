@@ -138,8 +138,10 @@ def write_ct_series(
     series_uid = study.uid("series", series_number)
     frame_uid = study.uid("frame-of-reference")
     study_uid = study.uid("study")
-    numbers = list(instance_numbers) if instance_numbers is not None else list(
-        range(1, geometry.number_of_slices + 1)
+    numbers = (
+        list(instance_numbers)
+        if instance_numbers is not None
+        else list(range(1, geometry.number_of_slices + 1))
     )
     dtype = np.int16 if signed else np.uint16
     info = np.iinfo(dtype)

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from radnet_node.errors import ConfigError, DatasetError, RadnetError
 from radnet_node.model import RADnet, RadnetConfig
 from radnet_node.preprocess import PreprocessSpec
+from radnet_node.weights import load_model, sha256_of
 from training.config import TrainConfig, load_config, validate_config
 from training.datasets import Case, CaseDataset, ConcatDataset, open_dataset, stratified_split
 from training.inference import (
@@ -441,6 +442,38 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
+def initial_weights(path: Path, model: RADnet) -> str:
+    """Load the weights of ``path`` into ``model`` (strict) and return their sha256.
+
+    ``path`` is a radnet-train checkpoint or weights exported by ``radnet-export`` (checked
+    against its model card).
+
+    Raises
+    ------
+    RadnetError
+        The file is missing or unreadable, or its weights do not fit ``model``'s architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RadnetError(f"{path}: train.init_from: file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged pickle
+        raise RadnetError(f"{path}: train.init_from: cannot read: {error}") from error
+    if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
+        state = data["model_state"]
+    else:
+        exported, _card = load_model(path)  # verifies sha256 against the model card
+        state = exported.state_dict()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise RadnetError(
+            f"{path}: train.init_from: weights do not fit the configured model: {error}"
+        ) from error
+    return sha256_of(path)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -661,8 +694,15 @@ def train(
         best_validation = state["best_validation"]
         _set_rng_states(state["rng"])
         _truncate_history(run_dir / "history.jsonl", start_epoch)
-    elif (run_dir / "history.jsonl").exists():
-        (run_dir / "history.jsonl").unlink()
+    else:
+        if config.train.init_from:
+            init_sha = initial_weights(Path(config.train.init_from), model)
+            tqdm.write(
+                f"radnet-train: initial weights {config.train.init_from} (sha256 {init_sha})",
+                file=sys.stderr,
+            )
+        if (run_dir / "history.jsonl").exists():
+            (run_dir / "history.jsonl").unlink()
 
     windows = build_windows(train_cases, config.train.sequence_length)
     n_train_slices = sum(c.n_slices for c in train_cases)
@@ -884,6 +924,10 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
     stop_after_epoch: Annotated[
         int | None, typer.Option(help="End this session after epoch N; continue with --resume")
     ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(help="Start from these weights (checkpoint or exported) to fine-tune"),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ) -> None:
     """Train RADnet (or an ablation variant) with the paper's recipe."""
@@ -901,6 +945,7 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
     put("train", "epoch_size", epoch_size)
     put("train", "precision", precision)
     put("train", "threads", threads)
+    put("train", "init_from", None if init_from is None else str(init_from))
     put("data", "max_cases", max_cases)
     put("data", "cache_dir", None if cache_dir is None else str(cache_dir))
     try:
@@ -915,6 +960,7 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
                     ("--seed", seed),
                     ("--epoch-size", epoch_size),
                     ("--precision", precision),
+                    ("--init-from", init_from),
                 )
                 if value is not None
             ]

@@ -13,7 +13,10 @@ import typer
 from tiny_layout import TINY_MODEL, TINY_PREPROCESS, write_tiny_layout
 from typer.testing import CliRunner
 
-from radnet_node.errors import ConfigError
+from radnet_node.errors import ConfigError, RadnetError
+from radnet_node.model import RADnet
+from radnet_node.preprocess import PreprocessSpec
+from radnet_node.weights import export_weights
 from training.config import TrainConfig, load_config, validate_config
 from training.datasets import Case
 from training.train import (
@@ -27,6 +30,7 @@ from training.train import (
     compute_loss,
     crop_batch,
     load_checkpoint,
+    model_config_for,
     sample_windows,
     to_training_case,
     train,
@@ -265,6 +269,47 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(
     full_state = load_checkpoint(full / "checkpoints" / "last.pt")["model_state"]
     parted_state = load_checkpoint(parted / "checkpoints" / "last.pt")["model_state"]
     assert all(torch.equal(full_state[k], parted_state[k]) for k in full_state)
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoint_or_exported_weights(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    first = tmp_path / "first"
+    train(tiny_config(tiny_data, epochs=1), first, progress=False)
+    stage1 = load_checkpoint(first / "checkpoints" / "last.pt")["model_state"]
+    # epochs=1 with lr 0 keeps the weights: the new run starts exactly where stage 1 ended
+    frozen = tiny_config(tiny_data, epochs=1, init_from=str(first / "checkpoints" / "last.pt"))
+    frozen = validate_config(frozen.to_dict() | {"optim": {**frozen.to_dict()["optim"], "lr": 0.0}})
+    train(frozen, tmp_path / "second", progress=False)
+    stage2 = load_checkpoint(tmp_path / "second" / "checkpoints" / "last.pt")["model_state"]
+    weights = [k for k in stage1 if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(stage1[k], stage2[k]) for k in weights)
+    exported = tmp_path / "w.pt"
+    export_weights(
+        _model_from(stage1), exported, name="tiny", version="0.0.1",
+        preprocess=PreprocessSpec(**TINY_PREPROCESS), threshold=0.5, min_consecutive_slices=3,
+        training_data={}, training={}, metrics={}, limitations=["test only"],
+    )  # fmt: skip
+    third = tmp_path / "third"
+    train(validate_config(frozen.to_dict() | {"train": {**frozen.to_dict()["train"],
+          "init_from": str(exported)}}), third, progress=False)  # fmt: skip
+    stage3 = load_checkpoint(third / "checkpoints" / "last.pt")["model_state"]
+    assert all(torch.equal(stage1[k], stage3[k]) for k in weights)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RadnetError, match="bad.pt: train.init_from: cannot read"):
+        train(tiny_config(tiny_data, init_from=str(bad)), tmp_path / "fourth", progress=False)
+    other = tiny_config(tiny_data, init_from=str(first / "checkpoints" / "last.pt"))
+    other = validate_config(other.to_dict() | {"model": {**TINY_MODEL, "growth_rate": 6}})
+    with pytest.raises(RadnetError, match="do not fit the configured model"):
+        train(other, tmp_path / "fifth", progress=False)
+
+
+def _model_from(state: dict[str, torch.Tensor]) -> RADnet:
+    config = model_config_for(tiny_config(Path("unused")))
+    model = RADnet(config)
+    model.load_state_dict(state)
+    return model
 
 
 def test_val_every_skips_validation_but_always_validates_the_last_epoch(
