@@ -147,6 +147,7 @@ def load_cases(
     *,
     desc: str,
     min_blood_pixels: int = 0,
+    progress: bool = True,
 ) -> tuple[list[TrainingCase], list[SkippedCase]]:
     """Load cases into memory; a case that fails with DatasetError is skipped and reported.
 
@@ -155,7 +156,8 @@ def load_cases(
     """
     cases: list[TrainingCase] = []
     skipped: list[SkippedCase] = []
-    for case_id in tqdm(case_ids, desc=desc, unit="case", leave=False, file=sys.stderr):
+    bar = tqdm(case_ids, desc=desc, unit="case", leave=False, file=sys.stderr, disable=not progress)
+    for case_id in bar:
         try:
             cases.append(to_training_case(dataset.load(case_id), image_dtype, min_blood_pixels))
         except DatasetError as error:
@@ -661,8 +663,11 @@ def train(
         dtype,
         desc="loading train",
         min_blood_pixels=config.loss.min_blood_pixels,
+        progress=progress,
     )
-    val_cases, skipped_val = load_cases(data, split["val"], dtype, desc="loading val")
+    val_cases, skipped_val = load_cases(
+        data, split["val"], dtype, desc="loading val", progress=progress
+    )
     skipped = skipped_train + skipped_val
     if not train_cases or not val_cases:
         raise DatasetError(
