@@ -157,8 +157,12 @@ def cpu_modes(
     engines = {
         mode: Engine(
             EngineSettings(
-                weights=weights, device="cpu", precision=mode[0], channels_last=mode[1],
-                chunk_slices=mode[2], threads=threads,  # one line per mode field
+                weights=weights,
+                device="cpu",
+                precision=mode[0],
+                channels_last=mode[1],
+                chunk_slices=mode[2],
+                threads=threads,  # one line per mode field
             )
         )  # fmt: skip
         for mode in modes

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fixed_weights import POSITIVE_BIAS, TINY_MODEL, write_fixed_weights
 from orthanc import free_port
 
 __all__ = [
@@ -30,14 +31,6 @@ __all__ = [
     "vm_hwm_mb",
     "write_test_weights",
 ]
-
-#: a RADnet small enough to run 28 slices in well under a second on one core
-TINY_MODEL: dict[str, Any] = {
-    "layers_per_block": 1,
-    "growth_rate": 4,
-    "stem_channels": 4,
-    "lstm_hidden": 4,
-}
 
 
 class NodeError(RuntimeError):
@@ -64,41 +57,11 @@ def node_command() -> list[str]:
 def write_test_weights(
     out: Path, *, model: Mapping[str, Any] | None = None, positive: bool = True
 ) -> Path:
-    """Export RADnet weights with a model card for tests and benchmarks (not a trained model).
-
-    ``model``: :func:`radnet_node.model.build_model` overrides (default :data:`TINY_MODEL` at a
-    64 px input); ``positive``: the slice classifier is fixed to score every slice 0.993
-    (``False``: 0.007), so the CT-level result is known in advance; the auxiliary heads are random.
-    """
-    import torch  # noqa: PLC0415 - only the tests and benchmarks that make weights need torch
-
-    from radnet_node.model import build_model  # noqa: PLC0415
-    from radnet_node.preprocess import PreprocessSpec  # noqa: PLC0415
-    from radnet_node.weights import export_weights  # noqa: PLC0415
-
-    overrides = dict(model) if model is not None else {"input_size": 64, **TINY_MODEL}
-    torch.manual_seed(0)
-    network = build_model("radnet", **overrides)
-    with torch.no_grad():
-        network.classifier.weight.zero_()
-        network.classifier.bias.fill_(5.0 if positive else -5.0)
-    input_size = int(overrides.get("input_size", 250))
-    export_weights(
-        network,
-        out,
-        name="radnet-test",
-        version="0.0.1",
-        preprocess=PreprocessSpec(
-            pixel_spacing_mm=250.0 / input_size, field_of_view_mm=250.0, min_slices=5
-        ),
-        threshold=0.5,
-        min_consecutive_slices=3,
-        training_data={"description": "none: fixed classifier for tests"},
-        training={},
-        metrics={},
-        limitations=["tests and benchmarks only"],
+    """Fixed-answer weights (``tests/fixed_weights.py``): every slice scores 0.993 when
+    ``positive``, else 0.007; ``model`` overrides the tiny architecture (``{}``: full size)."""
+    return write_fixed_weights(
+        out, model=model, slice_bias=POSITIVE_BIAS if positive else -POSITIVE_BIAS
     )
-    return out
 
 
 def vm_hwm_mb(pid: int) -> float | None:

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from fixed_weights import write_fixed_weights
 from node_process import node_command
 from pydicom import uid
 from pydicom.encaps import encapsulate
@@ -20,13 +21,9 @@ from typer.testing import CliRunner
 from radnet_node.cli import EXIT_FAILED, EXIT_NOTHING_TO_DO, EXIT_OK, EXIT_USAGE, app
 from radnet_node.errors import InputError
 from radnet_node.infer import write_series_folder
-from radnet_node.model import build_model
-from radnet_node.preprocess import PreprocessSpec
-from radnet_node.weights import export_weights
 from training.dicom_writer import SeriesGeometry, StudyInfo
 
 PHILIPS = "dcm_qa_ct/Philips_Ingenuity_head_phantom"
-TINY = {"layers_per_block": 1, "growth_rate": 4, "stem_channels": 4, "lstm_hidden": 4}
 SPACING = (3.2, 3.2)
 GEOMETRY = SeriesGeometry(
     rows=80, columns=80, pixel_spacing_mm=SPACING, table_positions_mm=(0, 5, 10, 15, 20, 25)
@@ -53,26 +50,8 @@ def _one_thread() -> None:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny weights whose every slice scores 0.993 (fixed classifier), aux heads random."""
-    torch.manual_seed(0)
-    model = build_model("radnet", input_size=64, **TINY)  # type: ignore[arg-type]
-    with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.fill_(5.0)
-    out = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    export_weights(
-        model,
-        out,
-        name="radnet-tiny-test",
-        version="0.0.1",
-        preprocess=PreprocessSpec(pixel_spacing_mm=4.0, field_of_view_mm=256.0, min_slices=5),
-        threshold=0.5,
-        min_consecutive_slices=3,
-        training_data={"description": "none"},
-        training={},
-        metrics={},
-        limitations=["test only"],
-    )
-    return out
+    folder = tmp_path_factory.mktemp("weights")
+    return write_fixed_weights(folder / "tiny.pt", field_of_view_mm=256.0, name="radnet-tiny-test")
 
 
 @pytest.fixture

@@ -13,43 +13,24 @@ from typing import Any
 
 import numpy as np
 import pydicom
-import torch
+from fixed_weights import POSITIVE_BIAS, write_fixed_weights
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from radnet_node.catalog import InstanceInfo
 from radnet_node.config import Settings
-from radnet_node.model import build_model
-from radnet_node.preprocess import PreprocessSpec
-from radnet_node.weights import export_weights
 from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series
 
-TINY = {"layers_per_block": 1, "growth_rate": 4, "stem_channels": 4, "lstm_hidden": 4}
 SPACING = (4.0, 4.0)
 
 
-def tiny_weights(directory: Path, slice_bias: float = 5.0) -> Path:
+def tiny_weights(directory: Path, slice_bias: float = POSITIVE_BIAS) -> Path:
     """Tiny RADnet weights whose every slice scores sigmoid(slice_bias) (0.993: positive)."""
-    torch.manual_seed(0)
-    model = build_model("radnet", input_size=64, **TINY)  # type: ignore[arg-type]
-    with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.fill_(slice_bias)
-    out = directory / "tiny.pt"
-    export_weights(
-        model,
-        out,
+    return write_fixed_weights(
+        directory / "tiny.pt", slice_bias=slice_bias, field_of_view_mm=256.0,
         name="radnet-tiny-test",
-        version="0.0.1",
-        preprocess=PreprocessSpec(pixel_spacing_mm=4.0, field_of_view_mm=256.0, min_slices=5),
-        threshold=0.5,
-        min_consecutive_slices=3,
-        training_data={"description": "none"},
-        training={},
-        metrics={},
-        limitations=["test only"],
-    )
-    return out
+    )  # fmt: skip
 
 
 def head_volume(slices: int, size: int = 64) -> np.ndarray:
@@ -87,6 +68,24 @@ def write_series(
         head_volume(slices), geometry, directory / name, study, series_number=series_number,
         **kwargs,
     )  # fmt: skip
+
+
+def instance_info(path: Path) -> InstanceInfo:
+    """What ingest records of a received file, read from the file's header as the node would."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return InstanceInfo(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        size_bytes=path.stat().st_size,
+        spool_path=str(path),
+        accession_number=str(ds.get("AccessionNumber", "")),
+        modality=str(ds.get("Modality", "")),
+        series_number=int(ds.SeriesNumber) if ds.get("SeriesNumber") is not None else None,
+        series_description=str(ds.get("SeriesDescription", "")),
+    )
 
 
 def node_settings(data_dir: Path, weights: Path, **sections: dict[str, Any]) -> Settings:

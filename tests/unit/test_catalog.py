@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_support import write_series
+from node_support import instance_info, write_series
 from sqlalchemy import select
 
 from radnet_node.audit import AuditDB, Event, Job, Series, utcnow
 from radnet_node.catalog import (
-    InstanceInfo,
     RegistrationOutcome,
     complete_quiet_series,
     is_safe_uid,
@@ -30,28 +29,11 @@ def db(tmp_path: Path) -> Iterator[AuditDB]:
     database.dispose()
 
 
-def _info(path: Path) -> InstanceInfo:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return InstanceInfo(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        size_bytes=path.stat().st_size,
-        spool_path=str(path),
-        accession_number=str(ds.AccessionNumber),
-        modality=str(ds.Modality),
-        series_number=int(ds.SeriesNumber),
-        series_description=str(ds.SeriesDescription),
-    )
-
-
 def _register(db: AuditDB, paths: list[Path], at: dt.datetime | None = None) -> list[str]:
     outcomes = []
     with db.session() as session:
         for path in paths:
-            outcomes.append(register_instance(session, _info(path), now=at).outcome)
+            outcomes.append(register_instance(session, instance_info(path), now=at).outcome)
     return outcomes
 
 

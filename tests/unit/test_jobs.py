@@ -12,12 +12,11 @@ from typing import Any
 import pydicom
 import pytest
 import torch
-from node_support import node_settings, tiny_weights, write_series
+from node_support import instance_info, node_settings, tiny_weights, write_series
 from sqlalchemy import select
 
 from radnet_node.audit import Association, AuditDB, Event, Export, Instance, Job, Result, Series
 from radnet_node.catalog import (
-    InstanceInfo,
     complete_quiet_series,
     register_instance,
     reopen_series,
@@ -61,26 +60,10 @@ def worker(db: AuditDB, engine: Engine, settings: Settings) -> Worker:
     return Worker(db, engine, settings, node_identity(settings))
 
 
-def _info(path: Path) -> InstanceInfo:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return InstanceInfo(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        size_bytes=path.stat().st_size,
-        spool_path=str(path),
-        accession_number=str(ds.AccessionNumber),
-        modality="CT",
-        series_number=int(ds.SeriesNumber),
-    )
-
-
 def _receive(db: AuditDB, paths: list[Path], *, complete: bool = True) -> None:
     with db.session() as session:
         for path in paths:
-            register_instance(session, _info(path))
+            register_instance(session, instance_info(path))
     if complete:
         with db.session() as session:
             complete_quiet_series(session, 0.0)
