@@ -129,6 +129,10 @@ class TrainSection(_Section):
     # checkpoint (.pt with its saved state) or exported weights with their model card. The
     # architecture must match exactly; optimizer and schedule start fresh.
     init_from: str | None = None
+    # "head": train only the sequence head (LSTM and classifier, or the classifier of the LSTM-free
+    # variants) on features of the frozen encoder (its batch-norm statistics frozen too; the
+    # auxiliary heads are not trained): a cheap full-slice stage after crop training.
+    trainable: Literal["all", "head"] = "all"
 
 
 class TrainConfig(_Section):

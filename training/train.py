@@ -83,14 +83,45 @@ class TrainingCase:
         return int(self.image.shape[0])
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper), or AdamW when the config asks for it."""
-    if config.optim.optimizer == "adamw":
-        return torch.optim.AdamW(
-            model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+HEAD_MODULES = ("lstm", "classifier")
+
+
+def head_only(model: RADnet) -> list[torch.nn.Module]:
+    """Freeze everything but the sequence head; returns the head's modules (``train.trainable``)."""
+    head = [m for name, m in model.named_children() if name in HEAD_MODULES]
+    for name, module in model.named_children():
+        module.requires_grad_(name in HEAD_MODULES)
+    return head
+
+
+def set_train_mode(model: RADnet, config: TrainConfig) -> None:
+    """``model.train()``, except that a frozen encoder stays in eval mode (batch-norm stats)."""
+    if config.train.trainable == "all":
+        model.train()
+        return
+    model.eval()
+    for name, module in model.named_children():
+        if name in HEAD_MODULES:
+            module.train()
+
+
+def head_forward(model: RADnet, images: torch.Tensor) -> torch.Tensor:
+    """Slice logits with the encoder frozen: features without autograd or auxiliary heads."""
+    batch, slices, height, width = (int(size) for size in images.shape)
+    with torch.no_grad():
+        features, _ = model.encode_slices(
+            images.reshape(batch * slices, 1, height, width), with_aux=False
         )
+    return model.classify_sequence(features.reshape(batch, slices, -1))
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper), or AdamW when the config asks for it; trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optim.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     return torch.optim.SGD(
-        model.parameters(),
+        params,
         lr=config.optim.lr,
         momentum=config.optim.momentum,
         weight_decay=config.optim.weight_decay,
@@ -678,6 +709,8 @@ def train(
     model = RADnet(model_config_for(config)).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if config.train.trainable == "head":
+        head_only(model)
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=_milestones(config), gamma=config.optim.gamma
@@ -734,7 +767,7 @@ def train(
         # the sampler's and augmentation's randomness depends only on (seed, epoch): resumable
         rng = np.random.default_rng([config.train.seed, epoch])
         drawn = sample_windows(windows, epoch_size, config.augment.positive_sequence_fraction, rng)
-        model.train()
+        set_train_mode(model, config)
         sums = {"loss": 0.0, "main": 0.0, "aux": 0.0}
         positive_slices = known_slices = 0
         bar = tqdm(
@@ -767,8 +800,12 @@ def train(
             images = batch.images
             optimizer.zero_grad(set_to_none=True)
             with runtime.autocast():
-                output = model(images)
-            loss, parts = compute_loss(output.slice_logits, output.aux_logits, batch, config)
+                if config.train.trainable == "head":
+                    slice_logits, aux_logits = head_forward(model, images), None
+                else:
+                    output = model(images)
+                    slice_logits, aux_logits = output.slice_logits, output.aux_logits
+            loss, parts = compute_loss(slice_logits, aux_logits, batch, config)
             if not math.isfinite(parts["loss"]):
                 raise RadnetError(
                     f"epoch {epoch + 1} step {step + 1}: loss is {parts['loss']}; "
@@ -777,7 +814,9 @@ def train(
             scaler.scale(loss).backward()
             if config.optim.grad_clip_norm is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], config.optim.grad_clip_norm
+                )
             scaler.step(optimizer)
             scaler.update()
             for key in sums:

@@ -312,6 +312,23 @@ def test_init_from_starts_a_new_run_from_a_checkpoint_or_exported_weights(
         train(other, tmp_path / "fifth", progress=False)
 
 
+def test_head_only_training_changes_the_sequence_head_and_nothing_else(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    first = tmp_path / "first"
+    train(tiny_config(tiny_data, epochs=1), first, progress=False)
+    start = load_checkpoint(first / "checkpoints" / "last.pt")["model_state"]
+    init = str(first / "checkpoints" / "last.pt")
+    train(tiny_config(tiny_data, epochs=2, init_from=init, trainable="head"), tmp_path / "head",
+          progress=False)  # fmt: skip
+    end = load_checkpoint(tmp_path / "head" / "checkpoints" / "last.pt")["model_state"]
+    head = [k for k in start if k.startswith(("lstm.", "classifier."))]
+    encoder = [k for k in start if k not in head]
+    assert head and encoder
+    assert all(torch.equal(start[k], end[k]) for k in encoder)  # batch-norm statistics included
+    assert not all(torch.equal(start[k], end[k]) for k in head)
+
+
 def _model_from(state: dict[str, torch.Tensor]) -> RADnet:
     config = model_config_for(tiny_config(Path("unused")))
     model = RADnet(config)
