@@ -72,6 +72,63 @@ def _history_seconds(run_dir: Path) -> float:
     return total
 
 
+def _recipe(config: Mapping[str, Any]) -> str:
+    """One line describing a run's recipe, from its saved config (never typed by hand)."""
+    optim, train = config["optim"], config["train"]
+    parts = [
+        f"{optim['optimizer']} lr {optim['lr']:g}"
+        + (f" momentum {optim['momentum']:g}" if optim["optimizer"] == "sgd" else ""),
+        f"lr x{optim['gamma']:g} at {', '.join(f'{m:.3g}' for m in optim['milestones'])} of "
+        f"{train['epochs']} epochs",
+    ]
+    if train.get("crop_size"):
+        parts.append(
+            f"first {train['crop_fraction']:.0%} of the epochs on {train['crop_size']} px crops"
+        )
+    if train.get("trainable", "all") != "all":
+        parts.append(f"trainable: {train['trainable']}")
+    parts.append("from " + (train["init_from"] if train.get("init_from") else "He initialisation"))
+    return ", ".join(parts)
+
+
+def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run and, through ``train.init_from``, the runs it continued, oldest first.
+
+    A stage whose ``init_from`` is not a ``RUN/checkpoints/*.pt`` that still exists is recorded
+    by path only (``previous_stage_missing``).
+    """
+    stages: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    current: tuple[Path, Mapping[str, Any]] | None = (run_dir, checkpoint)
+    while current is not None:
+        folder, state = current
+        config, train = state["config"], state["config"]["train"]
+        stage = {
+            "run": str(folder),
+            "recipe": _recipe(config),
+            "epochs": int(state["epoch"]),
+            "epoch_size_sequences": train.get("epoch_size"),
+            "sequence_length": train["sequence_length"],
+            "slices_seen": (train.get("epoch_size") or 0)
+            * train["sequence_length"]
+            * int(state["epoch"]),
+            "wall_time_seconds": round(_history_seconds(folder), 1),
+            "init_from": train.get("init_from"),
+        }
+        stages.append(stage)
+        seen.add(folder.resolve())
+        current = None
+        init = Path(train["init_from"]) if train.get("init_from") else None
+        if init is not None:
+            parent = init.parent.parent
+            known = parent.resolve() in seen
+            if init.parent.name == "checkpoints" and init.is_file() and not known:
+                current = (parent, load_checkpoint(init))
+            else:
+                stage["previous_stage_missing"] = True
+    return stages[::-1]
+
+
 def build_card_fields(
     run_dir: Path, checkpoint: Mapping[str, Any], evaluations: Mapping[str, Path]
 ) -> dict[str, Any]:
@@ -95,18 +152,14 @@ def build_card_fields(
         "train_slices": summary.get("train_slices"),
         "skipped_cases": summary.get("skipped_cases"),
     }
-    train = config["train"]
+    stages = training_stages(run_dir, checkpoint)
     training = {
-        "recipe": "RADnet paper 2.2.3: SGD momentum 0.9, lr/10 after 1/3 and 2/3, He init, "
-        "rotation + horizontal flip balancing, BCE + weighted auxiliary segmentation losses",
-        "epochs": checkpoint["epoch"],
-        "epoch_size_sequences": train.get("epoch_size"),
-        "sequence_length": train["sequence_length"],
-        "slices_seen": (train.get("epoch_size") or 0)
-        * train["sequence_length"]
-        * checkpoint["epoch"],
+        "recipe": "; ".join(stage["recipe"] for stage in stages),
+        "stages": stages,
+        "epochs": sum(stage["epochs"] for stage in stages),
+        "slices_seen": sum(stage["slices_seen"] for stage in stages),
         "best_epoch": checkpoint.get("best_epoch"),
-        "wall_time_seconds": round(_history_seconds(run_dir), 1),
+        "wall_time_seconds": round(sum(stage["wall_time_seconds"] for stage in stages), 1),
         "runtime": summary.get("runtime"),
         "config": config,
     }

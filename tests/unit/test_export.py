@@ -54,6 +54,26 @@ def test_export_writes_weights_that_load_and_a_card_built_from_the_run(tmp_path:
         )
 
 
+def test_card_records_every_stage_of_a_fine_tuned_run(tmp_path: Path) -> None:
+    data = write_tiny_layout(tmp_path / "data", 6)
+    first = tmp_path / "first"
+    train(tiny_config(data, epochs=2), first, progress=False)
+    second = tmp_path / "second"
+    init = str(first / "checkpoints" / "best.pt")
+    train(tiny_config(data, epochs=1, init_from=init, trainable="head"), second, progress=False)
+    out = tmp_path / "w.pt"
+    result = CliRunner().invoke(app, ["--run", str(second), "--out", str(out), "--version", "2"])
+    assert result.exit_code == 0, result.output
+    _, card = load_model(out)
+    stages = card.training["stages"]
+    assert [s["run"] for s in stages] == [str(first), str(second)]
+    assert [s["epochs"] for s in stages] == [2, 1]
+    assert card.training["epochs"] == 3
+    assert stages[0]["recipe"].endswith("from He initialisation")
+    assert stages[1]["recipe"].endswith(f"trainable: head, from {init}")
+    assert "sgd lr 0.01 momentum 0.9, lr x0.1 at 0.333, 0.667 of 2 epochs" in stages[0]["recipe"]
+
+
 def test_export_names_a_missing_metrics_file(tmp_path: Path) -> None:
     data = write_tiny_layout(tmp_path / "data", 4)
     run = tmp_path / "run"
