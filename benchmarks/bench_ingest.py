@@ -36,7 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-sys.path.insert(0, str(REPO / "tests"))  # fixed_weights, imported by node_process
+sys.path.append(str(REPO / "tests"))  # fixed_weights (after tests/integration: its conftest)
 
 from dcmtk import MAX_PDU, StoreScp, dcmtk_env, storescu_command  # noqa: E402
 from node_process import NodeProcess, write_test_weights  # noqa: E402

@@ -39,7 +39,7 @@ import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-sys.path.insert(0, str(REPO / "tests"))  # fixed_weights, imported by node_process
+sys.path.append(str(REPO / "tests"))  # fixed_weights (after tests/integration: its conftest)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_ingest import synthetic_series  # noqa: E402
