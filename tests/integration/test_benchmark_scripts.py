@@ -1,0 +1,41 @@
+"""The benchmarks run (on tiny inputs): a benchmark that breaks is found by CI, not by the next
+person who wants figures. The figures themselves are not checked here (they are not tests)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pacs import need_program
+
+pytestmark = pytest.mark.integration
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run(  # noqa: S603 - our own script
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_bench_ingest_runs_and_prints_the_ratio_to_dcmtk() -> None:
+    need_program("storescu")
+    need_program("storescp")
+    out = _run("bench_ingest.py", "--slices", "6", "--size", "64", "--repeats", "1")
+    assert re.search(r"^\| dcmtk storescp \| \d+", out, re.MULTILINE), out
+    assert re.search(r"^\| radnet-node \| \d+", out, re.MULTILINE), out
+    assert re.search(r"^ratio radnet-node / DCMTK: \d+\.\d+", out, re.MULTILINE), out
+
+
+def test_bench_node_latency_runs_against_orthanc() -> None:
+    need_program("storescu")
+    need_program("Orthanc")
+    out = _run("bench_node_latency.py", "--tiny-model", "--slices", "6")
+    assert re.search(r"^\| 6 \| \d+\.\d+ \|", out, re.MULTILINE), out
