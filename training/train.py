@@ -455,6 +455,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _read_torch_file(path: Path, what: str) -> Any:
+    """``torch.load`` of our own file (numpy RNG state and plain dicts: not weights_only).
+
+    Raises
+    ------
+    RadnetError
+        Naming ``path`` and ``what`` it was read as, when it is missing or unreadable.
+    """
+    if not path.is_file():
+        raise RadnetError(f"{path}: {what}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged pickle
+        raise RadnetError(f"{path}: {what}: cannot read: {error}") from error
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint written by this trainer.
 
@@ -463,13 +479,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     RadnetError
         If the file is missing, unreadable or not a radnet-train checkpoint.
     """
-    if not path.is_file():
-        raise RadnetError(f"{path}: checkpoint not found")
-    try:
-        # our own files; they hold numpy RNG state and plain dicts, so not weights_only
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged pickle
-        raise RadnetError(f"{path}: cannot read checkpoint: {error}") from error
+    data = _read_torch_file(path, "checkpoint")
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise RadnetError(f"{path}: not a radnet-train checkpoint (format {CHECKPOINT_FORMAT})")
     return data
@@ -487,12 +497,7 @@ def initial_weights(path: Path, model: RADnet) -> str:
         The file is missing or unreadable, or its weights do not fit ``model``'s architecture.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RadnetError(f"{path}: train.init_from: file not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged pickle
-        raise RadnetError(f"{path}: train.init_from: cannot read: {error}") from error
+    data = _read_torch_file(path, "train.init_from")
     if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
         state = data["model_state"]
     else:
