@@ -140,10 +140,10 @@ def process_series(
         result = engine.run([loaded])[0]
         write_start = time.perf_counter()
         timings = dict(result.timings_ms)
-        timings["total"] = (time.perf_counter() - start) * 1000.0
         built = build_series_outputs(
-            result, loaded, group, identity, runtime=engine.describe(), timings_ms=timings
-        )
+            result, loaded, group, identity, runtime=engine.describe(), timings_ms=timings,
+            started=start,
+        )  # fmt: skip
         outputs = dict(built.document["outputs"])
         payload = dict(built.files)
         final = write_series_folder(out_dir, result.series_instance_uid, payload)
@@ -229,9 +229,13 @@ def build_series_outputs(
     *,
     runtime: Mapping[str, Any],
     timings_ms: Mapping[str, float],
+    started: float | None = None,
 ) -> SeriesOutputs:
     """Build the SR, SEG, key image (positive results), preview and result.json of one result,
     for ``radnet-node infer`` and the node alike.
+
+    result.json's timings are ``timings_ms`` plus "write" (the time to build the files) and, when
+    ``started`` (a :func:`time.perf_counter` value) is given, "total" since then.
 
     Raises
     ------
@@ -251,7 +255,9 @@ def build_series_outputs(
     outputs = {kind: OUTPUT_FILES[kind] for kind in (*datasets, "preview", "result")}
     timings = dict(timings_ms)
     # result.json cannot hold the time of its own writing: "write" is the time to build the files
-    timings.setdefault("write", (time.perf_counter() - build_start) * 1000.0)
+    timings["write"] = (time.perf_counter() - build_start) * 1000.0
+    if started is not None:
+        timings["total"] = (time.perf_counter() - started) * 1000.0
     document = result_document(
         result,
         outputs=outputs,

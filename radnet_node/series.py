@@ -157,8 +157,11 @@ class SeriesGroup:
         """Human-readable name: series number, description and UID."""
         number = self.first.get("SeriesNumber", "")
         description = str(self.first.get("SeriesDescription", "") or "").strip()
-        parts = [f"#{number}" if number not in (None, "") else "", f'"{description}"' if
-                 description else "", self.series_instance_uid]
+        parts = [
+            f"#{number}" if number not in (None, "") else "",
+            f'"{description}"' if description else "",
+            self.series_instance_uid,
+        ]
         return " ".join(p for p in parts if p)
 
 

@@ -172,8 +172,10 @@ def export_weights(
 ) -> ModelCard:
     """Write ``model``'s state dict to ``out`` and its model card beside it, both atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
-             for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+        for k, v in model.state_dict().items()
+    }
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".tmp", delete=False) as tmp:
         torch.save(state, tmp)
         tmp.flush()

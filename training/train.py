@@ -45,7 +45,7 @@ from tqdm import tqdm
 from radnet_node.errors import ConfigError, DatasetError, RadnetError
 from radnet_node.model import RADnet, RadnetConfig
 from radnet_node.preprocess import PreprocessSpec
-from radnet_node.weights import load_model, sha256_of
+from radnet_node.weights import card_path_for, load_model, sha256_of
 from training.config import TrainConfig, load_config, validate_config
 from training.datasets import Case, CaseDataset, ConcatDataset, open_dataset, stratified_split
 from training.inference import (
@@ -86,12 +86,10 @@ class TrainingCase:
 HEAD_MODULES = ("lstm", "classifier")
 
 
-def head_only(model: RADnet) -> list[torch.nn.Module]:
-    """Freeze everything but the sequence head; returns the head's modules (``train.trainable``)."""
-    head = [m for name, m in model.named_children() if name in HEAD_MODULES]
+def head_only(model: RADnet) -> None:
+    """Freeze everything but the sequence head (``train.trainable = "head"``)."""
     for name, module in model.named_children():
         module.requires_grad_(name in HEAD_MODULES)
-    return head
 
 
 def set_train_mode(model: RADnet, config: TrainConfig) -> None:
@@ -115,9 +113,8 @@ def head_forward(model: RADnet, images: torch.Tensor) -> torch.Tensor:
     return model.classify_sequence(features.reshape(batch, slices, -1))
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper), or AdamW when the config asks for it; trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper), or AdamW when the config asks for it."""
     if config.optim.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     return torch.optim.SGD(
@@ -497,19 +494,24 @@ def initial_weights(path: Path, model: RADnet) -> str:
         The file is missing or unreadable, or its weights do not fit ``model``'s architecture.
     """
     path = Path(path)
-    data = _read_torch_file(path, "train.init_from")
-    if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT:
-        state = data["model_state"]
+    if card_path_for(path).is_file():  # exported weights: load_model checks the card's sha256
+        exported, card = load_model(path)  # WeightsError names the file and the problem
+        state, sha256 = exported.state_dict(), card.sha256
     else:
-        exported, _card = load_model(path)  # verifies sha256 against the model card
-        state = exported.state_dict()
+        data = _read_torch_file(path, "train.init_from")
+        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+            raise RadnetError(
+                f"{path}: train.init_from: neither a radnet-train checkpoint nor exported weights"
+                " with a model card beside them"
+            )
+        state, sha256 = data["model_state"], sha256_of(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise RadnetError(
             f"{path}: train.init_from: weights do not fit the configured model: {error}"
         ) from error
-    return sha256_of(path)
+    return sha256
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -716,7 +718,8 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     if config.train.trainable == "head":
         head_only(model)
-    optimizer = _optimizer(model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(trainable, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=_milestones(config), gamma=config.optim.gamma
     )
@@ -819,9 +822,7 @@ def train(
             scaler.scale(loss).backward()
             if config.optim.grad_clip_norm is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], config.optim.grad_clip_norm
-                )
+                torch.nn.utils.clip_grad_norm_(trainable, config.optim.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
             for key in sums:

@@ -271,14 +271,20 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(
     assert all(torch.equal(full_state[k], parted_state[k]) for k in full_state)
 
 
-def test_init_from_starts_a_new_run_from_a_checkpoint_or_exported_weights(
-    tiny_data: Path, tmp_path: Path
-) -> None:
-    first = tmp_path / "first"
+@pytest.fixture(scope="module")
+def first_stage(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last checkpoint of a one-epoch run, for the runs that start from it."""
+    first = tmp_path_factory.mktemp("first")
     train(tiny_config(tiny_data, epochs=1), first, progress=False)
-    stage1 = load_checkpoint(first / "checkpoints" / "last.pt")["model_state"]
+    return first / "checkpoints" / "last.pt"
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoint_or_exported_weights(
+    tiny_data: Path, first_stage: Path, tmp_path: Path
+) -> None:
+    stage1 = load_checkpoint(first_stage)["model_state"]
     # one epoch at a negligible learning rate: the new run starts where stage 1 ended
-    frozen = tiny_config(tiny_data, epochs=1, init_from=str(first / "checkpoints" / "last.pt"))
+    frozen = tiny_config(tiny_data, epochs=1, init_from=str(first_stage))
     optim = frozen.to_dict()["optim"] | {"lr": 1e-12}
     frozen = validate_config(frozen.to_dict() | {"optim": optim})
     train(frozen, tmp_path / "second", progress=False)
@@ -306,21 +312,18 @@ def test_init_from_starts_a_new_run_from_a_checkpoint_or_exported_weights(
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RadnetError, match="bad.pt: train.init_from: cannot read"):
         train(tiny_config(tiny_data, init_from=str(bad)), tmp_path / "fourth", progress=False)
-    other = tiny_config(tiny_data, init_from=str(first / "checkpoints" / "last.pt"))
+    other = tiny_config(tiny_data, init_from=str(first_stage))
     other = validate_config(other.to_dict() | {"model": {**TINY_MODEL, "growth_rate": 6}})
     with pytest.raises(RadnetError, match="do not fit the configured model"):
         train(other, tmp_path / "fifth", progress=False)
 
 
 def test_head_only_training_changes_the_sequence_head_and_nothing_else(
-    tiny_data: Path, tmp_path: Path
+    tiny_data: Path, first_stage: Path, tmp_path: Path
 ) -> None:
-    first = tmp_path / "first"
-    train(tiny_config(tiny_data, epochs=1), first, progress=False)
-    start = load_checkpoint(first / "checkpoints" / "last.pt")["model_state"]
-    init = str(first / "checkpoints" / "last.pt")
-    train(tiny_config(tiny_data, epochs=2, init_from=init, trainable="head"), tmp_path / "head",
-          progress=False)  # fmt: skip
+    start = load_checkpoint(first_stage)["model_state"]
+    head_config = tiny_config(tiny_data, epochs=2, init_from=str(first_stage), trainable="head")
+    train(head_config, tmp_path / "head", progress=False)
     end = load_checkpoint(tmp_path / "head" / "checkpoints" / "last.pt")["model_state"]
     head = [k for k in start if k.startswith(("lstm.", "classifier."))]
     encoder = [k for k in start if k not in head]
@@ -425,10 +428,11 @@ def test_min_blood_pixels_leaves_specks_of_blood_out_of_the_slice_loss() -> None
 
 def test_optimizer_is_sgd_by_default_and_adamw_on_request(tiny_data: Path) -> None:
     model = torch.nn.Linear(2, 1)
-    sgd = _optimizer(model, tiny_config(tiny_data))
+    sgd = _optimizer(list(model.parameters()), tiny_config(tiny_data))
     assert isinstance(sgd, torch.optim.SGD)
     assert sgd.defaults["momentum"] == 0.9
-    adamw = _optimizer(model, load_config(None, {"optim": {"optimizer": "adamw", "lr": 1e-3}}))
+    adamw_config = load_config(None, {"optim": {"optimizer": "adamw", "lr": 1e-3}})
+    adamw = _optimizer(list(model.parameters()), adamw_config)
     assert isinstance(adamw, torch.optim.AdamW)
     with pytest.raises(ConfigError, match="optimizer"):
         load_config(None, {"optim": {"optimizer": "adam"}})
