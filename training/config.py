@@ -50,6 +50,14 @@ class DataSection(_Section):
     cache_dir: str | None = None
     max_cases: int | None = Field(None, ge=2)
     train_fraction: float = Field(0.7, gt=0.0, lt=1.0)
+    # split.json of an earlier run: its cases stay on their side, only new cases are split
+    keep_split: str | None = None
+
+    @model_validator(mode="after")
+    def _keep_split_alone(self) -> DataSection:
+        if self.keep_split is not None and self.max_cases is not None:
+            raise ValueError("keep_split and max_cases cannot be combined")
+        return self
 
 
 class OptimSection(_Section):
@@ -120,6 +128,9 @@ class TrainSection(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     threads: int | None = Field(None, ge=1)
+    # processes that decode and preprocess the cases before training (cache misses cost a DICOM
+    # decode and a resampling each); 1 = in the training process
+    load_workers: int = Field(1, ge=1)
     image_dtype: Literal["float32", "float16"] = "float16"
     # Train the first crop_fraction of the epochs on crop_size x crop_size px crops (0 = never):
     # cheaper steps and a larger share of blood in the pooled features; see train.crop_batch.

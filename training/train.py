@@ -22,21 +22,25 @@ uses only slices whose mask is known. Slices with unknown labels do not enter th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 import typer
@@ -176,22 +180,60 @@ def load_cases(
     desc: str,
     min_blood_pixels: int = 0,
     progress: bool = True,
+    workers: int = 1,
 ) -> tuple[list[TrainingCase], list[SkippedCase]]:
     """Load cases into memory; a case that fails with DatasetError is skipped and reported.
 
     ``min_blood_pixels`` applies the loss section's rule (training cases only: validation keeps
-    every label).
+    every label). ``workers`` > 1 decodes and preprocesses in that many processes (spawned, so a
+    CUDA context of the parent is never forked); the order of ``case_ids`` is kept.
     """
     cases: list[TrainingCase] = []
     skipped: list[SkippedCase] = []
-    bar = tqdm(case_ids, desc=desc, unit="case", leave=False, file=sys.stderr, disable=not progress)
-    for case_id in bar:
-        try:
-            cases.append(to_training_case(dataset.load(case_id), image_dtype, min_blood_pixels))
-        except DatasetError as error:
-            log.warning("skipping case %s: %s", case_id, error)
-            skipped.append(SkippedCase(case_id, str(error)))
+    load = functools.partial(_load_one, dataset, image_dtype, min_blood_pixels)
+    if workers > 1 and len(case_ids) > 1:
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(case_ids)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_single_threaded_worker,
+        )
+        loaded: Iterable[TrainingCase | SkippedCase] = pool.map(load, case_ids, chunksize=2)
+    else:
+        pool, loaded = None, map(load, case_ids)
+    try:
+        for item in tqdm(
+            loaded,
+            total=len(case_ids),
+            desc=desc,
+            unit="case",
+            leave=False,
+            file=sys.stderr,
+            disable=not progress,
+        ):
+            if isinstance(item, SkippedCase):
+                log.warning("skipping case %s: %s", item.case_id, item.reason)
+                skipped.append(item)
+            else:
+                cases.append(item)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return cases, skipped
+
+
+def _load_one(
+    dataset: CaseDataset, image_dtype: str, min_blood_pixels: int, case_id: str
+) -> TrainingCase | SkippedCase:
+    try:
+        return to_training_case(dataset.load(case_id), image_dtype, min_blood_pixels)
+    except DatasetError as error:
+        return SkippedCase(case_id, str(error))
+
+
+def _single_threaded_worker() -> None:
+    """Each loading process uses one core (the pool has one process per core)."""
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -263,7 +305,9 @@ def augment(
         return images, masks
     theta = math.radians(angle_deg)
     cos, sin = math.cos(theta), math.sin(theta)
-    matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)
+    matrix = torch.tensor(
+        [[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32, device=images.device
+    )
     stacked = torch.stack([images, masks], dim=1)  # (S, 2, H, W): one sampling for both
     grid = F.affine_grid(
         matrix.expand(stacked.shape[0], 2, 3), list(stacked.shape), align_corners=False
@@ -281,8 +325,15 @@ def make_batch(
     rng: np.random.Generator,
     rotation_deg: float,
     hflip_probability: float,
+    *,
+    device: torch.device | None = None,
 ) -> Batch:
-    """Stack augmented windows into a batch; shorter windows are padded at the end (label -1)."""
+    """Stack augmented windows into a batch; shorter windows are padded at the end (label -1).
+
+    The windows are gathered on the CPU and augmented where the batch ends up (``device``, default
+    the CPU): on a GPU the rotations cost nothing beside the step. The random draws are the same
+    for every device.
+    """
     length = max(w.length for w in windows)
     first = cases[windows[0].case_index]
     height, width = first.image.shape[1:]
@@ -290,22 +341,25 @@ def make_batch(
     masks = torch.zeros(len(windows), length, height, width)
     labels = torch.full((len(windows), length), -1.0)
     known = torch.zeros(len(windows), length, dtype=torch.bool)
+    draws = []
     for row, window in enumerate(windows):
         case = cases[window.case_index]
         part = slice(window.start, window.start + window.length)
-        image = torch.from_numpy(case.image[part].astype(np.float32))
-        mask = (
-            torch.from_numpy(case.mask[part].astype(np.float32))
-            if case.mask is not None
-            else torch.zeros_like(image)
-        )
-        angle = float(rng.uniform(-rotation_deg, rotation_deg)) if rotation_deg > 0 else 0.0
-        flip = bool(rng.random() < hflip_probability)
-        image, mask = augment(image, mask, angle, flip)
-        images[row, : window.length] = image
-        masks[row, : window.length] = mask
+        images[row, : window.length] = torch.from_numpy(case.image[part].astype(np.float32))
+        if case.mask is not None:
+            masks[row, : window.length] = torch.from_numpy(case.mask[part].astype(np.float32))
         labels[row, : window.length] = torch.from_numpy(case.slice_labels[part].astype(np.float32))
         known[row, : window.length] = torch.from_numpy(case.mask_known[part])
+        angle = float(rng.uniform(-rotation_deg, rotation_deg)) if rotation_deg > 0 else 0.0
+        draws.append((window.length, angle, bool(rng.random() < hflip_probability)))
+    if device is not None and device.type != "cpu":
+        images, masks, labels, known = (
+            t.pin_memory().to(device, non_blocking=True) for t in (images, masks, labels, known)
+        )
+    for row, (used, angle, flip) in enumerate(draws):
+        images[row, :used], masks[row, :used] = augment(
+            images[row, :used], masks[row, :used], angle, flip
+        )
     return Batch(images, labels, masks, known)
 
 
@@ -553,14 +607,48 @@ def open_training_data(config: TrainConfig) -> CaseDataset:
 
 
 def split_cases(dataset: CaseDataset, config: TrainConfig) -> dict[str, list[str]]:
-    """70:30 CT-level split (stratified), after the optional ``max_cases`` cap (also stratified)."""
+    """70:30 CT-level split (stratified), after the optional ``max_cases`` cap (also stratified).
+
+    With ``data.keep_split`` (the split.json of an earlier run) every case listed there stays on
+    its side, so adding data to a fine-tuning run never moves an earlier validation case into
+    training; only the new cases are split, by the same rule.
+    """
     seed = config.train.seed
+    if config.data.keep_split is not None:
+        return _extend_split(dataset, Path(config.data.keep_split), config)
     if config.data.max_cases is not None and len(dataset.case_ids()) > config.data.max_cases:
         fraction = config.data.max_cases / len(dataset.case_ids())
         kept, _ = stratified_split(dataset, fraction, seed)
         dataset = _Subset(dataset, kept)
     train_ids, val_ids = stratified_split(dataset, config.data.train_fraction, seed)
     return {"train": list(train_ids), "val": list(val_ids)}
+
+
+def _extend_split(dataset: CaseDataset, path: Path, config: TrainConfig) -> dict[str, list[str]]:
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        sides = {side: [str(c) for c in kept[side]] for side in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"{path}: data.keep_split: not a readable split.json with 'train' and 'val' lists "
+            f"({error})"
+        ) from error
+    present = set(dataset.case_ids())
+    missing = [c for side in sides.values() for c in side if c not in present]
+    if missing:
+        raise ConfigError(
+            f"{path}: data.keep_split lists {len(missing)} case(s) the data does not have "
+            f"(e.g. {', '.join(missing[:3])}); give the same --data specs in the same order first"
+        )
+    assigned = set(sides["train"]) | set(sides["val"])
+    new_ids = [c for c in dataset.case_ids() if c not in assigned]
+    if new_ids:
+        new_train, new_val = stratified_split(
+            _Subset(dataset, new_ids), config.data.train_fraction, config.train.seed
+        )
+        sides["train"] += new_train
+        sides["val"] += new_val
+    return sides
 
 
 class _Subset:
@@ -702,9 +790,15 @@ def train(
         desc="loading train",
         min_blood_pixels=config.loss.min_blood_pixels,
         progress=progress,
+        workers=config.train.load_workers,
     )
     val_cases, skipped_val = load_cases(
-        data, split["val"], dtype, desc="loading val", progress=progress
+        data,
+        split["val"],
+        dtype,
+        desc="loading val",
+        progress=progress,
+        workers=config.train.load_workers,
     )
     skipped = skipped_train + skipped_val
     if not train_cases or not val_cases:
@@ -794,6 +888,7 @@ def train(
                 rng,
                 config.augment.rotation_deg,
                 config.augment.hflip_probability,
+                device=runtime.device,
             )
             if epoch < crop_epochs:
                 batch = crop_batch(batch, config.train.crop_size, rng, config.loss.min_blood_pixels)
@@ -917,7 +1012,8 @@ def _resume_config(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
     """The saved config, except where the data now lives and which device/threads to run on.
 
     Taken from ``given`` when set there: ``data.specs`` (non-empty), ``data.cache_dir``,
-    ``train.device`` (other than "auto") and ``train.threads``.
+    ``train.device`` (other than "auto"), ``train.threads`` and ``train.load_workers`` (other
+    than 1).
     """
     data = saved.data.model_copy(
         update={
@@ -929,6 +1025,9 @@ def _resume_config(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
         update={
             "device": saved.train.device if given.train.device == "auto" else given.train.device,
             "threads": given.train.threads or saved.train.threads,
+            "load_workers": given.train.load_workers
+            if given.train.load_workers != 1
+            else saved.train.load_workers,
         }
     )
     return saved.model_copy(update={"data": data, "train": run})
@@ -971,12 +1070,19 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
     epoch_size: Annotated[int | None, typer.Option(help="Sequences per epoch")] = None,
     precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores)")] = None,
+    load_workers: Annotated[
+        int | None, typer.Option(help="Processes that decode and preprocess the cases")
+    ] = None,
     stop_after_epoch: Annotated[
         int | None, typer.Option(help="End this session after epoch N; continue with --resume")
     ] = None,
     init_from: Annotated[
         Path | None,
         typer.Option(help="Start from these weights (checkpoint or exported) to fine-tune"),
+    ] = None,
+    keep_split: Annotated[
+        Path | None,
+        typer.Option(help="split.json of an earlier run: keep its sides, split only new cases"),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ) -> None:
@@ -995,9 +1101,11 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
     put("train", "epoch_size", epoch_size)
     put("train", "precision", precision)
     put("train", "threads", threads)
+    put("train", "load_workers", load_workers)
     put("train", "init_from", None if init_from is None else str(init_from))
     put("data", "max_cases", max_cases)
     put("data", "cache_dir", None if cache_dir is None else str(cache_dir))
+    put("data", "keep_split", None if keep_split is None else str(keep_split))
     try:
         if resume:
             blocked = [
@@ -1011,6 +1119,7 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
                     ("--epoch-size", epoch_size),
                     ("--precision", precision),
                     ("--init-from", init_from),
+                    ("--keep-split", keep_split),
                 )
                 if value is not None
             ]

@@ -29,9 +29,12 @@ from training.train import (
     build_windows,
     compute_loss,
     crop_batch,
+    load_cases,
     load_checkpoint,
     model_config_for,
+    open_training_data,
     sample_windows,
+    split_cases,
     to_training_case,
     train,
 )
@@ -455,3 +458,52 @@ def test_crop_batch_keeps_the_blood_and_rederives_slice_labels() -> None:
         assert cropped.slice_labels[0, 1] == (1.0 if cropped.masks[0, 1].sum() >= 10 else -1.0)
         assert cropped.slice_labels[0, 2] in (-1.0, 0.0)  # a speck, or outside the crop
     assert crop_batch(batch, 64, np.random.default_rng(0), 10) is batch  # no crop at full size
+
+
+def test_load_workers_load_the_same_cases_in_the_same_order(tiny_data: Path) -> None:
+    config = tiny_config(tiny_data)
+    data = open_training_data(config)
+    ids = sorted(data.case_ids())
+    serial, skipped_serial = load_cases(data, ids, "float32", desc="", progress=False)
+    parallel, skipped_parallel = load_cases(
+        data, ids, "float32", desc="", progress=False, workers=2
+    )
+    assert [c.case_id for c in parallel] == [c.case_id for c in serial]
+    assert (
+        [s.case_id for s in skipped_parallel] == [s.case_id for s in skipped_serial] == ["broken"]
+    )
+    for a, b in zip(serial, parallel, strict=True):
+        assert np.array_equal(a.image, b.image)
+        assert np.array_equal(a.slice_labels, b.slice_labels)
+
+
+def test_keep_split_keeps_earlier_sides_and_splits_only_new_cases(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    def config_for(*folders: Path, keep_split: Path | None = None) -> TrainConfig:
+        split = None if keep_split is None else str(keep_split)
+        data = {"specs": [f"layout:{f}" for f in folders], "keep_split": split}
+        return validate_config(tiny_config(tiny_data).to_dict() | {"data": data})
+
+    more = write_tiny_layout(tmp_path / "more", 6, seed=2)
+    first = config_for(tiny_data, more)
+    before = split_cases(open_training_data(first), first)
+    earlier = tmp_path / "split.json"
+    earlier.write_text(json.dumps(before), encoding="utf-8")
+    added = write_tiny_layout(tmp_path / "added", 10, seed=3)
+    second = config_for(tiny_data, more, added, keep_split=earlier)
+    data = open_training_data(second)
+    after = split_cases(data, second)
+    assert after["train"][: len(before["train"])] == before["train"]
+    assert after["val"][: len(before["val"])] == before["val"]
+    assert not set(after["train"]) & set(after["val"])
+    assert set(after["train"]) | set(after["val"]) == set(data.case_ids())
+    new_val = after["val"][len(before["val"]) :]
+    assert all(c.startswith("layout-3/") for c in new_val) and 0 < len(new_val) < 10
+    # without keep_split the same data is reshuffled: earlier validation cases reach training
+    reshuffled = split_cases(data, config_for(tiny_data, more, added))
+    assert set(reshuffled["train"]) & set(before["val"])
+    # a split that names a case the data lacks is refused with the file named
+    earlier.write_text(json.dumps({"train": ["nowhere/x"], "val": []}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="split.json.*1 case"):
+        split_cases(data, second)
