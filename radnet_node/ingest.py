@@ -9,8 +9,10 @@ import os
 import shutil
 import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +37,7 @@ from pydicom.uid import (
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 
@@ -134,6 +137,39 @@ class _Open:
     refused: int = 0
 
 
+class _FreeSpace:
+    """Free space of the spool's file system, read at most every ``max_age_s`` seconds (a statvfs
+    per instance costs as much as the rest of the checks); what this node wrote since the last
+    reading is subtracted, so a fast sender cannot fill the disk between two readings."""
+
+    def __init__(self, path: Path, max_age_s: float = 1.0) -> None:
+        self.path = path
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._free_bytes = 0
+        self._read_at = -float("inf")
+
+    def free_mb(self) -> float:
+        """Free megabytes (MiB) now, as far as this node knows.
+
+        Raises
+        ------
+        OSError
+            The file system cannot be queried.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if now - self._read_at >= self.max_age_s:
+                self._free_bytes = shutil.disk_usage(self.path).free
+                self._read_at = now
+            return self._free_bytes / (1024 * 1024)
+
+    def wrote(self, size: int) -> None:
+        """Account for ``size`` bytes written since the last reading."""
+        with self._lock:
+            self._free_bytes -= size
+
+
 @dataclass
 class _IngestState:
     """What the handlers share: bound to them at registration (no module globals)."""
@@ -145,6 +181,11 @@ class _IngestState:
     on_instance: Callable[[], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: dict[int, _Open] = field(default_factory=dict)
+    free_space: _FreeSpace | None = None
+
+    def __post_init__(self) -> None:
+        if self.free_space is None:
+            self.free_space = _FreeSpace(self.spool_dir)
 
 
 class IngestSCP:
@@ -378,18 +419,21 @@ def _on_echo(event: evt.Event, state: _IngestState) -> int:
     return STATUS_SUCCESS
 
 
-def _free_mb(path: Path) -> float:
-    return shutil.disk_usage(path).free / (1024 * 1024)
-
-
-def _write_atomically(final: Path, content: bytes) -> None:
-    """Write ``content`` to ``final`` via a temporary file in the same folder: fsync, rename, fsync
-    the folder, so the file is whole or absent after a crash or power loss."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomically(final: Path, parts: Sequence[bytes | memoryview]) -> int:
+    """Write ``parts`` one after the other to ``final`` via a temporary file in the same folder:
+    fsync, rename, fsync the folder, so the file is whole or absent after a crash or power loss.
+    Returns the number of bytes written."""
     temporary = final.parent / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    size = 0
     try:
-        with open(temporary, "wb") as handle:
-            handle.write(content)
+        try:
+            handle = open(temporary, "wb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:  # the series' first instance: make its folder (not per file)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(temporary, "wb")  # noqa: SIM115
+        with handle:
+            for part in parts:
+                size += handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, final)
@@ -401,6 +445,18 @@ def _write_atomically(final: Path, content: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return size
+
+
+def _write_received(final: Path, event: evt.Event) -> int:
+    """Spool a C-STORE's dataset as received, in the DICOM file format: preamble, file meta of the
+    negotiated transfer syntax, then the peer's bytes (written from pynetdicom's buffer, not
+    copied). Returns the file size."""
+    request = cast(C_STORE, event.request)
+    header = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    stream = cast(BytesIO, request.DataSet)
+    with stream.getbuffer() as received:
+        return _write_atomically(final, (header, received))
 
 
 def _is_recorded(db: AuditDB, sop_uid: str) -> bool:
@@ -450,8 +506,9 @@ def _on_store(event: evt.Event, state: _IngestState) -> int:
             _log.error("C-STORE refused and not audited", why=why, error=str(exc))
         return status
 
+    assert state.free_space is not None  # set in __post_init__
     try:
-        if _free_mb(state.spool_dir) < state.node.min_free_disk_mb:
+        if state.free_space.free_mb() < state.node.min_free_disk_mb:
             return refuse(
                 STATUS_OUT_OF_RESOURCES,
                 f"free disk space in {state.spool_dir} is below {state.node.min_free_disk_mb} MB",
@@ -499,9 +556,8 @@ def _on_store(event: evt.Event, state: _IngestState) -> int:
     size = 0
     if not resend:
         try:
-            content = event.encoded_dataset()
-            _write_atomically(final, content)
-            size = len(content)
+            size = _write_received(final, event)
+            state.free_space.wrote(size)
         except OSError as exc:
             return refuse(
                 STATUS_OUT_OF_RESOURCES, f"cannot write {final}: {exc.strerror or exc}", **ids

@@ -20,6 +20,7 @@ from radnet_node.audit import Association, AuditDB, Event, Instance, Series
 from radnet_node.config import NodeSection
 from radnet_node.ingest import (
     CT_STORAGE_CLASSES,
+    _FreeSpace,
     STATUS_OUT_OF_RESOURCES,
     IngestSCP,
     spool_path,
@@ -189,6 +190,18 @@ def test_low_disk_space_refuses_with_out_of_resources(tmp_path: Path, db: AuditD
         assert session.scalar(select(func.count()).select_from(Instance)) == 0
     refused = _events(db, "instance.refused")
     assert "0xA700" in refused[0].message and "free disk space" in refused[0].message
+
+
+def test_free_space_between_readings_counts_what_was_written(tmp_path: Path) -> None:
+    # read once an hour: what the node writes meanwhile is taken off the last reading, so a fast
+    # sender still meets the threshold between two statvfs calls
+    free = _FreeSpace(tmp_path, max_age_s=3600.0)
+    before = free.free_mb()
+    free.wrote(50 * 1024 * 1024)
+    assert free.free_mb() == pytest.approx(before - 50)
+    fresh = _FreeSpace(tmp_path, max_age_s=0.0)  # read every time: back to the real figure
+    fresh.wrote(10 * 1024**3)
+    assert fresh.free_mb() > before - 5 * 1024
 
 
 def test_a_database_failure_is_a_failure_status_and_leaves_no_file(
