@@ -20,9 +20,9 @@ from radnet_node.audit import Association, AuditDB, Event, Instance, Series
 from radnet_node.config import NodeSection
 from radnet_node.ingest import (
     CT_STORAGE_CLASSES,
-    _FreeSpace,
     STATUS_OUT_OF_RESOURCES,
     IngestSCP,
+    _FreeSpace,
     spool_path,
 )
 
