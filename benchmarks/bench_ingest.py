@@ -15,6 +15,11 @@ Runs alternate between the two receivers; the median wall time of ``storescu`` f
 gives images/s, and the ratio node / DCMTK is printed (target: >= 1). Every run checks that the
 receiver holds all the instances afterwards. Quote figures only from a quiet machine.
 
+``--split`` adds runs of the node's SCP (``radnet_node.ingest.IngestSCP``, the code ``serve`` runs)
+in this process with its C-STORE handler timed, and prints where the time goes: the handler
+(checks, spool write + fsync, audit row) against the rest (pynetdicom receiving and decoding the
+PDUs, DIMSE, its polling loops, the answer).
+
 The DCMTK and node process harnesses are shared with the integration tests
 (``tests/integration/dcmtk.py``, ``node_process.py``).
 """
@@ -42,6 +47,9 @@ from dcmtk import MAX_PDU, StoreScp, dcmtk_env, storescu_command  # noqa: E402
 from node_process import NodeProcess, write_test_weights  # noqa: E402
 from orthanc import free_port  # noqa: E402
 
+from radnet_node import ingest  # noqa: E402
+from radnet_node.audit import AuditDB  # noqa: E402
+from radnet_node.config import NodeSection  # noqa: E402
 from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series  # noqa: E402
 
 
@@ -110,6 +118,41 @@ def run_node(files: list[Path], work: Path, weights: Path) -> float:
     return elapsed
 
 
+def run_split(files: list[Path], work: Path) -> dict[str, float]:
+    """One run into the node's SCP in this process, its C-STORE handler timed (``--split``)."""
+    spent = {"handler": 0.0, "spool write + fsync": 0.0, "audit row": 0.0}
+
+    def timed(key: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        return wrapper
+
+    originals = ingest._on_store, ingest._write_received, ingest.register_instance
+    ingest._on_store = timed("handler", ingest._on_store)
+    ingest._write_received = timed("spool write + fsync", ingest._write_received)
+    ingest.register_instance = timed("audit row", ingest.register_instance)
+    try:
+        work.mkdir(parents=True)
+        node = NodeSection(host="127.0.0.1", port=free_port(), data_dir=work, min_free_disk_mb=1)
+        scp = ingest.IngestSCP(node, AuditDB(f"sqlite:///{work / 'audit.sqlite'}"))
+        scp.start()
+        try:
+            elapsed = send(node.port, node.ae_title, files)
+        finally:
+            scp.stop()
+    finally:
+        ingest._on_store, ingest._write_received, ingest.register_instance = originals
+    spooled = sum(1 for _ in (work / "spool").rglob("*.dcm"))
+    if spooled != len(files):
+        raise SystemExit(f"the in-process SCP spooled {spooled} of {len(files)} files")
+    return {"wall": elapsed, **spent}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print a Markdown table; returns the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--split", action="store_true", help="also time the node's C-STORE handler in-process"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
@@ -125,9 +171,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         megabytes = sum(f.stat().st_size for f in files) / 2**20
         weights = write_test_weights(work / "weights" / "tiny.pt")
         times: dict[str, list[float]] = {"dcmtk storescp": [], "radnet-node": []}
+        splits: list[dict[str, float]] = []
         for repeat in range(args.repeats):
             times["dcmtk storescp"].append(run_dcmtk(files, work / f"dcmtk-{repeat}"))
             times["radnet-node"].append(run_node(files, work / f"node-{repeat}", weights))
+            if args.split:
+                splits.append(run_split(files, work / f"split-{repeat}"))
 
     rates = {name: len(files) / statistics.median(t) for name, t in times.items()}
     ratio = rates["radnet-node"] / rates["dcmtk storescp"]
@@ -142,6 +191,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| {name} | {rates[name]:.0f} | {rates[name] * megabytes / len(files):.1f} "
               f"| {statistics.median(t):.2f} ({runs}) |")  # fmt: skip
     print(f"\nratio radnet-node / DCMTK: {ratio:.2f} (target >= 1)")
+    split: dict[str, float] = {}
+    if splits:
+        # the run with the median wall time, per instance
+        middle = sorted(splits, key=lambda run: run["wall"])[len(splits) // 2]
+        split = {key: value / len(files) * 1000 for key, value in middle.items()}
+        print(f"\nin-process SCP, ms per instance (median run, {len(files) / middle['wall']:.0f} "
+              f"images/s): total {split['wall']:.2f}; C-STORE handler {split['handler']:.2f} "
+              f"(spool write + fsync {split['spool write + fsync']:.2f}, audit row "
+              f"{split['audit row']:.2f}); outside the handler (pynetdicom) "
+              f"{split['wall'] - split['handler']:.2f}")  # fmt: skip
     figures = {
         "instances": len(files),
         "size": args.size,
@@ -151,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds": times,
         "images_per_second": rates,
         "ratio_node_over_dcmtk": ratio,
+        "in_process_ms_per_instance": split or None,
         "machine": platform.processor() or platform.machine(),
     }
     if args.json:
