@@ -139,8 +139,9 @@ class _Open:
 
 class _FreeSpace:
     """Free space of the spool's file system, read at most every ``max_age_s`` seconds (a statvfs
-    per instance costs as much as the rest of the checks); what this node wrote since the last
-    reading is subtracted, so a fast sender cannot fill the disk between two readings."""
+    per instance costs as much as the rest of the checks). Each instance reserves its size under
+    the lock before it is written, so concurrent associations cannot all pass the threshold with
+    the same reading; a failed write keeps its reservation until the next reading."""
 
     def __init__(self, path: Path, max_age_s: float = 1.0) -> None:
         self.path = path
@@ -149,8 +150,8 @@ class _FreeSpace:
         self._free_bytes = 0
         self._read_at = -float("inf")
 
-    def free_mb(self) -> float:
-        """Free megabytes (MiB) now, as far as this node knows.
+    def reserve(self, size: int, min_free_mb: float) -> bool:
+        """Take ``size`` bytes if at least ``min_free_mb`` MiB stay free afterwards.
 
         Raises
         ------
@@ -162,12 +163,10 @@ class _FreeSpace:
             if now - self._read_at >= self.max_age_s:
                 self._free_bytes = shutil.disk_usage(self.path).free
                 self._read_at = now
-            return self._free_bytes / (1024 * 1024)
-
-    def wrote(self, size: int) -> None:
-        """Account for ``size`` bytes written since the last reading."""
-        with self._lock:
+            if self._free_bytes - size < min_free_mb * 1024 * 1024:
+                return False
             self._free_bytes -= size
+            return True
 
 
 @dataclass
@@ -429,7 +428,7 @@ def _write_atomically(final: Path, parts: Sequence[bytes | memoryview]) -> int:
         try:
             handle = open(temporary, "wb")  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:  # the series' first instance: make its folder (not per file)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _make_folder_durably(final.parent)
             handle = open(temporary, "wb")  # noqa: SIM115
         with handle:
             for part in parts:
@@ -440,12 +439,29 @@ def _write_atomically(final: Path, parts: Sequence[bytes | memoryview]) -> int:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fd = os.open(final.parent, os.O_RDONLY)
+    _fsync_folder(final.parent)
+    return size
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return size
+
+
+def _make_folder_durably(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, fsyncing the parent of each one created, so a
+    power loss cannot take a study or series folder (and the files in it) away after success."""
+    missing = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_folder(created.parent)
 
 
 def _write_received(final: Path, event: evt.Event) -> int:
@@ -507,8 +523,10 @@ def _on_store(event: evt.Event, state: _IngestState) -> int:
         return status
 
     assert state.free_space is not None  # set in __post_init__
+    with cast(BytesIO, request.DataSet).getbuffer() as received:
+        incoming = received.nbytes
     try:
-        if state.free_space.free_mb() < state.node.min_free_disk_mb:
+        if not state.free_space.reserve(incoming, state.node.min_free_disk_mb):
             return refuse(
                 STATUS_OUT_OF_RESOURCES,
                 f"free disk space in {state.spool_dir} is below {state.node.min_free_disk_mb} MB",
@@ -557,7 +575,6 @@ def _on_store(event: evt.Event, state: _IngestState) -> int:
     if not resend:
         try:
             size = _write_received(final, event)
-            state.free_space.wrote(size)
         except OSError as exc:
             return refuse(
                 STATUS_OUT_OF_RESOURCES, f"cannot write {final}: {exc.strerror or exc}", **ids

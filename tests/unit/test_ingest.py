@@ -23,6 +23,7 @@ from radnet_node.ingest import (
     STATUS_OUT_OF_RESOURCES,
     IngestSCP,
     _FreeSpace,
+    _write_atomically,
     spool_path,
 )
 
@@ -192,16 +193,29 @@ def test_low_disk_space_refuses_with_out_of_resources(tmp_path: Path, db: AuditD
     assert "0xA700" in refused[0].message and "free disk space" in refused[0].message
 
 
-def test_free_space_between_readings_counts_what_was_written(tmp_path: Path) -> None:
-    # read once an hour: what the node writes meanwhile is taken off the last reading, so a fast
-    # sender still meets the threshold between two statvfs calls
+def test_free_space_is_reserved_per_instance_between_readings(tmp_path: Path) -> None:
+    # read once an hour: each instance reserves its size under the lock, so associations cannot
+    # all pass the threshold on the same reading
     free = _FreeSpace(tmp_path, max_age_s=3600.0)
-    before = free.free_mb()
-    free.wrote(50 * 1024 * 1024)
-    assert free.free_mb() == pytest.approx(before - 50)
+    assert free.reserve(0, 0)
+    available = free._free_bytes
+    mib = 1024 * 1024
+    assert free.reserve(available - 100 * mib, 50)  # leaves 100 MiB
+    assert not free.reserve(60 * mib, 50)  # would leave 40 MiB: refused, nothing taken
+    assert free.reserve(50 * mib, 50)  # leaves exactly 50 MiB
+    assert not free.reserve(1, 50)
     fresh = _FreeSpace(tmp_path, max_age_s=0.0)  # read every time: back to the real figure
-    fresh.wrote(10 * 1024**3)
-    assert fresh.free_mb() > before - 5 * 1024
+    assert fresh.reserve(available - 1024 * mib, 50)
+    assert fresh.reserve(available - 1024 * mib, 50)
+
+
+def test_the_first_instance_of_a_new_study_creates_its_folders(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    final = spool_path(spool, "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert _write_atomically(final, (b"abc", memoryview(b"def"))) == 6
+    assert final.read_bytes() == b"abcdef"
+    assert [p.name for p in final.parent.iterdir()] == [final.name]  # no temporary left
 
 
 def test_a_database_failure_is_a_failure_status_and_leaves_no_file(
