@@ -180,11 +180,10 @@ class _IngestState:
     on_instance: Callable[[], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: dict[int, _Open] = field(default_factory=dict)
-    free_space: _FreeSpace | None = None
+    free_space: _FreeSpace = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.free_space is None:
-            self.free_space = _FreeSpace(self.spool_dir)
+        self.free_space = _FreeSpace(self.spool_dir)
 
 
 class IngestSCP:
@@ -522,7 +521,6 @@ def _on_store(event: evt.Event, state: _IngestState) -> int:
             _log.error("C-STORE refused and not audited", why=why, error=str(exc))
         return status
 
-    assert state.free_space is not None  # set in __post_init__
     with cast(BytesIO, request.DataSet).getbuffer() as received:
         incoming = received.nbytes
     try:

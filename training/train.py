@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,15 +190,19 @@ def load_cases(
     """
     cases: list[TrainingCase] = []
     skipped: list[SkippedCase] = []
-    load = functools.partial(_load_one, dataset, image_dtype, min_blood_pixels)
     if workers > 1 and len(case_ids) > 1:
+        # the dataset (megabytes of label tables when pickled) goes to each process once
         pool = ProcessPoolExecutor(
             max_workers=min(workers, len(case_ids)),
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_single_threaded_worker,
+            initializer=_start_loading_worker,
+            initargs=(dataset, image_dtype, min_blood_pixels),
         )
-        loaded: Iterable[TrainingCase | SkippedCase] = pool.map(load, case_ids, chunksize=2)
+        loaded: Iterable[TrainingCase | SkippedCase] = pool.map(
+            _load_in_worker, case_ids, chunksize=2
+        )
     else:
+        load = functools.partial(_load_one, dataset, image_dtype, min_blood_pixels)
         pool, loaded = None, map(load, case_ids)
     try:
         for item in tqdm(
@@ -230,10 +234,22 @@ def _load_one(
         return SkippedCase(case_id, str(error))
 
 
-def _single_threaded_worker() -> None:
-    """Each loading process uses one core (the pool has one process per core)."""
+#: in a loading process: _load_one bound to the dataset it was started with
+_worker_load: Callable[[str], TrainingCase | SkippedCase] | None = None
+
+
+def _start_loading_worker(dataset: CaseDataset, image_dtype: str, min_blood_pixels: int) -> None:
+    """Each loading process uses one core (the pool has one process per core) and keeps the
+    dataset it was given for all its cases."""
+    global _worker_load  # noqa: PLW0603 - per-process state of a pool worker
     torch.set_num_threads(1)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    _worker_load = functools.partial(_load_one, dataset, image_dtype, min_blood_pixels)
+
+
+def _load_in_worker(case_id: str) -> TrainingCase | SkippedCase:
+    assert _worker_load is not None, "the pool's initializer sets it"
+    return _worker_load(case_id)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -633,7 +649,8 @@ def _extend_split(dataset: CaseDataset, path: Path, config: TrainConfig) -> dict
             f"{path}: data.keep_split: not a readable split.json with 'train' and 'val' lists "
             f"({error})"
         ) from error
-    present = set(dataset.case_ids())
+    case_ids = dataset.case_ids()
+    present = set(case_ids)
     missing = [c for side in sides.values() for c in side if c not in present]
     if missing:
         raise ConfigError(
@@ -641,7 +658,7 @@ def _extend_split(dataset: CaseDataset, path: Path, config: TrainConfig) -> dict
             f"(e.g. {', '.join(missing[:3])}); give the same --data specs in the same order first"
         )
     assigned = set(sides["train"]) | set(sides["val"])
-    new_ids = [c for c in dataset.case_ids() if c not in assigned]
+    new_ids = [c for c in case_ids if c not in assigned]
     if new_ids:
         new_train, new_val = stratified_split(
             _Subset(dataset, new_ids), config.data.train_fraction, config.train.seed
@@ -652,7 +669,7 @@ def _extend_split(dataset: CaseDataset, path: Path, config: TrainConfig) -> dict
 
 
 class _Subset:
-    """A CaseDataset restricted to some case ids (for ``max_cases``)."""
+    """A CaseDataset restricted to some case ids (for ``max_cases`` and ``keep_split``)."""
 
     def __init__(self, dataset: CaseDataset, case_ids: Sequence[str]) -> None:
         self.name = dataset.name
