@@ -369,8 +369,10 @@ def sample_hemorrhages(
     atlas: HeadAtlas,
     rng: np.random.Generator,
     gravity: np.ndarray,
+    *,
     count: int | None = None,
     subtypes: tuple[str, ...] | None = None,
+    weights: tuple[float, ...] = SUBTYPE_WEIGHTS,
 ) -> list[LesionField]:
     """1-3 hemorrhages of mixed subtypes (or exactly ``subtypes``).
 
@@ -386,6 +388,8 @@ def sample_hemorrhages(
         Number of lesions (default: 1-3, mostly 1).
     subtypes : tuple of str, optional
         Force these subtypes (one lesion each).
+    weights : tuple of float
+        Relative frequency of each subtype, in ``SUBTYPES`` order, when not forced.
 
     Returns
     -------
@@ -398,7 +402,7 @@ def sample_hemorrhages(
     """
     if subtypes is None:
         n = count if count is not None else int(rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
-        subtypes = tuple(str(s) for s in rng.choice(SUBTYPES, size=n, p=SUBTYPE_WEIGHTS))
+        subtypes = tuple(str(s) for s in rng.choice(SUBTYPES, size=n, p=weights))
     unknown = [s for s in subtypes if s not in MAKERS]
     if unknown:
         raise ValueError(f"unknown hemorrhage subtype(s) {unknown}; expected {SUBTYPES}")

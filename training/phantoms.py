@@ -34,6 +34,7 @@ from radnet_node.errors import DatasetError, InputError, RadnetError
 from training.anatomy import ATLAS_VERSION, HeadAtlas, TissueHU, compose_head_hu, head_atlas
 from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series
 from training.lesions import (
+    SUBTYPE_WEIGHTS,
     SUBTYPES,
     LesionField,
     MassEffect,
@@ -86,6 +87,9 @@ class PhantomOptions:
         pixels at 0.45 mm).
     background_slices : int
         Mode 2: slices in the series built from one real background slice.
+    subtype_weights : tuple of float
+        Relative frequency of each hemorrhage subtype, in ``SUBTYPES`` order (intraparenchymal,
+        subdural, epidural, subarachnoid, intraventricular); normalised to sum to 1.
 
     Raises
     ------
@@ -101,6 +105,7 @@ class PhantomOptions:
     noise_sigma_hu: tuple[float, float] = (3.0, 8.0)
     min_positive_area_mm2: float = 2.0
     background_slices: int = 12
+    subtype_weights: tuple[float, ...] = SUBTYPE_WEIGHTS
 
     def __post_init__(self) -> None:
         if not 32 <= self.rows <= 1024:
@@ -122,6 +127,15 @@ class PhantomOptions:
             raise ValueError(f"min_positive_area_mm2 must be > 0, got {self.min_positive_area_mm2}")
         if not 3 <= self.background_slices <= 64:
             raise ValueError(f"background_slices must be in 3-64, got {self.background_slices}")
+        weights = tuple(float(w) for w in self.subtype_weights)
+        if len(weights) != len(SUBTYPES) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"subtype_weights must be {len(SUBTYPES)} non-negative numbers "
+                f"({', '.join(SUBTYPES)}) with a positive sum, got {self.subtype_weights}"
+            )
+        if abs(sum(weights) - 1.0) > 1e-9:
+            weights = tuple(w / sum(weights) for w in weights)
+        object.__setattr__(self, "subtype_weights", weights)
 
 
 @dataclass(frozen=True)
@@ -744,7 +758,11 @@ def generate_case(
 
     for _attempt in range(6):
         lesions = (
-            sample_hemorrhages(atlas, lesion_rng, gravity, subtypes=subtypes) if positive else []
+            sample_hemorrhages(
+                atlas, lesion_rng, gravity, subtypes=subtypes, weights=options.subtype_weights
+            )
+            if positive
+            else []
         )
         volume = base.copy() if lesions else base
         render_lesions(volume, atlas, lesions, tissue)
@@ -1129,8 +1147,7 @@ def generate_background_case(
             fractions, blood = [], []
             count = int(lesion_rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
             subtypes = [
-                str(s)
-                for s in lesion_rng.choice(SUBTYPES, size=count, p=(0.28, 0.24, 0.14, 0.2, 0.14))
+                str(s) for s in lesion_rng.choice(SUBTYPES, size=count, p=options.subtype_weights)
             ]
             for subtype in subtypes:
                 f, h = _background_lesion(background, subtype, lesion_rng, z_mm)
@@ -1439,6 +1456,36 @@ def generate_dataset(
 # ---------------------------------------------------------------- command line
 
 
+def parse_subtype_weights(text: str) -> tuple[float, ...]:
+    """``"subdural=0.4,intraparenchymal=0.4"`` -> weights in ``SUBTYPES`` order.
+
+    Subtypes not named keep their default weight; the result is normalised by ``PhantomOptions``.
+
+    Raises
+    ------
+    ValueError
+        When an entry is not ``name=number``, names an unknown subtype or a negative weight.
+    """
+    weights = dict(zip(SUBTYPES, SUBTYPE_WEIGHTS, strict=True))
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = entry.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            raise ValueError(
+                f"--subtype-weights entry {entry!r}: expected SUBTYPE=WEIGHT with SUBTYPE one of "
+                f"{', '.join(SUBTYPES)}"
+            )
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"--subtype-weights entry {entry!r}: {value!r} is not a number"
+            ) from None
+        if weights[name] < 0:
+            raise ValueError(f"--subtype-weights entry {entry!r}: the weight must be >= 0")
+    return tuple(weights[s] for s in SUBTYPES)
+
+
 def _command(  # noqa: PLR0917 (typer maps every parameter to an option)
     out: Annotated[Path, typer.Option("--out", help="output dataset folder")],
     cases: Annotated[int, typer.Option("--cases", min=1, help="number of cases")],
@@ -1454,6 +1501,14 @@ def _command(  # noqa: PLR0917 (typer maps every parameter to an option)
     tilt_probability: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.2,
     uneven_probability: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.1,
     background_slices: Annotated[int, typer.Option(help="slices per background series")] = 12,
+    subtype_weights: Annotated[
+        str,
+        typer.Option(
+            help="relative subtype frequencies, e.g. 'subdural=0.4,intraparenchymal=0.4' "
+            "(unnamed subtypes keep their default: intraparenchymal 0.28, subdural 0.24, "
+            "epidural 0.14, subarachnoid 0.20, intraventricular 0.14)"
+        ),
+    ] = "",
     workers: Annotated[int, typer.Option(min=1)] = 1,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --out")] = False,
 ) -> None:
@@ -1466,6 +1521,7 @@ def _command(  # noqa: PLR0917 (typer maps every parameter to an option)
             tilt_probability=tilt_probability,
             uneven_probability=uneven_probability,
             background_slices=background_slices,
+            subtype_weights=parse_subtype_weights(subtype_weights),
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -27,6 +27,7 @@ from training.phantoms import (
     generate_dataset,
     load_background,
     mask_affine,
+    parse_subtype_weights,
 )
 
 HITACHI = Path("pylibjpeg-data") / "J2K_pixelrep_mismatch.dcm"  # under the dicom_data_dir fixture
@@ -334,6 +335,46 @@ def test_options_out_of_range_are_refused() -> None:
         PhantomOptions(positive_fraction=1.5)
     with pytest.raises(ValueError, match="rows"):
         PhantomOptions(rows=8)
+    with pytest.raises(ValueError, match="subtype_weights"):
+        PhantomOptions(subtype_weights=(1.0, 0.0))
+    with pytest.raises(ValueError, match="subtype_weights"):
+        PhantomOptions(subtype_weights=(0.0,) * len(SUBTYPES))
+
+
+def test_subtype_weights_parse_by_name_and_keep_unnamed_defaults() -> None:
+    weights = parse_subtype_weights("subdural=2, epidural=0")
+    assert dict(zip(SUBTYPES, weights, strict=True)) == {
+        "intraparenchymal": 0.28,
+        "subdural": 2.0,
+        "epidural": 0.0,
+        "subarachnoid": 0.20,
+        "intraventricular": 0.14,
+    }
+    normalised = PhantomOptions(subtype_weights=weights).subtype_weights
+    assert sum(normalised) == pytest.approx(1.0) and normalised[2] == 0.0
+    assert (
+        PhantomOptions().subtype_weights
+        == PhantomOptions(subtype_weights=parse_subtype_weights("")).subtype_weights
+    )
+    for bad, reason in (
+        ("sdh=1", "SUBTYPE=WEIGHT"),
+        ("subdural=x", "not a number"),
+        ("subdural=-1", ">= 0"),
+        ("subdural", "SUBTYPE=WEIGHT"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            parse_subtype_weights(bad)
+
+
+def test_subtype_weights_choose_the_subtypes_of_generated_cases() -> None:
+    only = PhantomOptions(
+        rows=96,
+        slice_thickness_mm=5.0,
+        positive_fraction=1.0,
+        subtype_weights=(1.0, 0.0, 0.0, 0.0, 0.0),
+    )
+    drawn = {lesion.subtype for i in range(3) for lesion in generate_case(11, i, only).lesions}
+    assert drawn == {"intraparenchymal"}
 
 
 # ---------------------------------------------------------------- insertion into real slices
@@ -356,6 +397,19 @@ def test_background_hitachi_slice_gets_blood_inside_the_skull(dicom_data_dir: Pa
     assert 45 <= np.median(values) <= 95
     far = ~ndi.binary_dilation(case.mask.any(axis=0), iterations=8)
     np.testing.assert_array_equal(case.hu_noise_free[0][far], background.hu[far])
+
+
+def test_background_subtype_weights_choose_the_inserted_subtypes(dicom_data_dir: Path) -> None:
+    background = load_background(dicom_data_dir / HITACHI)
+    options = PhantomOptions(
+        positive_fraction=1.0, background_slices=4, subtype_weights=(0.0, 1.0, 0.0, 0.0, 0.0)
+    )
+    drawn = {
+        lesion.subtype
+        for i in range(3)
+        for lesion in generate_background_case(5, i, background, options).lesions
+    }
+    assert drawn == {"subdural"}
 
 
 def test_background_folder_skips_unusable_files_with_a_warning(
