@@ -365,6 +365,18 @@ MAKERS = {
 }
 
 
+def draw_subtypes(
+    rng: np.random.Generator,
+    weights: tuple[float, ...] = SUBTYPE_WEIGHTS,
+    *,
+    count: int | None = None,
+) -> tuple[str, ...]:
+    """The subtypes of one positive case: ``count`` lesions (default 1-3, mostly 1) drawn by
+    ``weights`` (in ``SUBTYPES`` order). Both generator modes draw through here."""
+    n = count if count is not None else int(rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
+    return tuple(str(s) for s in rng.choice(SUBTYPES, size=n, p=weights))
+
+
 def sample_hemorrhages(
     atlas: HeadAtlas,
     rng: np.random.Generator,
@@ -401,8 +413,7 @@ def sample_hemorrhages(
         When a subtype is unknown.
     """
     if subtypes is None:
-        n = count if count is not None else int(rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
-        subtypes = tuple(str(s) for s in rng.choice(SUBTYPES, size=n, p=weights))
+        subtypes = draw_subtypes(rng, weights, count=count)
     unknown = [s for s in subtypes if s not in MAKERS]
     if unknown:
         raise ValueError(f"unknown hemorrhage subtype(s) {unknown}; expected {SUBTYPES}")

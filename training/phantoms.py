@@ -38,6 +38,7 @@ from training.lesions import (
     SUBTYPES,
     LesionField,
     MassEffect,
+    draw_subtypes,
     render_lesions,
     sample_hemorrhages,
     sample_mimics,
@@ -128,13 +129,14 @@ class PhantomOptions:
         if not 3 <= self.background_slices <= 64:
             raise ValueError(f"background_slices must be in 3-64, got {self.background_slices}")
         weights = tuple(float(w) for w in self.subtype_weights)
-        if len(weights) != len(SUBTYPES) or min(weights) < 0 or sum(weights) <= 0:
+        total = sum(weights)
+        if len(weights) != len(SUBTYPES) or min(weights) < 0 or total <= 0:
             raise ValueError(
                 f"subtype_weights must be {len(SUBTYPES)} non-negative numbers "
                 f"({', '.join(SUBTYPES)}) with a positive sum, got {self.subtype_weights}"
             )
-        if abs(sum(weights) - 1.0) > 1e-9:
-            weights = tuple(w / sum(weights) for w in weights)
+        if abs(total - 1.0) > 1e-9:  # the defaults pass unchanged: same draws as before
+            weights = tuple(w / total for w in weights)
         object.__setattr__(self, "subtype_weights", weights)
 
 
@@ -1145,10 +1147,7 @@ def generate_background_case(
     if positive:
         for _attempt in range(10):
             fractions, blood = [], []
-            count = int(lesion_rng.choice([1, 2, 3], p=[0.6, 0.28, 0.12]))
-            subtypes = [
-                str(s) for s in lesion_rng.choice(SUBTYPES, size=count, p=options.subtype_weights)
-            ]
+            subtypes = list(draw_subtypes(lesion_rng, options.subtype_weights))
             for subtype in subtypes:
                 f, h = _background_lesion(background, subtype, lesion_rng, z_mm)
                 fractions.append(f)
@@ -1505,8 +1504,9 @@ def _command(  # noqa: PLR0917 (typer maps every parameter to an option)
         str,
         typer.Option(
             help="relative subtype frequencies, e.g. 'subdural=0.4,intraparenchymal=0.4' "
-            "(unnamed subtypes keep their default: intraparenchymal 0.28, subdural 0.24, "
-            "epidural 0.14, subarachnoid 0.20, intraventricular 0.14)"
+            "(unnamed subtypes keep their default: "
+            + ", ".join(f"{s} {w:.2f}" for s, w in zip(SUBTYPES, SUBTYPE_WEIGHTS, strict=True))
+            + ")"
         ),
     ] = "",
     workers: Annotated[int, typer.Option(min=1)] = 1,
