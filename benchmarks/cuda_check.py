@@ -1,0 +1,114 @@
+"""The engine on CUDA against the CPU, on the same series: do they agree, and how fast is each.
+
+Run ``python benchmarks/cuda_check.py SERIES_DIR [SERIES_DIR ...] [--json out.json]`` on a machine
+with a GPU. Every folder holds the DICOM files of one series. Each series is read and
+prepared once, then run by two engines: the CPU in fp32 (the reference) and CUDA as the node runs it
+there (``precision="auto"``: bf16 autocast, channels_last, 32 slices per CNN call). It prints, per
+series, the largest per-slice probability difference, whether the CT decisions agree, the Dice of
+the two hemorrhage masks on the source grid and the volumes, and the model time per slice on each
+device (median of the timed runs after a warm-up run), and for CUDA alone the model time of a
+batch of all the series at several slices per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radnet_node.engine import Engine, EngineSettings, LoadedSeries
+from radnet_node.results import SeriesResult
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Dice of two boolean masks; ``None`` when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def timed_runs(
+    engine: Engine, series: list[LoadedSeries], repeats: int
+) -> tuple[list[SeriesResult], float]:
+    """Run once to warm up, then ``repeats`` times; median model ms/slice of the timed runs."""
+    results = engine.run(series)
+    slices = sum(len(s.prepared.slices) for s in series)
+    per_slice = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        results = engine.run(series)  # run() synchronises CUDA before it stops its clock
+        per_slice.append((time.perf_counter() - start) * 1000.0 / slices)
+    return results, statistics.median(per_slice)
+
+
+def compare(cpu: SeriesResult, cuda: SeriesResult) -> dict[str, Any]:
+    diff = np.abs(np.asarray(cpu.slice_probabilities) - np.asarray(cuda.slice_probabilities))
+    return {
+        "slices": len(cpu.slice_probabilities),
+        "max_abs_probability_difference": float(diff.max()),
+        "ct_positive_cpu": cpu.ct_positive,
+        "ct_positive_cuda": cuda.ct_positive,
+        "decisions_agree": cpu.ct_positive == cuda.ct_positive,
+        "positive_slices_cpu": list(cpu.positive_slice_indices),
+        "positive_slices_cuda": list(cuda.positive_slice_indices),
+        "mask_dice_cpu_vs_cuda": dice(cpu.hemorrhage_mask, cuda.hemorrhage_mask),
+        "volume_ml_cpu": cpu.hemorrhage_volume_ml,
+        "volume_ml_cuda": cuda.hemorrhage_volume_ml,
+        "max_probability_cpu": float(np.max(cpu.slice_probabilities)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("series", nargs="+", type=Path, help="folders, one series each")
+    parser.add_argument("--weights", default="shipped")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("cuda_check: no CUDA device here; nothing to compare", file=sys.stderr)
+        return 2
+    cpu = Engine(EngineSettings(weights=args.weights, device="cpu", precision="fp32"))
+    cuda = Engine(EngineSettings(weights=args.weights, device="cuda"))
+    loaded = [cpu.load(sorted(p.rglob("*.dcm")) or sorted(f for f in p.rglob("*") if f.is_file()),
+                       series_label=str(p)) for p in args.series]  # fmt: skip
+    report: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name(0),
+            "cpu_threads": torch.get_num_threads(),
+        },
+        "cpu_engine": cpu.describe(),
+        "cuda_engine": cuda.describe(),
+        "series": {},
+    }
+    for path, item in zip(args.series, loaded, strict=True):
+        cpu_result, cpu_ms = timed_runs(cpu, [item], max(1, args.repeats // 2))
+        cuda_result, cuda_ms = timed_runs(cuda, [item], args.repeats)
+        row = compare(cpu_result[0], cuda_result[0])
+        row["model_ms_per_slice_cpu_fp32"] = cpu_ms
+        row["model_ms_per_slice_cuda"] = cuda_ms
+        report["series"][path.name] = row
+    batch = {}
+    for chunk in (8, 32, 128):
+        engine = Engine(EngineSettings(weights=args.weights, device="cuda", chunk_slices=chunk))
+        batch[str(chunk)] = timed_runs(engine, loaded, args.repeats)[1]
+    report["cuda_batch_all_series_ms_per_slice_by_chunk"] = batch
+    report["cuda_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    agree = all(r["decisions_agree"] for r in report["series"].values())
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
