@@ -237,6 +237,26 @@ def _open(specs: Sequence[str], spec: PreprocessSpec, cache_dir: Path | None) ->
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
 
+def _read_split_file(path: Path) -> tuple[list[str], list[str] | None]:
+    """The validation case ids of a run's ``split.json`` and, when ``config.json`` sits beside
+    it, that run's data specs (case ids depend on the specs and their order)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: cannot read the split file: {error}") from None
+    ids = data.get("val") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ConfigError(f"{path}: no 'val' list of case ids (a radnet-train split.json?)")
+    specs = None
+    config = path.parent / "config.json"
+    if config.is_file():
+        try:
+            specs = list(json.loads(config.read_text(encoding="utf-8"))["data"]["specs"]) or None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{config}: cannot read the run's data specs: {error}") from None
+    return ids, specs
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
@@ -441,6 +461,13 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
     split: Annotated[
         str, typer.Option(help="val (held-out split of the checkpoint) | all")
     ] = "val",
+    split_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="RUN_DIR/split.json of another run: evaluate its validation cases (with that "
+            "run's data unless --data is given), e.g. to compare weights on one validation set"
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for metrics.json and roc.png")] = Path(
         "radnet-eval"
     ),
@@ -473,9 +500,20 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
             raise ConfigError(
                 f"--threshold must be in (0, 1) and --min-consecutive >= 1 (got {t}, {k})"
             )
-        specs = list(data or loaded.data_specs)
+        other_split = _read_split_file(split_file) if split_file is not None else None
+        specs = list(data or (other_split[1] if other_split else None) or loaded.data_specs)
         dataset = _open(specs, loaded.preprocess, cache_dir)
-        if split == "val":
+        if other_split is not None and split_file is not None:
+            ids = other_split[0]
+            missing = sorted(set(ids) - set(dataset.case_ids()))
+            if missing:
+                raise ConfigError(
+                    f"{split_file}: {len(missing)} validation case(s) are not in the data "
+                    f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); give the "
+                    "--data specs of that run, in its order"
+                )
+            split = f"val of {split_file}"
+        elif split == "val":
             if loaded.split is None:
                 raise ConfigError(
                     f"{checkpoint}: a weights file has no training split; use --split all"

@@ -18,7 +18,7 @@ import typer
 from radnet_node.errors import RadnetError
 from radnet_node.model import RadnetConfig, build_model
 from radnet_node.preprocess import PreprocessSpec
-from radnet_node.weights import export_weights
+from radnet_node.weights import card_path_for, export_weights
 from training.train import load_checkpoint
 
 LIMITATIONS = [
@@ -91,11 +91,33 @@ def _recipe(config: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _card_of_weights(path: Path) -> dict[str, Any] | None:
+    """The model card beside exported weights, when ``path`` is such a file and the card reads."""
+    card = card_path_for(path)
+    if not (path.is_file() and card.is_file()):
+        return None
+    try:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def initial_weights_card(checkpoint: Mapping[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """The card of the exported weights the oldest run of this chain started from, if any."""
+    runs = [s for s in training_stages(run_dir, checkpoint) if "from_card" not in s]
+    init = runs[0].get("init_from") if runs else None
+    return _card_of_weights(Path(init)) if init else None
+
+
 def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The run and, through ``train.init_from``, the runs it continued, oldest first.
 
-    A stage whose ``init_from`` is not a ``RUN/checkpoints/*.pt`` that still exists is recorded
-    by path only (``previous_stage_missing``).
+    When a run started from exported weights (a ``.pt`` with its model card beside it), the stages
+    that the card lists come first, each marked with the card's ``from_card`` (name, version,
+    sha256): fine-tuning shipped weights keeps their whole history. A stage whose ``init_from`` is
+    neither a ``RUN/checkpoints/*.pt`` that still exists nor carded weights is recorded by path only
+    (``previous_stage_missing``).
     """
     stages: list[dict[str, Any]] = []
     seen: set[Path] = set()
@@ -122,8 +144,15 @@ def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[s
         if init is not None:
             parent = init.parent.parent
             known = parent.resolve() in seen
+            card = _card_of_weights(init)
             if init.parent.name == "checkpoints" and init.is_file() and not known:
                 current = (parent, load_checkpoint(init))
+            elif card is not None and isinstance(card.get("training", {}).get("stages"), list):
+                origin = {k: card.get(k) for k in ("name", "version", "sha256")}
+                stages.extend(
+                    {**earlier, "from_card": origin}
+                    for earlier in reversed(card["training"]["stages"])
+                )
             else:
                 stage["previous_stage_missing"] = True
     return stages[::-1]
@@ -153,6 +182,13 @@ def build_card_fields(
         "skipped_cases": summary.get("skipped_cases"),
     }
     stages = training_stages(run_dir, checkpoint)
+    initial_card = initial_weights_card(checkpoint, run_dir)
+    if initial_card is not None and "training_data" in initial_card:
+        # what the initial weights had learnt from is part of what these weights learnt from
+        training_data["initial_weights"] = {
+            **{k: initial_card.get(k) for k in ("name", "version", "sha256")},
+            "training_data": initial_card["training_data"],
+        }
     training = {
         "recipe": "; ".join(stage["recipe"] for stage in stages),
         "stages": stages,

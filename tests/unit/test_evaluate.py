@@ -273,6 +273,39 @@ def test_eval_of_a_weights_file_with_card_on_all_cases(
     assert (out / "roc.png").is_file()
 
 
+def test_eval_on_the_validation_split_of_another_run(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # weights fine-tuned elsewhere are compared on an earlier run's validation cases: the case ids
+    # and the data specs both come from that run's folder
+    _, run = tiny_run
+    checkpoint = run / "checkpoints" / "best.pt"
+    val_ids = json.loads((run / "split.json").read_text())["val"]
+    out = tmp_path / "eval-other"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--quiet", "--precision", "fp32"]
+
+    result = CliRunner().invoke(app, [*args, "--split-file", str(run / "split.json")])
+
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(c["case_id"] for c in metrics["cases"]) == sorted(val_ids)
+    assert metrics["split"] == f"val of {run / 'split.json'}"
+
+    bad = tmp_path / "split.json"
+    bad.write_text(json.dumps({"train": ["a"]}))
+    refused = CliRunner().invoke(app, [*args, "--split-file", str(bad)])
+    assert refused.exit_code == 2 and str(bad) in refused.output and "'val'" in refused.output
+
+    other = write_tiny_layout(tmp_path / "other", 4, seed=5)
+    unknown = tmp_path / "o" / "split.json"
+    unknown.parent.mkdir()
+    unknown.write_text(json.dumps({"val": ["nope-1", "nope-2"]}))
+    refused = CliRunner().invoke(
+        app, [*args, "--split-file", str(unknown), "--data", f"layout:{other}"]
+    )
+    assert refused.exit_code == 2 and "2 validation case(s) are not in the data" in refused.output
+
+
 def test_eval_without_checkpoint_is_a_one_line_error() -> None:
     result = CliRunner().invoke(app, [])
     assert result.exit_code == 2 and "--checkpoint" in result.output

@@ -94,3 +94,32 @@ def test_export_names_a_missing_metrics_file(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "/nonexistent.json" in result.output
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_card_of_weights_fine_tuned_from_exported_weights_keeps_their_history(
+    tmp_path: Path,
+) -> None:
+    data = write_tiny_layout(tmp_path / "data", 6)
+    first = tmp_path / "first"
+    train(tiny_config(data, epochs=2), first, progress=False)
+    shipped = tmp_path / "shipped" / "radnet.pt"
+    result = CliRunner().invoke(app, ["--run", str(first), "--out", str(shipped), "--version", "1"])
+    assert result.exit_code == 0, result.output
+    second = tmp_path / "second"
+    train(tiny_config(data, epochs=1, init_from=str(shipped)), second, progress=False)
+    out = tmp_path / "w2.pt"
+
+    result = CliRunner().invoke(app, ["--run", str(second), "--out", str(out), "--version", "2"])
+
+    assert result.exit_code == 0, result.output
+    _, card = load_model(out)
+    _, first_card = load_model(shipped)
+    stages = card.training["stages"]
+    assert [s["run"] for s in stages] == [str(first), str(second)]
+    assert stages[0]["from_card"] == {"name": first_card.name, "version": "1",
+                                      "sha256": first_card.sha256}  # fmt: skip
+    assert "from_card" not in stages[1] and "previous_stage_missing" not in stages[1]
+    assert card.training["epochs"] == 3
+    earlier = card.training_data["initial_weights"]
+    assert earlier["version"] == "1" and earlier["sha256"] == first_card.sha256
+    assert earlier["training_data"]["datasets"][0]["cases"] == 6
