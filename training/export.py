@@ -103,11 +103,26 @@ def _card_of_weights(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _verified_card(init: Path, expected_sha256: str | None) -> dict[str, Any] | None:
+    """The card beside ``init`` when it still describes the weights a run started from.
+
+    A run records the sha256 of its initial weights; when the file at that path has been replaced
+    since (shipped weights are overwritten by the next export), its card describes other weights
+    and is not used. Runs from before that record was kept are taken at their word.
+    """
+    card = _card_of_weights(init)
+    if card is None or not isinstance(card.get("training", {}).get("stages"), list):
+        return None
+    if expected_sha256 is not None and card.get("sha256") != expected_sha256:
+        return None
+    return card
+
+
 def initial_weights_card(checkpoint: Mapping[str, Any], run_dir: Path) -> dict[str, Any] | None:
     """The card of the exported weights the oldest run of this chain started from, if any."""
     runs = [s for s in training_stages(run_dir, checkpoint) if "from_card" not in s]
     init = runs[0].get("init_from") if runs else None
-    return _card_of_weights(Path(init)) if init else None
+    return _verified_card(Path(init), runs[0].get("init_sha256")) if init else None
 
 
 def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -116,7 +131,8 @@ def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[s
     When a run started from exported weights (a ``.pt`` with its model card beside it), the stages
     that the card lists come first, each marked with the card's ``from_card`` (name, version,
     sha256): fine-tuning shipped weights keeps their whole history. A stage whose ``init_from`` is
-    neither a ``RUN/checkpoints/*.pt`` that still exists nor carded weights is recorded by path only
+    neither a ``RUN/checkpoints/*.pt`` that still exists nor carded weights that are still the ones
+    the run started from (it keeps their sha256) is recorded by path only
     (``previous_stage_missing``).
     """
     stages: list[dict[str, Any]] = []
@@ -137,6 +153,8 @@ def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[s
             "wall_time_seconds": round(_history_seconds(folder), 1),
             "init_from": train.get("init_from"),
         }
+        if state.get("init_sha256"):
+            stage["init_sha256"] = state["init_sha256"]
         stages.append(stage)
         seen.add(folder.resolve())
         current = None
@@ -144,10 +162,10 @@ def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[s
         if init is not None:
             parent = init.parent.parent
             known = parent.resolve() in seen
-            card = _card_of_weights(init)
+            card = _verified_card(init, state.get("init_sha256"))
             if init.parent.name == "checkpoints" and init.is_file() and not known:
                 current = (parent, load_checkpoint(init))
-            elif card is not None and isinstance(card.get("training", {}).get("stages"), list):
+            elif card is not None:
                 origin = {k: card.get(k) for k in ("name", "version", "sha256")}
                 stages.extend(
                     {**earlier, "from_card": origin}
@@ -155,6 +173,10 @@ def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[s
                 )
             else:
                 stage["previous_stage_missing"] = True
+                if _card_of_weights(init) is not None:
+                    stage["initial_weights_replaced"] = (
+                        f"{init} no longer holds the weights this run started from"
+                    )
     return stages[::-1]
 
 

@@ -840,8 +840,10 @@ def train(
     best_key: tuple[float, float] = (-math.inf, -math.inf)
     best_epoch = 0
     best_validation: dict[str, Any] = {}
+    init_sha: str | None = None  # sha256 of train.init_from, kept so that export can check it
     if state is not None:
         model.load_state_dict(state["model_state"])
+        init_sha = state.get("init_sha256")
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         scaler.load_state_dict(state["scaler_state"])
@@ -978,6 +980,7 @@ def train(
             "optimizer_state": optimizer.state_dict(),
             "scheduler_state": scheduler.state_dict(),
             "scaler_state": scaler.state_dict(),
+            "init_sha256": init_sha,
             "rng": _rng_states(),
             "config": config.to_dict(),
             "split": split,

@@ -123,3 +123,30 @@ def test_card_of_weights_fine_tuned_from_exported_weights_keeps_their_history(
     earlier = card.training_data["initial_weights"]
     assert earlier["version"] == "1" and earlier["sha256"] == first_card.sha256
     assert earlier["training_data"]["datasets"][0]["cases"] == 6
+
+
+def test_card_does_not_borrow_the_history_of_weights_replaced_since_training(
+    tmp_path: Path,
+) -> None:
+    data = write_tiny_layout(tmp_path / "data", 6)
+    first, other = tmp_path / "first", tmp_path / "other"
+    train(tiny_config(data, epochs=1), first, progress=False)
+    train(tiny_config(data, epochs=2, seed=7), other, progress=False)
+    shipped = tmp_path / "shipped" / "radnet.pt"
+    export = ["--out", str(shipped), "--version"]
+    assert CliRunner().invoke(app, ["--run", str(first), *export, "1"]).exit_code == 0
+    second = tmp_path / "second"
+    train(tiny_config(data, epochs=1, init_from=str(shipped)), second, progress=False)
+    # the next release overwrites the shipped file: its card now describes other weights
+    assert CliRunner().invoke(app, ["--run", str(other), *export, "2"]).exit_code == 0
+    out = tmp_path / "w3.pt"
+
+    result = CliRunner().invoke(app, ["--run", str(second), "--out", str(out), "--version", "3"])
+
+    assert result.exit_code == 0, result.output
+    _, card = load_model(out)
+    stages = card.training["stages"]
+    assert [s["run"] for s in stages] == [str(second)]
+    assert stages[0]["previous_stage_missing"] is True
+    assert "no longer holds the weights" in stages[0]["initial_weights_replaced"]
+    assert "initial_weights" not in card.training_data
