@@ -5,9 +5,10 @@ with a GPU. Every folder holds the DICOM files of one series. Each series is rea
 prepared once, then run by two engines: the CPU in fp32 (the reference) and CUDA as the node runs it
 there (``precision="auto"``: bf16 autocast, channels_last, 32 slices per CNN call). It prints, per
 series, the largest per-slice probability difference, whether the CT decisions agree, the Dice of
-the two hemorrhage masks on the source grid and the volumes, and the model time per slice on each
-device (median of the timed runs after a warm-up run), and for CUDA alone the model time of a
-batch of all the series at several slices per call.
+the two hemorrhage masks on the source grid and the volumes, and the time per slice on each device
+of ``engine.run`` (model and post-processing) and of the model alone (medians of the timed runs
+after a warm-up run), and for CUDA alone those times for a batch of all the series at several
+slices per call.
 """
 
 from __future__ import annotations
@@ -36,16 +37,22 @@ def dice(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def timed_runs(
     engine: Engine, series: list[LoadedSeries], repeats: int
-) -> tuple[list[SeriesResult], float]:
-    """Run once to warm up, then ``repeats`` times; median model ms/slice of the timed runs."""
+) -> tuple[list[SeriesResult], float, float]:
+    """Run once to warm up, then ``repeats`` times.
+
+    Returns the last results and the medians over the timed runs of the ms per slice of the whole
+    ``engine.run`` (model and post-processing: mapping the mask back to the source grid) and of
+    the model alone (the engine's own ``model`` timing, taken after a CUDA synchronisation).
+    """
     results = engine.run(series)
     slices = sum(len(s.prepared.slices) for s in series)
-    per_slice = []
+    run_ms, model_ms = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        results = engine.run(series)  # run() synchronises CUDA before it stops its clock
-        per_slice.append((time.perf_counter() - start) * 1000.0 / slices)
-    return results, statistics.median(per_slice)
+        results = engine.run(series)
+        run_ms.append((time.perf_counter() - start) * 1000.0 / slices)
+        model_ms.append(sum(r.timings_ms["model"] for r in results) / slices)
+    return results, statistics.median(run_ms), statistics.median(model_ms)
 
 
 def compare(cpu: SeriesResult, cuda: SeriesResult) -> dict[str, Any]:
@@ -91,16 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         "series": {},
     }
     for path, item in zip(args.series, loaded, strict=True):
-        cpu_result, cpu_ms = timed_runs(cpu, [item], max(1, args.repeats // 2))
-        cuda_result, cuda_ms = timed_runs(cuda, [item], args.repeats)
+        cpu_result, cpu_run, cpu_model = timed_runs(cpu, [item], max(1, args.repeats // 2))
+        cuda_result, cuda_run, cuda_model = timed_runs(cuda, [item], args.repeats)
         row = compare(cpu_result[0], cuda_result[0])
-        row["model_ms_per_slice_cpu_fp32"] = cpu_ms
-        row["model_ms_per_slice_cuda"] = cuda_ms
-        report["series"][path.name] = row
+        row["ms_per_slice_cpu_fp32"] = {"run": cpu_run, "model": cpu_model}
+        row["ms_per_slice_cuda"] = {"run": cuda_run, "model": cuda_model}
+        report["series"][str(path)] = row
     batch = {}
     for chunk in (8, 32, 128):
         engine = Engine(EngineSettings(weights=args.weights, device="cuda", chunk_slices=chunk))
-        batch[str(chunk)] = timed_runs(engine, loaded, args.repeats)[1]
+        _, run_ms, model_ms = timed_runs(engine, loaded, args.repeats)
+        batch[str(chunk)] = {"run": run_ms, "model": model_ms}
     report["cuda_batch_all_series_ms_per_slice_by_chunk"] = batch
     report["cuda_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(report, indent=2))

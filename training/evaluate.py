@@ -251,10 +251,12 @@ def _read_split_file(path: Path) -> tuple[list[str], list[str] | None]:
     config = path.parent / "config.json"
     if config.is_file():
         try:
-            specs = list(json.loads(config.read_text(encoding="utf-8"))["data"]["specs"]) or None
+            specs = json.loads(config.read_text(encoding="utf-8"))["data"]["specs"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ConfigError(f"{config}: cannot read the run's data specs: {error}") from None
-    return ids, specs
+        if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+            raise ConfigError(f"{config}: data.specs is not a list of dataset specs")
+    return ids, (specs or None)
 
 
 def _pct(value: float) -> str:
@@ -500,7 +502,15 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
             raise ConfigError(
                 f"--threshold must be in (0, 1) and --min-consecutive >= 1 (got {t}, {k})"
             )
+        if split_file is not None and split != "val":
+            raise ConfigError("--split-file names the cases itself: leave out --split")
         other_split = _read_split_file(split_file) if split_file is not None else None
+        if other_split is not None and data and other_split[1] and list(data) != other_split[1]:
+            typer.echo(
+                f"radnet-eval: warning: --data differs from the data of {split_file.parent} "
+                "(case ids depend on the specs and their order): " + ", ".join(other_split[1]),
+                err=True,
+            )
         specs = list(data or (other_split[1] if other_split else None) or loaded.data_specs)
         dataset = _open(specs, loaded.preprocess, cache_dir)
         if other_split is not None and split_file is not None:

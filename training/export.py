@@ -118,13 +118,6 @@ def _verified_card(init: Path, expected_sha256: str | None) -> dict[str, Any] | 
     return card
 
 
-def initial_weights_card(checkpoint: Mapping[str, Any], run_dir: Path) -> dict[str, Any] | None:
-    """The card of the exported weights the oldest run of this chain started from, if any."""
-    runs = [s for s in training_stages(run_dir, checkpoint) if "from_card" not in s]
-    init = runs[0].get("init_from") if runs else None
-    return _verified_card(Path(init), runs[0].get("init_sha256")) if init else None
-
-
 def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The run and, through ``train.init_from``, the runs it continued, oldest first.
 
@@ -135,7 +128,15 @@ def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[s
     the run started from (it keeps their sha256) is recorded by path only
     (``previous_stage_missing``).
     """
+    return _stage_chain(run_dir, checkpoint)[0]
+
+
+def _stage_chain(
+    run_dir: Path, checkpoint: Mapping[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """:func:`training_stages`, and the card of the exported weights the chain started from."""
     stages: list[dict[str, Any]] = []
+    initial_card: dict[str, Any] | None = None
     seen: set[Path] = set()
     current: tuple[Path, Mapping[str, Any]] | None = (run_dir, checkpoint)
     while current is not None:
@@ -163,12 +164,18 @@ def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[s
             parent = init.parent.parent
             known = parent.resolve() in seen
             card = _verified_card(init, state.get("init_sha256"))
+            if card is not None and any(
+                Path(str(s.get("run", ""))).resolve() in seen for s in card["training"]["stages"]
+            ):
+                card = None  # the card lists a run of this chain: it describes later weights
             if init.parent.name == "checkpoints" and init.is_file() and not known:
                 current = (parent, load_checkpoint(init))
             elif card is not None:
+                initial_card = card
                 origin = {k: card.get(k) for k in ("name", "version", "sha256")}
+                # a stage that an earlier card already carried keeps the card it came from
                 stages.extend(
-                    {**earlier, "from_card": origin}
+                    {**earlier, "from_card": earlier.get("from_card", origin)}
                     for earlier in reversed(card["training"]["stages"])
                 )
             else:
@@ -177,7 +184,7 @@ def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[s
                     stage["initial_weights_replaced"] = (
                         f"{init} no longer holds the weights this run started from"
                     )
-    return stages[::-1]
+    return stages[::-1], initial_card
 
 
 def build_card_fields(
@@ -203,8 +210,7 @@ def build_card_fields(
         "train_slices": summary.get("train_slices"),
         "skipped_cases": summary.get("skipped_cases"),
     }
-    stages = training_stages(run_dir, checkpoint)
-    initial_card = initial_weights_card(checkpoint, run_dir)
+    stages, initial_card = _stage_chain(run_dir, checkpoint)
     if initial_card is not None and "training_data" in initial_card:
         # what the initial weights had learnt from is part of what these weights learnt from
         training_data["initial_weights"] = {

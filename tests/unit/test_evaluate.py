@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from test_train import tiny_config
 from tiny_layout import TINY_MODEL, TINY_PREPROCESS, write_tiny_layout
 from typer.testing import CliRunner
 
@@ -276,10 +277,13 @@ def test_eval_of_a_weights_file_with_card_on_all_cases(
 def test_eval_on_the_validation_split_of_another_run(
     tiny_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    # weights fine-tuned elsewhere are compared on an earlier run's validation cases: the case ids
-    # and the data specs both come from that run's folder
+    # weights trained elsewhere (other data) are compared on an earlier run's validation cases:
+    # the case ids and the data specs both come from that run's folder, not from the checkpoint
     _, run = tiny_run
-    checkpoint = run / "checkpoints" / "best.pt"
+    other_data = write_tiny_layout(tmp_path / "other-data", 4, seed=9)
+    other_run = tmp_path / "other-run"
+    train(tiny_config(other_data, epochs=1), other_run, progress=False)
+    checkpoint = other_run / "checkpoints" / "best.pt"
     val_ids = json.loads((run / "split.json").read_text())["val"]
     out = tmp_path / "eval-other"
     args = ["--checkpoint", str(checkpoint), "--out", str(out), "--quiet", "--precision", "fp32"]
@@ -290,18 +294,27 @@ def test_eval_on_the_validation_split_of_another_run(
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(c["case_id"] for c in metrics["cases"]) == sorted(val_ids)
     assert metrics["split"] == f"val of {run / 'split.json'}"
+    assert metrics["data"] == json.loads((run / "config.json").read_text())["data"]["specs"]
+
+    both = CliRunner().invoke(
+        app, [*args, "--split-file", str(run / "split.json"), "--split", "all"]
+    )
+    assert both.exit_code == 2 and "leave out --split" in both.output
 
     bad = tmp_path / "split.json"
     bad.write_text(json.dumps({"train": ["a"]}))
     refused = CliRunner().invoke(app, [*args, "--split-file", str(bad)])
     assert refused.exit_code == 2 and str(bad) in refused.output and "'val'" in refused.output
 
-    other = write_tiny_layout(tmp_path / "other", 4, seed=5)
     unknown = tmp_path / "o" / "split.json"
     unknown.parent.mkdir()
     unknown.write_text(json.dumps({"val": ["nope-1", "nope-2"]}))
+    (unknown.parent / "config.json").write_text(json.dumps({"data": {"specs": "layout:x"}}))
+    refused = CliRunner().invoke(app, [*args, "--split-file", str(unknown)])
+    assert refused.exit_code == 2 and "data.specs is not a list" in refused.output
+    (unknown.parent / "config.json").unlink()
     refused = CliRunner().invoke(
-        app, [*args, "--split-file", str(unknown), "--data", f"layout:{other}"]
+        app, [*args, "--split-file", str(unknown), "--data", f"layout:{other_data}"]
     )
     assert refused.exit_code == 2 and "2 validation case(s) are not in the data" in refused.output
 

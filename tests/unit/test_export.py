@@ -17,6 +17,12 @@ from training.train import load_checkpoint, train
 torch.set_num_threads(1)
 
 
+def export_run(run: Path, out: Path, version: str) -> None:
+    """radnet-export of ``run`` to ``out``, which must succeed."""
+    result = CliRunner().invoke(app, ["--run", str(run), "--out", str(out), "--version", version])
+    assert result.exit_code == 0, result.output
+
+
 def test_export_writes_weights_that_load_and_a_card_built_from_the_run(tmp_path: Path) -> None:
     data = write_tiny_layout(tmp_path / "data", 6)
     run = tmp_path / "run"
@@ -103,8 +109,7 @@ def test_card_of_weights_fine_tuned_from_exported_weights_keeps_their_history(
     first = tmp_path / "first"
     train(tiny_config(data, epochs=2), first, progress=False)
     shipped = tmp_path / "shipped" / "radnet.pt"
-    result = CliRunner().invoke(app, ["--run", str(first), "--out", str(shipped), "--version", "1"])
-    assert result.exit_code == 0, result.output
+    export_run(first, shipped, "1")
     second = tmp_path / "second"
     train(tiny_config(data, epochs=1, init_from=str(shipped)), second, progress=False)
     out = tmp_path / "w2.pt"
@@ -133,12 +138,11 @@ def test_card_does_not_borrow_the_history_of_weights_replaced_since_training(
     train(tiny_config(data, epochs=1), first, progress=False)
     train(tiny_config(data, epochs=2, seed=7), other, progress=False)
     shipped = tmp_path / "shipped" / "radnet.pt"
-    export = ["--out", str(shipped), "--version"]
-    assert CliRunner().invoke(app, ["--run", str(first), *export, "1"]).exit_code == 0
+    export_run(first, shipped, "1")
     second = tmp_path / "second"
     train(tiny_config(data, epochs=1, init_from=str(shipped)), second, progress=False)
     # the next release overwrites the shipped file: its card now describes other weights
-    assert CliRunner().invoke(app, ["--run", str(other), *export, "2"]).exit_code == 0
+    export_run(other, shipped, "2")
     out = tmp_path / "w3.pt"
 
     result = CliRunner().invoke(app, ["--run", str(second), "--out", str(out), "--version", "3"])
@@ -149,4 +153,49 @@ def test_card_does_not_borrow_the_history_of_weights_replaced_since_training(
     assert [s["run"] for s in stages] == [str(second)]
     assert stages[0]["previous_stage_missing"] is True
     assert "no longer holds the weights" in stages[0]["initial_weights_replaced"]
+    assert "initial_weights" not in card.training_data
+
+
+def test_card_chain_keeps_each_stage_with_the_card_it_came_from(tmp_path: Path) -> None:
+    data = write_tiny_layout(tmp_path / "data", 6)
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    w1, w2 = tmp_path / "w1" / "radnet.pt", tmp_path / "w2" / "radnet.pt"
+    train(tiny_config(data, epochs=1), first, progress=False)
+    export_run(first, w1, "1")
+    train(tiny_config(data, epochs=1, init_from=str(w1)), second, progress=False)
+    export_run(second, w2, "2")
+    train(tiny_config(data, epochs=1, init_from=str(w2)), third, progress=False)
+    out = tmp_path / "w3.pt"
+
+    result = CliRunner().invoke(app, ["--run", str(third), "--out", str(out), "--version", "3"])
+
+    assert result.exit_code == 0, result.output
+    stages = load_model(out)[1].training["stages"]
+    assert [s["run"] for s in stages] == [str(first), str(second), str(third)]
+    assert [s.get("from_card", {}).get("version") for s in stages] == ["1", "2", None]
+
+
+def test_card_that_lists_the_run_itself_is_not_its_history(tmp_path: Path) -> None:
+    # a run from before checkpoints kept init_sha256, whose initial weights file was later
+    # overwritten by its own export: the card there describes this run, not where it started
+    data = write_tiny_layout(tmp_path / "data", 6)
+    first, second = tmp_path / "first", tmp_path / "second"
+    shipped = tmp_path / "shipped" / "radnet.pt"
+    train(tiny_config(data, epochs=1), first, progress=False)
+    export_run(first, shipped, "1")
+    train(tiny_config(data, epochs=1, init_from=str(shipped)), second, progress=False)
+    for name in ("best.pt", "last.pt"):
+        path = second / "checkpoints" / name
+        state = torch.load(path, weights_only=False)
+        del state["init_sha256"]
+        torch.save(state, path)
+    export_run(second, shipped, "2")
+    out = tmp_path / "again.pt"
+
+    result = CliRunner().invoke(app, ["--run", str(second), "--out", str(out), "--version", "2b"])
+
+    assert result.exit_code == 0, result.output
+    _, card = load_model(out)
+    assert [s["run"] for s in card.training["stages"]] == [str(second)]
+    assert card.training["stages"][0]["previous_stage_missing"] is True
     assert "initial_weights" not in card.training_data

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from radnet_node.errors import ConfigError, RadnetError
 from radnet_node.model import RADnet
 from radnet_node.preprocess import PreprocessSpec
-from radnet_node.weights import export_weights
+from radnet_node.weights import export_weights, sha256_of
 from training.config import TrainConfig, load_config, validate_config
 from training.datasets import Case
 from training.train import (
@@ -280,6 +280,19 @@ def first_stage(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     first = tmp_path_factory.mktemp("first")
     train(tiny_config(tiny_data, epochs=1), first, progress=False)
     return first / "checkpoints" / "last.pt"
+
+
+def test_a_run_keeps_the_sha256_of_its_initial_weights_across_resume(
+    tiny_data: Path, first_stage: Path, tmp_path: Path
+) -> None:
+    # radnet-export checks it before it borrows the history in a card beside the initial weights
+    config = tiny_config(tiny_data, epochs=2, init_from=str(first_stage))
+    run = tmp_path / "run"
+    train(config, run, progress=False, stop_after_epoch=1)
+    train(config, run, resume=True, progress=False)
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(run / "checkpoints" / name)["init_sha256"] == sha256_of(first_stage)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoint_or_exported_weights(
