@@ -27,6 +27,7 @@ import torch
 
 from radnet_node.engine import Engine, EngineSettings, LoadedSeries
 from radnet_node.results import SeriesResult
+from radnet_node.series import scan_paths
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -84,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cpu = Engine(EngineSettings(weights=args.weights, device="cpu", precision="fp32"))
     cuda = Engine(EngineSettings(weights=args.weights, device="cuda"))
-    loaded = [cpu.load(sorted(p.rglob("*.dcm")) or sorted(f for f in p.rglob("*") if f.is_file()),
-                       series_label=str(p)) for p in args.series]  # fmt: skip
+    groups = [scan_paths([path]).series for path in args.series]
+    for path, found in zip(args.series, groups, strict=True):
+        if len(found) != 1:
+            print(f"cuda_check: {path}: {len(found)} series found, expected 1", file=sys.stderr)
+            return 2
+    loaded = [cpu.load(found.paths, series_label=found.label) for (found,) in groups]
     report: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),

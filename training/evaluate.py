@@ -38,7 +38,7 @@ from training.inference import (
     score_case,
     summarize,
 )
-from training.train import load_checkpoint, train
+from training.train import load_checkpoint, read_split, train
 
 log = logging.getLogger("radnet.eval")
 
@@ -240,13 +240,9 @@ def _open(specs: Sequence[str], spec: PreprocessSpec, cache_dir: Path | None) ->
 def _read_split_file(path: Path) -> tuple[list[str], list[str] | None]:
     """The validation case ids of a run's ``split.json`` and, when ``config.json`` sits beside
     it, that run's data specs (case ids depend on the specs and their order)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: cannot read the split file: {error}") from None
-    ids = data.get("val") if isinstance(data, dict) else None
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise ConfigError(f"{path}: no 'val' list of case ids (a radnet-train split.json?)")
+    ids = read_split(path, "--split-file", ("val",))["val"]
+    if not ids:
+        raise ConfigError(f"{path}: --split-file: the 'val' list is empty")
     specs = None
     config = path.parent / "config.json"
     if config.is_file():

@@ -103,19 +103,22 @@ def _card_of_weights(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _verified_card(init: Path, expected_sha256: str | None) -> dict[str, Any] | None:
-    """The card beside ``init`` when it still describes the weights a run started from.
+def _describes_initial_weights(
+    card: Mapping[str, Any], expected_sha256: str | None, chain: set[Path]
+) -> bool:
+    """Whether ``card`` still describes the weights a run started from, so its stages come first.
 
     A run records the sha256 of its initial weights; when the file at that path has been replaced
-    since (shipped weights are overwritten by the next export), its card describes other weights
-    and is not used. Runs from before that record was kept are taken at their word.
+    since (shipped weights are overwritten by the next export), its card describes other weights.
+    Runs from before that record was kept are taken at their word, unless the card lists a run of
+    this very chain (then it describes weights made after the run started).
     """
-    card = _card_of_weights(init)
-    if card is None or not isinstance(card.get("training", {}).get("stages"), list):
-        return None
+    stages = card.get("training", {}).get("stages")
+    if not isinstance(stages, list):
+        return False
     if expected_sha256 is not None and card.get("sha256") != expected_sha256:
-        return None
-    return card
+        return False
+    return not any(Path(str(s.get("run", ""))).resolve() in chain for s in stages)
 
 
 def training_stages(run_dir: Path, checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -163,14 +166,12 @@ def _stage_chain(
         if init is not None:
             parent = init.parent.parent
             known = parent.resolve() in seen
-            card = _verified_card(init, state.get("init_sha256"))
-            if card is not None and any(
-                Path(str(s.get("run", ""))).resolve() in seen for s in card["training"]["stages"]
-            ):
-                card = None  # the card lists a run of this chain: it describes later weights
+            card = _card_of_weights(init)
             if init.parent.name == "checkpoints" and init.is_file() and not known:
                 current = (parent, load_checkpoint(init))
-            elif card is not None:
+            elif card is not None and _describes_initial_weights(
+                card, state.get("init_sha256"), seen
+            ):
                 initial_card = card
                 origin = {k: card.get(k) for k in ("name", "version", "sha256")}
                 # a stage that an earlier card already carried keeps the card it came from
@@ -180,7 +181,7 @@ def _stage_chain(
                 )
             else:
                 stage["previous_stage_missing"] = True
-                if _card_of_weights(init) is not None:
+                if card is not None:
                     stage["initial_weights_replaced"] = (
                         f"{init} no longer holds the weights this run started from"
                     )

@@ -640,15 +640,28 @@ def split_cases(dataset: CaseDataset, config: TrainConfig) -> dict[str, list[str
     return {"train": list(train_ids), "val": list(val_ids)}
 
 
-def _extend_split(dataset: CaseDataset, path: Path, config: TrainConfig) -> dict[str, list[str]]:
+def read_split(
+    path: Path, what: str, sides: tuple[str, ...] = ("train", "val")
+) -> dict[str, list[str]]:
+    """The case ids of ``sides`` of a run's ``split.json``.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``path`` and ``what`` it was read for, when it is not such a file.
+    """
     try:
         kept = json.loads(path.read_text(encoding="utf-8"))
-        sides = {side: [str(c) for c in kept[side]] for side in ("train", "val")}
+        return {side: [str(c) for c in kept[side]] for side in sides}
     except (OSError, ValueError, KeyError, TypeError) as error:
+        lists = " and ".join(f"'{side}'" for side in sides)
         raise ConfigError(
-            f"{path}: data.keep_split: not a readable split.json with 'train' and 'val' lists "
-            f"({error})"
+            f"{path}: {what}: not a readable split.json with {lists} lists ({error})"
         ) from error
+
+
+def _extend_split(dataset: CaseDataset, path: Path, config: TrainConfig) -> dict[str, list[str]]:
+    sides = read_split(path, "data.keep_split")
     case_ids = dataset.case_ids()
     present = set(case_ids)
     missing = [c for side in sides.values() for c in side if c not in present]
