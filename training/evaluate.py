@@ -325,6 +325,17 @@ def _summary_line(summary: Mapping[str, Any]) -> str:
         f"CT AUC {'n/a' if ct_auc is None else f'{ct_auc:.4f}'}, "
         f"Dice {'n/a' if dice is None else f'{dice:.4f}'} "
         f"({summary['dice']['n']} CTs with blood)"
+        + _short_blood_note(summary)
+    )
+
+
+def _short_blood_note(summary: Mapping[str, Any]) -> str:
+    short = summary.get("short_blood") or {}
+    if not short.get("n"):
+        return ""
+    return (
+        f"; {short['n']} positive CT(s) have blood on fewer than {summary['min_consecutive']} "
+        f"consecutive slices, {short['missed']} of them missed"
     )
 
 

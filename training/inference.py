@@ -19,7 +19,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from radnet_node.engine import cpu_supports_bf16
 from radnet_node.model import RADnet
-from radnet_node.postprocess import ct_decision, ct_score
+from radnet_node.postprocess import ct_decision, ct_score, longest_positive_run
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -320,7 +320,8 @@ def summarize(
     Returns a JSON-serialisable dict: ``ct`` (Table 1 metrics and confusion counts of the decision
     rule), ``slice`` (AUC over slices with known labels and the confusion counts at ``threshold``),
     ``ct_auc`` (ROC AUC of :func:`ct_score`), ``dice`` (mean per-CT Dice over CTs with blood in
-    their mask, and the count), and ``cases`` (per-CT decision, score, label).
+    their mask, and the count), ``short_blood`` (see :func:`short_blood_runs`) and ``cases``
+    (per-CT decision, score, label).
 
     Raises
     ------
@@ -344,6 +345,8 @@ def summarize(
             binary_metrics(slice_labels, (slice_probs >= threshold).astype(int)).to_dict()
         )
     dices = [r.dice for r in results if r.dice is not None]
+    short = short_blood_runs(results, min_consecutive)
+    decided = {r.case_id: int(d) for r, d in zip(results, y_pred, strict=True)}
     return {
         "threshold": threshold,
         "min_consecutive": min_consecutive,
@@ -351,6 +354,11 @@ def summarize(
         "ct_auc": _auc(y_true, scores),
         "slice": slice_block,
         "dice": {"mean": float(np.mean(dices)) if dices else None, "n": len(dices)},
+        "short_blood": {
+            "n": len(short),
+            "missed": sum(1 for case_id in short if not decided[case_id]),
+            "case_ids": short,
+        },
         "cases": [
             {
                 "case_id": r.case_id,
@@ -362,6 +370,24 @@ def summarize(
             for r, d, s in zip(results, y_pred, scores, strict=True)
         ],
     }
+
+
+def short_blood_runs(results: Sequence[CaseResult], min_consecutive: int) -> list[str]:
+    """Positive CTs whose labelled blood never reaches ``min_consecutive`` consecutive slices.
+
+    The paper's rule calls a CT positive only on a run of ``min_consecutive`` positive slices, so
+    such a CT (a small bleed on one or two thick slices) is found only when the model also flags
+    its neighbours: a ceiling on CT-level recall that no slice classifier removes. CTs with any
+    unknown slice label are not judged.
+    """
+    return [
+        r.case_id
+        for r in results
+        if r.ct_label == 1
+        and (r.slice_labels == 1).any()
+        and not (r.slice_labels < 0).any()
+        and longest_positive_run(r.slice_labels == 1) < min_consecutive
+    ]
 
 
 def selection_key(summary: Mapping[str, Any]) -> tuple[float, float]:

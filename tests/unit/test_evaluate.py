@@ -129,6 +129,24 @@ def test_summarize_applies_the_consecutive_slice_rule_and_counts() -> None:
     assert summary["slice"]["n"] == 19
     assert summary["slice"]["auc"] == pytest.approx(roc_auc_score(labels, probs))
     assert summary["dice"] == {"mean": pytest.approx(0.3), "n": 2}
+    # "fn" has blood on runs of 2 and 1 slices: the 3-slice rule cannot call it on its own slices
+    assert summary["short_blood"] == {"n": 1, "missed": 1, "case_ids": ["fn"]}
+
+
+def test_short_blood_runs_follow_min_consecutive_and_skip_unknown_labels() -> None:
+    results = [
+        _result("two", 1, [0.9, 0.9, 0.9, 0.1], [0, 1, 1, 0]),  # called through its neighbour
+        _result("three", 1, [0.1, 0.1, 0.1, 0.1], [1, 1, 1, 0]),
+        _result("unknown", 1, [0.1, 0.1, 0.1, 0.1], [1, -1, -1, -1]),
+        _result("neg", 0, [0.1, 0.1, 0.1, 0.1], [0, 0, 0, 0]),
+    ]
+    assert summarize(results, min_consecutive=3)["short_blood"] == {
+        "n": 1,
+        "missed": 0,
+        "case_ids": ["two"],
+    }
+    assert summarize(results, min_consecutive=4)["short_blood"]["case_ids"] == ["two", "three"]
+    assert summarize(results, min_consecutive=2)["short_blood"]["n"] == 0
 
 
 def test_summarize_reports_undefined_auc_as_none() -> None:
