@@ -28,12 +28,7 @@ import torch
 from radnet_node.engine import Engine, EngineSettings, LoadedSeries
 from radnet_node.results import SeriesResult
 from radnet_node.series import scan_paths
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Dice of two boolean masks; ``None`` when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+from training.inference import dice_score
 
 
 def timed_runs(
@@ -66,7 +61,11 @@ def compare(cpu: SeriesResult, cuda: SeriesResult) -> dict[str, Any]:
         "decisions_agree": cpu.ct_positive == cuda.ct_positive,
         "positive_slices_cpu": list(cpu.positive_slice_indices),
         "positive_slices_cuda": list(cuda.positive_slice_indices),
-        "mask_dice_cpu_vs_cuda": dice(cpu.hemorrhage_mask, cuda.hemorrhage_mask),
+        "mask_dice_cpu_vs_cuda": (
+            dice_score(cpu.hemorrhage_mask, cuda.hemorrhage_mask)
+            if cpu.hemorrhage_mask.any() or cuda.hemorrhage_mask.any()
+            else None
+        ),
         "volume_ml_cpu": cpu.hemorrhage_volume_ml,
         "volume_ml_cuda": cuda.hemorrhage_volume_ml,
         "max_probability_cpu": float(np.max(cpu.slice_probabilities)),

@@ -324,8 +324,7 @@ def _summary_line(summary: Mapping[str, Any]) -> str:
         f"slice AUC {'n/a' if auc is None else f'{auc:.4f}'}, "
         f"CT AUC {'n/a' if ct_auc is None else f'{ct_auc:.4f}'}, "
         f"Dice {'n/a' if dice is None else f'{dice:.4f}'} "
-        f"({summary['dice']['n']} CTs with blood)"
-        + _short_blood_note(summary)
+        f"({summary['dice']['n']} CTs with blood)" + _short_blood_note(summary)
     )
 
 

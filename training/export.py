@@ -15,10 +15,10 @@ from typing import Annotated, Any
 
 import typer
 
-from radnet_node.errors import RadnetError
+from radnet_node.errors import RadnetError, WeightsError
 from radnet_node.model import RadnetConfig, build_model
 from radnet_node.preprocess import PreprocessSpec
-from radnet_node.weights import card_path_for, export_weights
+from radnet_node.weights import export_weights, read_model_card
 from training.train import load_checkpoint
 
 LIMITATIONS = [
@@ -92,15 +92,13 @@ def _recipe(config: Mapping[str, Any]) -> str:
 
 
 def _card_of_weights(path: Path) -> dict[str, Any] | None:
-    """The model card beside exported weights, when ``path`` is such a file and the card reads."""
-    card = card_path_for(path)
-    if not (path.is_file() and card.is_file()):
+    """The model card beside exported weights, when ``path`` is such a file with a valid card."""
+    if not path.is_file():
         return None
     try:
-        data = json.loads(card.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_model_card(path).to_dict()
+    except WeightsError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _describes_initial_weights(
