@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from radnet_node.errors import ConfigError, RadnetError, UnsupportedImageError
+from radnet_node.errors import ConfigError, RadnetError
 from radnet_node.postprocess import ct_certainty, ct_decision
 from radnet_node.preprocess import (
     HuSeries,
     PreparedSeries,
     PreprocessSpec,
-    prepare_hu_volume,
+    prepare_hu_series,
     read_hu_slices,
 )
 from radnet_node.results import ModelInfo, SeriesResult
@@ -54,7 +54,6 @@ BF16_TOLERANCE = 0.02
 # CUDA: batch.
 _DEFAULT_CHUNK_CPU = 4
 _DEFAULT_CHUNK_CUDA = 32
-_MAX_AXIAL_ANGLE_DEG = 45.0
 
 
 @dataclass(frozen=True)
@@ -511,35 +510,11 @@ def prepare_hu(hu: HuSeries, spec: PreprocessSpec) -> PreparedSeries:
     """Prepare an already-read :class:`HuSeries` exactly as ``prepare_series`` would.
 
     ``prepare_series`` reads and prepares in one call; splitting it lets the engine time reading
-    and preprocessing apart and keep the HU for the key image. The in-plane mapping depends only
-    on the pixels and pixel spacing, so the series' own geometry is put back afterwards.
+    and preprocessing apart and keep the HU for the key image.
 
     Raises
     ------
     UnsupportedImageError
         The slice normal is more than 45 degrees from the patient's z axis.
     """
-    orientation = np.asarray(hu.image_orientation, dtype=np.float64)
-    normal = np.cross(orientation[:3], orientation[3:])
-    normal /= np.linalg.norm(normal)
-    if abs(normal[2]) < np.cos(np.deg2rad(_MAX_AXIAL_ANGLE_DEG)):
-        raise UnsupportedImageError(
-            hu.series_label,
-            f"not an axial series: slice normal {np.round(normal, 3).tolist()} is more than 45 "
-            "degrees from the patient's z axis",
-        )
-    prepared = prepare_hu_volume(
-        hu.hu,
-        hu.pixel_spacing_mm,
-        spec,
-        normal_positions_mm=hu.normal_positions_mm,
-        series_label=hu.series_label,
-        study_instance_uid=hu.study_instance_uid,
-        series_instance_uid=hu.series_instance_uid,
-    )
-    return dataclasses.replace(
-        prepared,
-        slices=hu.slices,
-        image_orientation=hu.image_orientation,
-        slice_thickness_mm=hu.slice_thickness_mm,
-    )
+    return prepare_hu_series(hu, spec)

@@ -44,6 +44,7 @@ __all__ = [
     "PreparedSeries",
     "PreprocessSpec",
     "SourceSlice",
+    "prepare_hu_series",
     "prepare_hu_volume",
     "prepare_series",
     "read_hu_slices",
@@ -175,6 +176,10 @@ class PreparedSeries:
     Every model slice ``k`` is source slice ``slices[k]`` resampled in its own plane; all slices
     share one in-plane mapping ``model_to_source`` (source pixels, not patient millimetres), so a
     sheared (gantry-tilted) stack stays sheared exactly as the scanner wrote it and stays aligned.
+    The model grid is always in the head-first-supine display orientation the model was trained on
+    (model columns towards the patient's left, rows towards posterior): a prone, feet-first or
+    transposed source is flipped or transposed by ``model_to_source``, whose 2 x 2 part is then a
+    signed permutation scaled by the spacings rather than a diagonal.
     """
 
     study_instance_uid: str
@@ -226,6 +231,7 @@ class PreparedSeries:
             np.asarray(model_grid, dtype=np.float32),
             input_spacing=(step, step),
             input_origin=origin,
+            input_axes=self._model_axes(),
             output_shape=self.source_shape,
             output_spacing=self.source_pixel_spacing_mm,
             output_origin=(0.0, 0.0),
@@ -269,6 +275,7 @@ class PreparedSeries:
             output_shape=(size, size),
             output_spacing=(step, step),
             output_origin=self._model_origin_mm(),
+            output_axes=self._model_axes(),
             interpolation=interpolation,
             outside_value=0.0,
         )
@@ -288,6 +295,13 @@ class PreparedSeries:
         """(y, x) in the source image's pixel-aligned millimetres of model pixel (0, 0)."""
         dr, dc = self.source_pixel_spacing_mm
         return (float(self.model_to_source[0, 2]) * dr, float(self.model_to_source[1, 2]) * dc)
+
+    def _model_axes(self) -> np.ndarray:
+        """The signed permutation (row, col) of :func:`_display_axes` used for this series."""
+        dr, dc = self.source_pixel_spacing_mm
+        step = self.spec.pixel_spacing_mm
+        axes = self.model_to_source[:2, :2] * np.array([[dr], [dc]]) / step
+        return np.rint(axes)
 
 
 def prepare_series(
@@ -334,14 +348,29 @@ def prepare_series(
     TooFewSlicesError
         Fewer than ``spec.min_slices`` slices.
     """
-    series = read_hu_slices(instances, spec, series_label=series_label)
+    return prepare_hu_series(read_hu_slices(instances, spec, series_label=series_label), spec)
+
+
+def prepare_hu_series(
+    series: HuSeries,
+    spec: PreprocessSpec = PreprocessSpec(),  # noqa: B008 - frozen, so a shared default is safe
+) -> PreparedSeries:
+    """Prepare a series already read by :func:`read_hu_slices`, exactly as :func:`prepare_series`.
+
+    Splitting reading from preparing lets a caller time the two apart and keep the HU.
+
+    Raises
+    ------
+    UnsupportedImageError
+        The slice normal is more than 45 degrees from the patient's z axis.
+    """
     _check_axial(series)
     return _prepare(series, spec)
 
 
 def _check_axial(series: HuSeries) -> None:
     """RADnet sees axial slices; a sagittal or coronal reformat would be nonsense input."""
-    orientation = np.asarray(series.image_orientation)
+    orientation = np.asarray(series.image_orientation, dtype=np.float64)
     normal = np.cross(orientation[:3], orientation[3:])
     normal /= np.linalg.norm(normal)
     if abs(normal[2]) < _MIN_AXIAL_COS:
@@ -778,6 +807,10 @@ def _sort_and_check_geometry(
         )
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
+    if normal[2] < 0:
+        # feet-first (or transposed) stacks: sort from the feet to the vertex all the same, the
+        # order the model was trained on
+        normal = -normal
     ipp = np.array([f.source.image_position_mm for f in frames], dtype=np.float64)
     keys = ipp @ normal
     order = np.argsort(keys, kind="stable")
@@ -869,17 +902,44 @@ def _resolve_j2k_sign(ds: Dataset, stored: np.ndarray) -> np.ndarray:
 # head centring, resampling, windowing
 
 
+def _display_axes(orientation: Sequence[float]) -> np.ndarray:
+    """Which way the model's rows and columns run on the source image, as a signed permutation.
+
+    Returns the 2 x 2 matrix ``A`` (in (row, col) order) such that one step along model row ``i``
+    and column ``j`` moves ``A @ (di, dj)`` in source (row, col): model columns go along the source
+    axis closest to the patient's +x (left), model rows along the other source axis, signed towards
+    the patient's +y (posterior). The identity for the usual head-first-supine
+    [1, 0, 0, 0, 1, 0]; flips for prone or feet-first series; a swap for transposed ones.
+    """
+    along_cols = np.asarray(orientation[:3], dtype=np.float64)  # patient direction of +column
+    along_rows = np.asarray(orientation[3:6], dtype=np.float64)  # patient direction of +row
+
+    def sign(value: float) -> float:
+        return -1.0 if value < 0 else 1.0
+
+    if abs(along_cols[0]) >= abs(along_rows[0]):
+        # model columns along source columns, model rows along source rows
+        return np.array([[sign(along_rows[1]), 0.0], [0.0, sign(along_cols[0])]])
+    # transposed: model columns along source rows, model rows along source columns
+    return np.array([[0.0, sign(along_rows[0])], [sign(along_cols[1]), 0.0]])
+
+
 def _prepare(series: HuSeries, spec: PreprocessSpec) -> PreparedSeries:
     n, rows, columns = series.hu.shape
     dr, dc = series.pixel_spacing_mm
     head_row, head_col = _head_centre_px(series.hu, series.pixel_spacing_mm)
     size, step = spec.matrix_size, spec.pixel_spacing_mm
     half = (size - 1) / 2.0
-    # Model pixel (i, j) sits at (head + (i - half) * step) mm from source pixel (0, 0).
-    origin_row_px = head_row - half * step / dr
-    origin_col_px = head_col - half * step / dc
+    axes = _display_axes(series.image_orientation)
+    # Model pixel (i, j) sits at head + axes @ ((i, j) - half) * step, in (row, col) millimetres
+    # from source pixel (0, 0); model pixel (half, half) is the head centre.
+    origin_mm = np.array([head_row * dr, head_col * dc]) - axes @ np.array([half, half]) * step
     model_to_source = np.array(
-        [[step / dr, 0.0, origin_row_px], [0.0, step / dc, origin_col_px], [0.0, 0.0, 1.0]]
+        [
+            [axes[0, 0] * step / dr, axes[0, 1] * step / dr, origin_mm[0] / dr],
+            [axes[1, 0] * step / dc, axes[1, 1] * step / dc, origin_mm[1] / dc],
+            [0.0, 0.0, 1.0],
+        ]
     )
     model_to_source.setflags(write=False)
     resampled = _resample_stack(
@@ -888,7 +948,8 @@ def _prepare(series: HuSeries, spec: PreprocessSpec) -> PreparedSeries:
         input_origin=(0.0, 0.0),
         output_shape=(size, size),
         output_spacing=(step, step),
-        output_origin=(origin_row_px * dr, origin_col_px * dc),
+        output_origin=(float(origin_mm[0]), float(origin_mm[1])),
+        output_axes=axes,
         interpolation="linear",
         outside_value=AIR_HU,
     )
@@ -973,8 +1034,13 @@ def _resample_stack(
     output_origin: tuple[float, float],
     interpolation: str,
     outside_value: float,
+    input_axes: np.ndarray | None = None,
+    output_axes: np.ndarray | None = None,
 ) -> sitk.Image:
     """Resample every slice of (n, rows, cols) in its own plane; spacings, origins: (row, col) mm.
+
+    ``input_axes`` / ``output_axes`` (default identity) are the directions, in (row, col) order, of
+    the grid's row and column steps (see :func:`_display_axes`).
 
     The stack is one 3-D SimpleITK image whose slice axis has spacing 1 and the same sampling on
     both sides, so every output slice is interpolated from its own input slice only (no mixing
@@ -990,15 +1056,24 @@ def _resample_stack(
     image = sitk.GetImageFromArray(np.ascontiguousarray(stack, dtype=np.float32))
     image.SetSpacing((float(input_spacing[1]), float(input_spacing[0]), 1.0))
     image.SetOrigin((float(input_origin[1]), float(input_origin[0]), 0.0))
+    image.SetDirection(_sitk_direction(input_axes))
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize((int(output_shape[1]), int(output_shape[0]), int(stack.shape[0])))
     resampler.SetOutputSpacing((float(output_spacing[1]), float(output_spacing[0]), 1.0))
     resampler.SetOutputOrigin((float(output_origin[1]), float(output_origin[0]), 0.0))
-    resampler.SetOutputDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    resampler.SetOutputDirection(_sitk_direction(output_axes))
     resampler.SetInterpolator(_INTERPOLATORS[interpolation])
     resampler.SetDefaultPixelValue(float(outside_value))
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     return resampler.Execute(image)
+
+
+def _sitk_direction(axes: np.ndarray | None) -> tuple[float, ...]:
+    """SimpleITK's (x = column, y = row, z) direction matrix for (row, col) ``axes``."""
+    if axes is None:
+        return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    a = np.asarray(axes, dtype=np.float64)
+    return (a[1, 1], a[1, 0], 0.0, a[0, 1], a[0, 0], 0.0, 0.0, 0.0, 1.0)
 
 
 def _check_shape(array: np.ndarray, expected: tuple[int, ...], name: str) -> None:
