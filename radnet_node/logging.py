@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any, TextIO
@@ -70,6 +71,25 @@ def configure_logging(settings: LoggingSection, stream: TextIO | None = None) ->
         lib.handlers[:] = [handler]
         lib.setLevel(lib_level)
         lib.propagate = False
+    # library warnings (highdicom, pydicom) become log events, so JSON logs stay one object a line
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(  # noqa: PLR0917 - the signature of warnings.showwarning
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` replacement: a structlog warning event instead of raw stderr."""
+    structlog.get_logger("radnet_node").warning(
+        str(message),
+        event_kind="python.warning",
+        category=category.__name__,
+        where=f"{filename}:{lineno}",
+    )
 
 
 @contextmanager

@@ -7,6 +7,7 @@ Training and serving both call this module, so the model always sees what it was
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
@@ -23,6 +24,9 @@ from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
     LegacyConvertedEnhancedCTImageStorage,
 )
@@ -529,10 +533,13 @@ def read_hu_slices(
     for dataset_index, placed in by_dataset.items():
         ds, path = loaded[dataset_index]
         stored = _decode(ds, path, label)
+        padding = _padding_range(ds, stored.dtype)
         for k, frame in placed:
             index = 0 if frame.frame_index is None else frame.frame_index
             np.multiply(stored[index], np.float32(frame.slope), out=hu[k], casting="unsafe")
             hu[k] += np.float32(frame.intercept)
+            if padding is not None:
+                hu[k][(stored[index] >= padding[0]) & (stored[index] <= padding[1])] = AIR_HU
     hu.setflags(write=False)
 
     thicknesses = {f.thickness for f in frames if f.thickness is not None}
@@ -756,6 +763,32 @@ def _frames(ds: Dataset, path: str | None, dataset_index: int, label: str) -> li
     return frames
 
 
+def _padding_range(ds: Dataset, dtype: np.dtype) -> tuple[int, int] | None:
+    """Stored values that are padding outside the scanned field (PixelPaddingValue, up to
+    PixelPaddingRangeLimit), in the signedness of the decoded pixels; None without padding.
+
+    Padding becomes air: scanners pick values such as 63536 (-2000 written as unsigned) that,
+    rescaled like tissue, would turn the corners of the image into a ring of bone or worse.
+    """
+    value = ds.get("PixelPaddingValue")
+    if value is None or value == "":
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    bits = 8 * np.dtype(dtype).itemsize
+
+    def as_stored(raw: Any) -> int:
+        number = int(raw)
+        if np.dtype(dtype).kind == "i" and number >= 2 ** (bits - 1):
+            return number - 2**bits
+        if np.dtype(dtype).kind == "u" and number < 0:
+            return number + 2**bits
+        return number
+
+    low = as_stored(value)
+    high = low if limit is None or limit == "" else as_stored(limit)
+    return (min(low, high), max(low, high))
+
+
 def _int_or_none(value: Any) -> int | None:
     if value in (None, ""):
         return None
@@ -851,9 +884,33 @@ def _transfer_syntax(ds: Dataset) -> str:
     return f"{uid.name} ({uid})" if uid else "unknown transfer syntax (no file meta)"
 
 
+def _with_syntax_as_read(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy that names the transfer syntax it was read in when its file meta
+    does not (a bare dataset without a file meta header: pydicom knows how it read the bytes, and
+    native pixel data needs nothing more). Encapsulated pixel data cannot be guessed this way."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return ds
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return ds
+    syntax = (
+        ImplicitVRLittleEndian
+        if implicit
+        else ExplicitVRLittleEndian
+        if little
+        else ExplicitVRBigEndian
+    )
+    named = copy.copy(ds)
+    named.file_meta = FileMetaDataset(meta or FileMetaDataset())
+    named.file_meta.TransferSyntaxUID = syntax
+    return named
+
+
 def _decode(ds: Dataset, path: str | None, label: str) -> np.ndarray:
     """Stored values of every frame as (frames, rows, columns), signedness resolved."""
     where = _describe(ds, path)
+    ds = _with_syntax_as_read(ds)
     try:
         stored = pixel_array(ds)
     except Exception as exc:

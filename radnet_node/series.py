@@ -309,18 +309,28 @@ def group_by_series(headers: Iterable[tuple[str, Dataset]]) -> tuple[SeriesGroup
 def _group(
     headers: Iterable[tuple[str, Dataset]],
 ) -> tuple[tuple[SeriesGroup, ...], tuple[SkippedInput, ...]]:
-    by_series: dict[str, list[tuple[str, Dataset]]] = {}
-    first_path: dict[str, str] = {}
+    # Of several files with one SOP Instance UID the largest is kept: copies of one instance differ
+    # in size only when one is cut short (an interrupted copy), and that one must not win.
+    kept: dict[str, tuple[str, Dataset, int]] = {}
+    unnamed: list[tuple[str, Dataset]] = []
     duplicates: list[SkippedInput] = []
     for path, ds in headers:
         sop_uid = str(ds.get("SOPInstanceUID", "") or "")
-        if sop_uid and sop_uid in first_path:
-            duplicates.append(
-                SkippedInput(path, f"same SOPInstanceUID as {first_path[sop_uid]}, ignored")
-            )
+        if not sop_uid:
+            unnamed.append((path, ds))
             continue
-        if sop_uid:
-            first_path[sop_uid] = path
+        size = _file_size(path)
+        if sop_uid not in kept:
+            kept[sop_uid] = (path, ds, size)
+            continue
+        other_path, _, other_size = kept[sop_uid]
+        dropped, winner = (path, other_path)
+        if size > other_size:
+            kept[sop_uid] = (path, ds, size)
+            dropped, winner = (other_path, path)
+        duplicates.append(SkippedInput(dropped, f"same SOPInstanceUID as {winner}, ignored"))
+    by_series: dict[str, list[tuple[str, Dataset]]] = {}
+    for path, ds in [(path, ds) for path, ds, _ in kept.values()] + unnamed:
         by_series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
 
     def instance_key(item: tuple[str, Dataset]) -> tuple[int, str]:
@@ -350,6 +360,13 @@ def _group(
         return (group.study_instance_uid, number, group.series_instance_uid)
 
     return tuple(sorted(groups, key=series_key)), tuple(duplicates)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return -1
 
 
 def _frames_of(ds: Dataset) -> int:

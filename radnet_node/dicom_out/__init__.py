@@ -3,7 +3,9 @@ key image of one :class:`~radnet_node.results.SeriesResult`, as pydicom datasets
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,23 +82,44 @@ def build_outputs(
     """
     if series_number_base < 0:
         raise ValueError(f"series_number_base must be >= 0, got {series_number_base}")
-    uids = output_uids(result)
-    seg = build_seg(result, sources, identity, series_number=series_number_base + 2, uid=uids)
-    sr = build_sr(result, sources, identity, seg, series_number=series_number_base + 1, uid=uids)
-    key_image = None
-    if result.ct_positive:
-        if key_slice_hu is None:
-            raise SeriesError(
-                result.series_instance_uid,
-                f"positive result: key_slice_hu (HU of slice {result.key_slice_index}) is needed "
-                "for the key image",
-            )
-        key_image = build_key_image(
-            result,
-            sources,
-            identity,
-            key_slice_hu,
-            series_number=series_number_base + 3,
-            uid=uids,
+    if result.ct_positive and key_slice_hu is None:
+        raise SeriesError(
+            result.series_instance_uid,
+            f"positive result: key_slice_hu (HU of slice {result.key_slice_index}) is needed "
+            "for the key image",
         )
+    uids = output_uids(result)
+    with _names_not_judged():
+        seg = build_seg(result, sources, identity, series_number=series_number_base + 2, uid=uids)
+        sr = build_sr(
+            result, sources, identity, seg, series_number=series_number_base + 1, uid=uids
+        )
+        key_image = None
+        if result.ct_positive and key_slice_hu is not None:  # None refused above
+            key_image = build_key_image(
+                result,
+                sources,
+                identity,
+                key_slice_hu,
+                series_number=series_number_base + 3,
+                uid=uids,
+            )
     return DicomOutputs(sr=sr, seg=seg, key_image=key_image)
+
+
+@contextmanager
+def _names_not_judged() -> Iterator[None]:
+    """Silence highdicom's warning about one-component person names while building.
+
+    highdicom judges every person name it copies and warns about one-component names ("DOE", the
+    Philips phantom's "HEAD"), quoting the name. The names are the source study's, copied verbatim
+    on purpose (the objects must match the study in every PACS); a warning that quotes them would
+    put patient names into the process log.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The string .* is unlikely to represent the intended person name",
+            category=UserWarning,
+        )
+        yield

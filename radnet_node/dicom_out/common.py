@@ -161,10 +161,14 @@ def source_datasets(result: SeriesResult, sources: Mapping[str, Dataset]) -> lis
     return list(seen.values())
 
 
-def metadata_only(ds: Dataset) -> Dataset:
+def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Dataset:
     """A shallow copy of ``ds`` without pixel data (what highdicom needs of a source image).
 
-    The elements are shared with ``ds``, not copied: neither is modified afterwards.
+    The elements are shared with ``ds``, not copied: neither is modified afterwards. Type 2
+    patient and study attributes that the source lacks (anonymisers drop them) are added empty,
+    since highdicom reads them unconditionally. A single-frame source without a SliceThickness
+    value (type 2 in the CT Image module) gets ``slice_thickness_mm`` when given: the SEG's pixel
+    measures need one, and the nominal slice spacing is the best the series can tell.
     """
     copy = Dataset()
     for element in ds:
@@ -172,6 +176,12 @@ def metadata_only(ds: Dataset) -> Dataset:
             copy.add(element)
     if hasattr(ds, "file_meta"):
         copy.file_meta = ds.file_meta
+    for keyword in _TYPE2_KEYWORDS:
+        if keyword not in copy:
+            setattr(copy, keyword, None)
+    single_frame = int(ds.get("NumberOfFrames", 1) or 1) == 1
+    if single_frame and slice_thickness_mm is not None and not ds.get("SliceThickness"):
+        copy.SliceThickness = f"{slice_thickness_mm:.6g}"
     return copy
 
 

@@ -94,9 +94,11 @@ def seg_frames(
                 f"is on a {series.source_shape[0]}x{series.source_shape[1]} grid",
             )
     binary = mask.astype(bool).astype(np.uint8)
+    spacing = np.asarray(series.slice_spacing_mm, dtype=np.float64)
+    thickness = float(np.median(spacing)) if np.isfinite(spacing).all() else None
     frame_numbers = [s.frame_number for s in series.slices]
     if all(f is None for f in frame_numbers):
-        return [metadata_only(ds) for ds in headers], binary
+        return [metadata_only(ds, slice_thickness_mm=thickness) for ds in headers], binary
     if len(headers) != 1 or any(f is None for f in frame_numbers):
         raise SeriesError(
             label,
@@ -113,7 +115,7 @@ def seg_frames(
                 label, f"slice {k} is frame {frame} of a source with {n_frames} frames"
             )
         pixels[frame - 1] = binary[k]
-    return [metadata_only(source)], pixels
+    return [metadata_only(source, slice_thickness_mm=thickness)], pixels
 
 
 def build_seg(

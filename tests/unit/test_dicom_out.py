@@ -4,6 +4,7 @@ generated CT series (and the real multi-frame Legacy Converted Enhanced CT)."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
@@ -260,6 +261,59 @@ def test_builders_leave_the_source_headers_untouched(regular_series: list[Path])
     before = copy.deepcopy(sources)
     build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result))
     assert sources == before
+
+
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+@pytest.mark.parametrize("how", ["missing", "empty"])
+def test_sources_without_type2_patient_study_values_or_slice_thickness_still_build(
+    regular_series: list[Path], how: str
+) -> None:
+    # anonymisers drop or empty type 2 attributes; highdicom reads them unconditionally
+    result = make_result(regular_series, [2, 3, 4])
+    sources = headers(regular_series)
+    for ds in sources.values():
+        for keyword in (*TYPE2_PATIENT_STUDY, "SliceThickness"):
+            if how == "missing":
+                if keyword in ds:
+                    del ds[keyword]
+            else:
+                setattr(ds, keyword, None)
+    outputs = build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result))
+
+    for kind in ("sr", "seg", "key_image"):
+        ds = reread(getattr(outputs, kind))
+        for keyword in TYPE2_PATIENT_STUDY:
+            assert keyword in ds and not ds[keyword].value, (kind, keyword)
+    seg = reread(outputs.seg)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(5.0)  # the slice spacing
+
+
+def test_one_component_patient_names_are_not_judged_in_warnings(regular_series: list[Path]) -> None:
+    # highdicom warns about "HEAD" (the Philips phantom's name) quoting it: a patient name in the
+    # process log, about a value the node copies verbatim on purpose
+    result = make_result(regular_series, [2, 3, 4])
+    sources = headers(regular_series)
+    for ds in sources.values():
+        ds.PatientName = "HEAD"
+    with warnings.catch_warnings(record=True) as caught:
+        outputs = build_outputs(
+            result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result)
+        )
+    assert reread(outputs.sr).PatientName == "HEAD"
+    assert [str(w.message) for w in caught if "HEAD" in str(w.message)] == []
 
 
 def test_positive_result_without_key_slice_is_refused(regular_series: list[Path]) -> None:

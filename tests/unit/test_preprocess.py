@@ -401,6 +401,9 @@ def test_real_jpeg_ls_and_jpeg_lossless_slices_decode(dicom_data_dir: Path, name
     series = read_hu_slices([path], ONE_SLICE)
     ds = pydicom.dcmread(path)
     expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    # both files mark the outside of the scanned circle with PixelPaddingValue -2000: air
+    assert ds.PixelPaddingValue == -2000
+    expected[ds.pixel_array == -2000] = -1024.0
     np.testing.assert_array_equal(series.hu[0], expected.astype(np.float32))
 
 
@@ -438,6 +441,50 @@ def five_datasets(
     )
     paths = write_series(head_hu((5, 32, 32), (8.0, 8.0)), geometry, "refusals")
     return [pydicom.dcmread(p) for p in paths]
+
+
+@pytest.mark.parametrize(("implicit", "little"), [(True, True), (False, True)], ids=str)
+def test_bare_datasets_without_file_meta_decode_as_they_were_written(
+    five_datasets: list[pydicom.Dataset], tmp_path: Path, implicit: bool, little: bool
+) -> None:
+    # some exporters write the preamble and the dataset but no file meta group: the transfer
+    # syntax is named nowhere, and pydicom only knows how it read the header
+    reference = prepare_series(five_datasets)
+    bare = []
+    for k, ds in enumerate(five_datasets):
+        path = tmp_path / f"bare{k}"
+        raw = copy.deepcopy(ds)
+        del raw.file_meta
+        raw.preamble = b"\0" * 128
+        raw.save_as(path, enforce_file_format=False, implicit_vr=implicit, little_endian=little)
+        bare.append(path)
+    assert not pydicom.dcmread(bare[0]).file_meta.get("TransferSyntaxUID")
+
+    prepared = prepare_series(bare)
+    np.testing.assert_array_equal(prepared.image, reference.image)
+
+
+@pytest.mark.parametrize("limit", [None, 65000])
+def test_pixel_padding_becomes_air_not_tissue(
+    five_datasets: list[pydicom.Dataset], limit: int | None
+) -> None:
+    # unsigned 63536 is -2000 written as unsigned: rescaled like tissue it would be +62,512 HU
+    reference = read_hu_slices(copy.deepcopy(five_datasets)).hu
+    for ds in five_datasets:
+        pixels = ds.pixel_array.copy()
+        pixels[:3, :3] = 63536
+        pixels[-3:, -3:] = 64000
+        ds.PixelData = pixels.tobytes()
+        ds.PixelPaddingValue = 63536
+        if limit is not None:
+            ds.PixelPaddingRangeLimit = limit
+    hu = read_hu_slices(five_datasets).hu
+    assert (hu[:, :3, :3] == -1024.0).all()
+    if limit is None:  # 64000 is not padding then: it stays what the rescale makes of it
+        assert (hu[:, -3:, -3:] == 64000 - 1024).all()
+    else:
+        assert (hu[:, -3:, -3:] == -1024.0).all()
+    np.testing.assert_array_equal(hu[:, 3:-3, 3:-3], reference[:, 3:-3, 3:-3])  # the rest as it was
 
 
 def _mixed_orientation(datasets: list[pydicom.Dataset]) -> None:

@@ -166,6 +166,21 @@ def test_scan_skips_non_dicom_reports_corrupt_and_duplicate_files(
     assert "same SOPInstanceUID" in reasons["copy.dcm"].reason
 
 
+def test_of_two_copies_of_an_instance_the_complete_one_is_kept(
+    tmp_path: Path, head_hu: Callable[..., np.ndarray], write_series: Callable[..., list[Path]]
+) -> None:
+    paths = write_series(head_hu((5, 16, 16), (16.0, 16.0)), GEOMETRY, "a")
+    cut = tmp_path / "0-cut.dcm"  # scanned first; its header is whole, its pixel data is not
+    cut.write_bytes(paths[2].read_bytes()[:-200])
+    scan = scan_paths([cut, tmp_path / "a"])
+    assert len(scan.series) == 1
+    assert str(paths[2]) in scan.series[0].paths
+    assert str(cut) not in scan.series[0].paths
+    (skipped,) = scan.skipped
+    assert skipped.what == str(cut)
+    assert f"same SOPInstanceUID as {paths[2]}" in skipped.reason
+
+
 def test_scan_of_a_missing_path_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file or folder"):
         scan_paths([tmp_path / "absent"])
