@@ -25,7 +25,13 @@ from radnet_node.engine import Engine, LoadedSeries
 from radnet_node.errors import InputError, RadnetError, SeriesError
 from radnet_node.preview import preview_png
 from radnet_node.results import SeriesResult
-from radnet_node.series import SeriesGroup, SkippedInput, classify_series, scan_paths
+from radnet_node.series import (
+    SeriesGroup,
+    SkippedInput,
+    classify_series,
+    scan_paths,
+    split_off_non_slices,
+)
 from radnet_node.weights import INTENDED_USE
 
 __all__ = [
@@ -108,7 +114,9 @@ def infer_paths(
     except OSError as exc:
         raise InputError(out, f"cannot create the output folder ({exc.strerror or exc})") from exc
     yield from scan.skipped
-    for group in scan.series:
+    for whole in scan.series:
+        group, left_out = split_off_non_slices(whole)
+        yield from left_out
         eligibility = classify_series(group.headers, min_slices=engine.spec.min_slices)
         if not eligibility.eligible:
             yield SkippedInput(group.label, eligibility.reason)

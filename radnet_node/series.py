@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ __all__ = [
     "group_by_series",
     "read_header",
     "scan_paths",
+    "split_off_non_slices",
 ]
 
 # A slice normal within this angle of the patient's z axis is axial; gantry tilts (up to ~30 deg)
@@ -489,6 +490,35 @@ def classify_series(headers: Sequence[Dataset], *, min_slices: int = 5) -> Eligi
     )
     tilt = f", tilted {angle:.1f} deg" if angle >= 0.5 else ""
     return Eligibility(True, f"axial head CT, {frames} slices{tilt} ({why_head})")
+
+
+def split_off_non_slices(group: SeriesGroup) -> tuple[SeriesGroup, tuple[SkippedInput, ...]]:
+    """Leave out the instances of a series that cannot be CT slices when the others can.
+
+    Some scanners and exports put a dose report, a localizer or a secondary-capture page into
+    the series of the axial slices. Those instances (any that :func:`classify_series` would refuse
+    one by one) are split off, each with a reason naming its file, so the slices still run. A
+    series where no instance or every instance is such is returned as it is, for
+    :func:`classify_series` to judge.
+
+    Returns
+    -------
+    tuple
+        The group of the remaining instances, and one :class:`SkippedInput` per instance left out.
+    """
+    refusals = [_refuse_instance(ds) for ds in group.headers]
+    if all(r is None for r in refusals) or all(r is not None for r in refusals):
+        return group, ()
+    kept = [(p, ds) for p, ds, r in zip(group.paths, group.headers, refusals, strict=True) if not r]
+    left_out = tuple(
+        SkippedInput(path, f"{reason}: left out of series {group.series_instance_uid}")
+        for path, reason in zip(group.paths, refusals, strict=True)
+        if reason
+    )
+    return (
+        replace(group, headers=tuple(ds for _, ds in kept), paths=tuple(p for p, _ in kept)),
+        left_out,
+    )
 
 
 def _refuse_instance(ds: Dataset) -> str | None:

@@ -12,7 +12,14 @@ import pytest
 from pydicom.dataset import Dataset
 
 from radnet_node.errors import InputError
-from radnet_node.series import classify_series, group_by_series, read_header, scan_paths
+from radnet_node.series import (
+    SeriesGroup,
+    classify_series,
+    group_by_series,
+    read_header,
+    scan_paths,
+    split_off_non_slices,
+)
 from training.dicom_writer import SeriesGeometry
 
 PHILIPS = "dcm_qa_ct/Philips_Ingenuity_head_phantom"
@@ -142,6 +149,30 @@ def test_mixed_series_names_the_offending_instance() -> None:
     verdict = classify_series(headers)
     assert not verdict.eligible
     assert "/data/scout.dcm" in verdict.reason
+
+
+def test_odd_instances_are_split_off_a_series_of_slices() -> None:
+    headers = [_header() for _ in range(6)]
+    headers[0].ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    headers[5].SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
+    headers[5].Modality = "SR"
+    group = SeriesGroup("1.2", "1.2.3", tuple(headers), tuple(f"/in/{k}.dcm" for k in range(6)))
+
+    kept, left_out = split_off_non_slices(group)
+
+    assert kept.paths == ("/in/1.dcm", "/in/2.dcm", "/in/3.dcm", "/in/4.dcm")
+    assert kept.headers == tuple(headers[1:5])
+    assert [(s.what, s.is_error) for s in left_out] == [("/in/0.dcm", False), ("/in/5.dcm", False)]
+    assert left_out[0].reason == "a localizer (scout) image: left out of series 1.2.3"
+    assert left_out[1].reason == "a radiation dose report: left out of series 1.2.3"
+    assert classify_series(kept.headers, min_slices=4).eligible
+
+
+def test_a_series_of_nothing_but_odd_instances_is_left_whole() -> None:
+    headers = [_header(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]) for _ in range(3)]
+    group = SeriesGroup("1.2", "1.2.3", tuple(headers), ("/a", "/b", "/c"))
+    assert split_off_non_slices(group) == (group, ())
+    assert "localizer" in classify_series(group.headers, min_slices=1).reason
 
 
 def test_scan_skips_non_dicom_reports_corrupt_and_duplicate_files(
