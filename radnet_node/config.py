@@ -45,6 +45,8 @@ __all__ = [
 
 #: environment variable naming the configuration file when ``--config`` is not given
 CONFIG_ENV = "RADNET_NODE_CONFIG"
+# a configuration error message lists at most this many problems
+_MAX_CONFIG_ERRORS = 5
 
 
 def _ae_title(value: str) -> str:
@@ -368,11 +370,15 @@ def load_settings(path: str | Path | None) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{file}: {key}: {message}{more}") from exc
+        # every problem, unknown keys first: a misspelt key also makes its real one "missing",
+        # and the misspelling is what the admin has to see
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        problems = []
+        for error in errors[:_MAX_CONFIG_ERRORS]:
+            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            problems.append(f"{key}: {message}")
+        more = len(errors) - len(problems)
+        tail = f" (and {more} more)" if more > 0 else ""
+        raise ConfigError(f"{file}: {'; '.join(problems)}{tail}") from exc
     return settings.relative_to(file.parent.absolute())
