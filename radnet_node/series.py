@@ -238,6 +238,11 @@ def _files_under(paths: Iterable[str | Path]) -> list[Path]:
         if not path.exists():
             raise InputError(path, "no such file or folder")
         candidates: Iterable[Path]
+        if path.is_file() and _is_dicomdir(path):
+            # a DICOMDIR given by name (a CD, a USB export) stands for the files it indexes, which
+            # sit in its folder; the folder is read as a whole (real DICOMDIRs are often too
+            # broken to follow record by record) and the DICOMDIR itself is skipped there
+            path = path.parent
         if path.is_dir():
             candidates = sorted(
                 Path(root) / name
@@ -255,11 +260,20 @@ def _files_under(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def _is_dicomdir(path: Path) -> bool:
+    try:
+        meta = pydicom.dcmread(path, specific_tags=["SOPClassUID"]).file_meta
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+        return False
+    return meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage
+
+
 def scan_paths(paths: Iterable[str | Path]) -> ScanResult:
     """Read the headers of every file under ``paths`` (folders recursively) and group them.
 
-    Hidden files (names starting with ".") are ignored; a file reached twice is read once.
-    Non-DICOM files and DICOMDIRs are skipped with a reason; an unreadable or corrupt DICOM file is
+    Hidden files (names starting with ".") are ignored; a file reached twice is read once. A
+    DICOMDIR given as a path stands for its folder. Non-DICOM files and DICOMDIRs found in folders
+    are skipped with a reason; an unreadable or corrupt DICOM file is
     skipped as an error (it may have been a slice of a series). Two files with the same SOP Instance
     UID keep the first, the other is reported.
 

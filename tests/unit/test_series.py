@@ -212,6 +212,14 @@ def test_of_two_copies_of_an_instance_the_complete_one_is_kept(
     assert f"same SOPInstanceUID as {paths[2]}" in skipped.reason
 
 
+def test_a_dicomdir_given_by_name_stands_for_its_folder(dicom_data_dir: Path) -> None:
+    # users of CDs point at the DICOMDIR; Philips calls it DIRFILE
+    folder = dicom_data_dir / PHILIPS / "S21610" / "S2010"
+    scan = scan_paths([folder / "DIRFILE"])
+    assert [len(g.paths) for g in scan.series] == [54]
+    assert [Path(s.what).name for s in scan.skipped] == ["DIRFILE"]
+
+
 def test_scan_of_a_missing_path_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file or folder"):
         scan_paths([tmp_path / "absent"])
