@@ -38,6 +38,7 @@ __all__ = [
     "load_series_group",
     "register_instance",
     "reopen_series",
+    "restart_quiet_periods",
     "select_series",
 ]
 
@@ -238,9 +239,27 @@ def reopen_series(session: Session, series_instance_uid: str, why: str) -> int:
 
 
 def complete_quiet_series(
-    session: Session, quiet_seconds: float, *, now: dt.datetime | None = None
+    session: Session,
+    quiet_seconds: float,
+    *,
+    now: dt.datetime | None = None,
+    quiet_since: dt.datetime | None = None,
 ) -> list[int]:
     """Mark complete every received series without a new instance for ``quiet_seconds``.
+
+    Parameters
+    ----------
+    session
+        An open session; the caller commits.
+    quiet_seconds
+        The quiet period.
+    now
+        The time of the check; default now.
+    quiet_since
+        The quiet clock of every series starts no earlier than this: the node passes the moment
+        it came up, so a series still receiving when the node stopped (or was killed) gets a
+        whole quiet period after the restart for the sender to go on or send it again, instead of
+        completing at once with the instances that arrived before the crash.
 
     Returns
     -------
@@ -249,6 +268,9 @@ def complete_quiet_series(
     """
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=quiet_seconds)
+    if quiet_since is not None and quiet_since > cutoff:
+        # max(last instance, quiet_since) <= cutoff cannot hold for any series yet
+        return []
     quiet = session.scalars(
         select(Series).where(
             Series.state == SeriesState.RECEIVED, Series.last_instance_at <= cutoff
@@ -268,6 +290,27 @@ def complete_quiet_series(
             data={"instances": series.instance_count, "generation": series.generation},
         )
     return [s.id for s in quiet]
+
+
+def restart_quiet_periods(session: Session, quiet_seconds: float) -> int:
+    """Audit, for every series still receiving (a node stopped or killed while it arrived), that
+    its quiet period starts again now; returns how many. The clock itself is the
+    ``quiet_since`` of :func:`complete_quiet_series`."""
+    receiving = session.scalars(
+        select(Series).where(Series.state == SeriesState.RECEIVED).order_by(Series.id)
+    ).all()
+    for series in receiving:
+        add_event(
+            session,
+            "series.quiet_restarted",
+            f"still receiving when the node stopped ({series.instance_count} instance(s)): the "
+            f"quiet period of {quiet_seconds:g} s starts again now",
+            study_instance_uid=series.study_instance_uid,
+            series_instance_uid=series.series_instance_uid,
+            accession_number=series.accession_number or None,
+            data={"instances": series.instance_count, "generation": series.generation},
+        )
+    return len(receiving)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,11 @@ Errors become one line on stderr and an exit code, never a traceback.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +26,15 @@ from radnet_node.engine import Engine
 from radnet_node.errors import ConfigError, RadnetError
 from radnet_node.infer import SeriesDone, SeriesFailed, infer_paths
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERNAL", "EXIT_NOTHING_TO_DO", "EXIT_OK", "EXIT_USAGE", "app"]
+__all__ = [
+    "EXIT_BROKEN_PIPE",
+    "EXIT_FAILED",
+    "EXIT_INTERNAL",
+    "EXIT_NOTHING_TO_DO",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "app",
+]
 
 #: every eligible series was processed
 EXIT_OK = 0
@@ -34,6 +46,9 @@ EXIT_USAGE = 2
 EXIT_NOTHING_TO_DO = 3
 #: an unexpected error (a bug)
 EXIT_INTERNAL = 70
+#: the reader of stdout went away (``| head``): 128 + SIGPIPE, what a shell reports for a Unix
+#: tool that SIGPIPE ended; nothing is printed
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 app = typer.Typer(
     name="radnet-node",
@@ -53,6 +68,21 @@ def main() -> None:
 def _fail(message: str, code: int) -> typer.Exit:
     typer.echo(f"radnet-node: error: {message}", err=True)
     return typer.Exit(code)
+
+
+def _stdout_closed() -> typer.Exit:
+    """stdout's reader is gone (``radnet-node status | head``): end quietly with
+    :data:`EXIT_BROKEN_PIPE`, as every Unix tool does. stdout is pointed at /dev/null first, or
+    Python's own flush at exit would fail on the closed pipe again and print about it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # not a real file (a test runner's capture): nothing to flush at exit
+    return typer.Exit(EXIT_BROKEN_PIPE)
 
 
 def _settings(config: Path | None, weights: str | None, device: str | None) -> Settings:
@@ -100,6 +130,8 @@ def infer(
     """
     try:
         code = _infer(paths, out, weights, device, config)
+    except BrokenPipeError:
+        raise _stdout_closed() from None
     except RadnetError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except KeyboardInterrupt:
@@ -177,9 +209,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="One JSON document per 
 
 
 def _guard(run: Callable[[], int | None]) -> None:
-    """Run a command body: RadnetError -> one line and exit 2; a bug -> one line and exit 70."""
+    """Run a command body: RadnetError -> one line and exit 2; a bug -> one line and exit 70; stdout
+    closed by its reader -> nothing and exit 141."""
     try:
         code = run()
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        raise _stdout_closed() from None
     except RadnetError as exc:
         raise _fail(str(exc), EXIT_USAGE) from None
     except KeyboardInterrupt:
@@ -202,8 +238,9 @@ def serve(config: ConfigOption = None) -> None:
     """Run the DICOM node in the foreground: receive, complete, run, export, audit.
 
     Stops cleanly on SIGTERM or SIGINT (no new associations; the running job finishes within
-    node.shutdown_grace_seconds or goes back to the queue). Exit code 2: bad configuration,
-    weights, port or data folder.
+    node.shutdown_grace_seconds or goes back to the queue; exit code 0). Exit code 2: bad
+    configuration, weights, port (in use) or data folder (another node holds it); such a node
+    touches nothing of the running one.
     """
 
     def run() -> int:
@@ -222,9 +259,33 @@ def serve(config: ConfigOption = None) -> None:
             )
 
         node.serve_forever(on_started=started)
+        if node.worker_running:
+            # The grace period ran out with the worker inside a batch (its jobs are parked). A
+            # torch call cannot be interrupted, and waiting for it would break the grace the
+            # operator set. Letting Python finalize with that daemon thread alive aborts the
+            # process: CPython ends a daemon thread that takes the GIL back during finalization
+            # with pthread_exit, and the forced unwind through torch's C++ frames (pybind11's
+            # gil_scoped_release, a noexcept destructor) calls std::terminate -> "terminate
+            # called without an active exception", SIGABRT, exit code 134. So leave without
+            # finalization: everything that matters is committed already (the spool is fsynced,
+            # the jobs are parked and node.stopped is in the audit); what the thread could still
+            # do is discard its result. That is a kill -9 after a clean stop, which the node is
+            # built to survive (recovery removes a half-written result folder at the next start).
+            _exit_now(EXIT_OK)
         return EXIT_OK
 
     _guard(run)
+
+
+def _exit_now(code: int) -> None:
+    """End the process with ``code`` at once (``os._exit``) after flushing the log and stdio."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 @app.command()

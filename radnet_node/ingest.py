@@ -5,8 +5,10 @@ atomically and recorded before success is answered. Only this module knows inges
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socketserver
 import ssl
 import threading
 import time
@@ -39,6 +41,7 @@ from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 from sqlalchemy import select
 
 from radnet_node.audit import Association, AuditDB, Instance, add_event, utcnow
@@ -187,7 +190,8 @@ class _IngestState:
 
 
 class IngestSCP:
-    """The node's Storage SCP; start it with :meth:`start`, stop it with :meth:`stop`.
+    """The node's Storage SCP; start it with :meth:`start` (or :meth:`bind`, then :meth:`serve`),
+    stop it with :meth:`stop`.
 
     Parameters
     ----------
@@ -219,6 +223,7 @@ class IngestSCP:
         )
         self.ae = self._make_ae()
         self._server: ThreadedAssociationServer | None = None
+        self._acceptor: threading.Thread | None = None
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.node.ae_title)
@@ -255,14 +260,19 @@ class IngestSCP:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
-    def start(self) -> tuple[str, int]:
-        """Start listening (in background threads); returns the bound (host, port).
+    def bind(self) -> tuple[str, int]:
+        """Bind and listen on the configured address without answering anyone yet: a peer that
+        connects waits in the listen backlog until :meth:`serve`. Binding first lets the node
+        claim its port before it touches anything (a second node on the same port fails here).
+        Returns the bound (host, port).
 
         Raises
         ------
         RadnetError
             The address cannot be bound (in use, not allowed), naming it.
         """
+        if self._server is not None:
+            return self.address
         state = self._state
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, _on_requested, [state]),
@@ -272,26 +282,66 @@ class IngestSCP:
         ]
         try:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
-            server = self.ae.start_server(
+            server = self.ae.make_server(
                 (self.node.host, self.node.port),
-                block=False,
                 ssl_context=self._ssl,
                 evt_handlers=handlers,
+                server_class=ThreadedAssociationServer,
             )
         except OSError as exc:
+            hint = (
+                " (another radnet-node or DICOM server listens there: stop it or set node.port)"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
             raise RadnetError(
-                f"cannot listen on {self.node.host}:{self.node.port}: {exc.strerror or exc}"
+                f"cannot listen on {self.node.host}:{self.node.port}: {exc.strerror or exc}{hint}"
             ) from exc
-        assert server is not None  # block=False returns the server
-        self._server = server
+        self._server = cast(ThreadedAssociationServer, server)
         return self.address
+
+    def serve(self) -> None:
+        """Start answering associations on the bound address (in background threads).
+
+        Raises
+        ------
+        RuntimeError
+            If :meth:`bind` has not succeeded.
+        """
+        if self._server is None:
+            raise RuntimeError("the SCP is not bound")
+        if self._acceptor is not None:
+            return
+        # what AE.start_server(block=False) does after make_server
+        self._acceptor = threading.Thread(
+            target=make_target(self._server.serve_forever), name="scp-acceptor", daemon=True
+        )
+        self._acceptor.start()
+
+    def start(self) -> tuple[str, int]:
+        """Bind, then serve (:meth:`bind` and :meth:`serve`); returns the bound (host, port).
+
+        Raises
+        ------
+        RadnetError
+            The address cannot be bound (in use, not allowed), naming it.
+        """
+        address = self.bind()
+        self.serve()
+        return address
 
     def stop(self) -> None:
         """Stop accepting associations and close the open ones (their instances so far are kept;
         an instance in flight is not answered, so the sender sends it again)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            if self._acceptor is not None:
+                # the accept loop's own shutdown (waits for it to end); pynetdicom's override
+                # also expects the server in AE._servers, where only start_server puts it
+                socketserver.BaseServer.shutdown(server)
+                self._acceptor.join()
+                self._acceptor = None
+            server.server_close()
         self.ae.shutdown()
 
     def active_associations(self) -> int:

@@ -1,9 +1,14 @@
-"""The running node: recovery, the SCP, the completion tick (APScheduler), the job worker and one
-export thread per destination, started and stopped in the right order (SIGTERM/SIGINT included).
+"""The running node: the data folder lock, the SCP, recovery, the completion tick (APScheduler),
+the job worker and one export thread per destination, started and stopped in the right order
+(SIGTERM/SIGINT included).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
+import fcntl
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -13,8 +18,8 @@ from types import FrameType
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from radnet_node.audit import AuditDB, add_event
-from radnet_node.catalog import complete_quiet_series
+from radnet_node.audit import AuditDB, add_event, utcnow
+from radnet_node.catalog import complete_quiet_series, restart_quiet_periods
 from radnet_node.config import Settings
 from radnet_node.dicom_out import NodeIdentity
 from radnet_node.engine import Engine
@@ -23,7 +28,10 @@ from radnet_node.export import Exporter
 from radnet_node.ingest import IngestSCP
 from radnet_node.jobs import Recovery, Worker, park_running_jobs, recover
 
-__all__ = ["Node", "node_identity"]
+__all__ = ["LOCK_FILE", "DataDirLock", "Node", "node_identity"]
+
+#: the file in ``data_dir`` a running node holds an exclusive lock on
+LOCK_FILE = "node.lock"
 
 _log = structlog.get_logger("radnet_node.node")
 
@@ -35,6 +43,72 @@ def node_identity(settings: Settings) -> NodeIdentity:
         station_name=settings.node.ae_title,
         institution_name=settings.node.institution_name,
     )
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``data_dir/node.lock``, so that one node at a time uses a data
+    folder. The kernel drops it when the process ends, however it ends (kill -9 included), so a
+    stale lock file never blocks a restart; the file itself stays (it holds the last holder's
+    process id, for the message a second node prints)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or fail at once.
+
+        Raises
+        ------
+        RadnetError
+            Another node holds it (names the data folder and that node's process id), or the
+            lock file cannot be created or locked.
+        """
+        if self._fd is not None:
+            return
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RadnetError(
+                f"data_dir {self.data_dir}: cannot create the lock file {self.path} "
+                f"({exc.strerror or exc})"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = self._holder()
+                raise RadnetError(
+                    f"data_dir {self.data_dir} is in use: another radnet-node"
+                    + (f" (process {holder})" if holder else "")
+                    + f" holds its lock {self.path}; stop that node first, or give this one "
+                    "its own node.data_dir"
+                ) from None
+            raise RadnetError(
+                f"data_dir {self.data_dir}: cannot lock {self.path} ({exc.strerror or exc})"
+            ) from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        except OSError:
+            pass  # the process id is only for the message of a second node
+        self._fd = fd
+
+    def _holder(self) -> str:
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            return ""
+        return text if text.isdigit() else ""
+
+    def release(self) -> None:
+        """Give the lock back (closing the file releases it)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class Node:
@@ -78,27 +152,45 @@ class Node:
         self._worker_thread = threading.Thread(target=self._work, name="worker", daemon=True)
         self.recovery: Recovery | None = None
         self.address: tuple[str, int] | None = None
+        self.lock = DataDirLock(self.data_dir)
+        # when this node came up: no series completes before a whole quiet period after it
+        self.up_at: dt.datetime | None = None
+        self._stopped = False
 
     # ---------------------------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
-        """Recover, then start the worker, exporters, completion tick and SCP (in that order, so
-        nothing is received before the node can process it). Returns the SCP's (host, port).
+        """Take the data folder's lock and bind the port first, so that a second node on the same
+        data folder or port fails before it touches anything; then recover, start the worker,
+        exporters and completion tick, and only then answer associations (a peer connecting
+        meanwhile waits in the listen backlog). Returns the SCP's (host, port).
 
         Raises
         ------
         RadnetError
-            The port cannot be bound, the data folder cannot be written, or recovery fails.
+            Another node holds the data folder, the port cannot be bound, the data folder cannot
+            be written, or recovery fails.
         """
+        self.lock.acquire()
+        try:
+            self.address = self.scp.bind()
+        except BaseException:
+            self.lock.release()
+            raise
         try:
             (self.data_dir / "spool").mkdir(parents=True, exist_ok=True)
             (self.data_dir / "results").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RadnetError(f"data_dir {self.data_dir}: cannot create it ({exc})") from exc
         self.recovery = recover(self.db, self.data_dir)
+        quiet = self.settings.series.quiet_seconds
+        # the quiet clock of a series still receiving restarts now: the instances it got before
+        # the node went down are no sign that the sender has finished
+        self.up_at = utcnow()
+        with self.db.session() as session:
+            restart_quiet_periods(session, quiet)
         self._worker_thread.start()
         for exporter in self.exporters:
             exporter.start()
-        quiet = self.settings.series.quiet_seconds
         tick = min(1.0, max(0.1, quiet / 4.0))
         self._scheduler.add_job(
             self._complete_tick,
@@ -109,7 +201,7 @@ class Node:
             coalesce=True,
         )
         self._scheduler.start()
-        self.address = self.scp.start()
+        self.scp.serve()
         runtime = self.engine.describe()
         with self.db.session() as session:
             add_event(
@@ -131,7 +223,9 @@ class Node:
     def _complete_tick(self) -> None:
         try:
             with self.db.session() as session:
-                completed = complete_quiet_series(session, self.settings.series.quiet_seconds)
+                completed = complete_quiet_series(
+                    session, self.settings.series.quiet_seconds, quiet_since=self.up_at
+                )
         except RadnetError as exc:
             _log.error("completion tick failed", error=str(exc))
             return
@@ -153,10 +247,24 @@ class Node:
                 self._wake.clear()
 
     # ---------------------------------------------------------------------------------------
+    @property
+    def worker_running(self) -> bool:
+        """Whether the worker thread is still alive (after :meth:`stop`: it was parked inside a
+        batch, e.g. in a torch call that cannot be interrupted)."""
+        return self._worker_thread.is_alive()
+
     def stop(self, grace_seconds: float | None = None) -> None:
         """Stop accepting associations, let the running batch finish for up to ``grace_seconds``
         (default ``node.shutdown_grace_seconds``), else park its jobs back to queued; stop the
-        exporters (an export being sent is finished or, if cut, sent again at the next start)."""
+        exporters (an export being sent is finished or, if cut, sent again at the next start).
+
+        A node whose :meth:`start` failed before recovery (the data folder held by another node,
+        the port in use) touched nothing: it only gives back what it took, and writes nothing to
+        the audit. The data folder's lock is kept while the worker is still alive (until the
+        process ends), so no other node can start on the folder meanwhile."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = (
             self.settings.node.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         )
@@ -166,6 +274,10 @@ class Node:
         self._notify_exporters()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        if self.recovery is None:
+            self.db.dispose()
+            self.lock.release()
+            return
         parked = 0
         if self._worker_thread.is_alive():
             self._worker_thread.join(grace)
@@ -184,6 +296,8 @@ class Node:
         except RadnetError as exc:
             _log.error("cannot record the stop", error=str(exc))
         self.db.dispose()
+        if not self._worker_thread.is_alive():
+            self.lock.release()
 
     def serve_forever(self, on_started: Callable[[tuple[str, int]], None] | None = None) -> None:
         """Start, run until SIGTERM or SIGINT, then stop cleanly (main thread only)."""

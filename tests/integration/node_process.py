@@ -199,8 +199,8 @@ class NodeProcess:
         return self._process.pid
 
     def start(self) -> NodeProcess:
-        """Write the config and start ``radnet-node serve``; returns once the DICOM port accepts
-        connections.
+        """Write the config and start ``radnet-node serve``; returns once the node says it listens
+        (after its recovery) and the DICOM port accepts connections.
 
         Raises
         ------
@@ -216,6 +216,7 @@ class NodeProcess:
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts + 1} ---\n".encode())
             log.flush()
+            log_offset = log.tell()
             self._process = subprocess.Popen(  # noqa: S603 - our console script, our config
                 [*node_command(), "serve", "--config", str(self.config_path)],
                 stdout=log,
@@ -230,16 +231,27 @@ class NodeProcess:
                 code = self._process.returncode
                 self._process = None
                 raise NodeError(f"radnet-node serve exited with code {code}{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
-                    return self
-            except OSError:
-                time.sleep(0.2)
+            # the port is bound before recovery; the node answers once it printed this line
+            if self._log_since(log_offset).find(b" listening on ") >= 0:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                        return self
+                except OSError:
+                    pass
+            time.sleep(0.1)
         self.kill()
         raise NodeError(
             f"radnet-node serve did not listen on port {self.port} within "
             f"{self.start_timeout_s:.0f} s{self.log_tail()}"
         )
+
+    def _log_since(self, offset: int) -> bytes:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read()
+        except OSError:
+            return b""
 
     def kill(self) -> None:
         """kill -9 the node (no chance to clean up: the crash case)."""

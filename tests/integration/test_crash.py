@@ -1,6 +1,9 @@
 """kill -9 of the node at the worst moments: in the middle of receiving a series (some instances
 acknowledged, the association still open) and in the middle of inference. After a restart every
-acknowledged instance is in the spool and the result reaches the PACS (a real Orthanc) exactly once.
+acknowledged instance is in the spool and the result reaches the PACS (a real Orthanc) exactly once;
+the quiet period of a series cut by the crash starts again when the node is up. And SIGTERM in the
+middle of inference with a short grace: the job is parked, the node exits 0, the job runs after the
+restart.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from dcmtk import storescu
@@ -18,6 +22,9 @@ from pacs import PHILIPS_STUDY_UID, assert_delivered_once, wait_for_results
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
+
+from radnet_node.audit import Event, Job, Series
+from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +114,116 @@ def test_kill_9_during_inference_resumes_the_job_and_delivers_once(
     wait_for(node.settled, timeout_s=120, what="every export delivered")
     assert_delivered_once(orthanc, PHILIPS_STUDY_UID)
     assert "done" in node.job_states()
+
+
+# Short enough for a test, long enough that the check below and the resend fit inside it.
+QUIET_AFTER_RESTART = 8.0
+
+
+def _send_then_kill(node: NodeProcess, files: list[Path]) -> list[str]:
+    """Send ``files`` on one association and kill -9 the node while it is still open; returns the
+    SOP Instance UIDs the node acknowledged."""
+    modality = AE(ae_title="MODALITY")
+    modality.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    association = modality.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert association.is_established
+    acknowledged = []
+    for path in files:
+        status = association.send_c_store(pydicom.dcmread(path))
+        assert status and status.Status == 0x0000, status
+        acknowledged.append(_sop_instance_uid(path))
+    node.kill()  # more instances were on their way
+    association.abort()
+    return acknowledged
+
+
+def _series_states(node: NodeProcess) -> list[str]:
+    return [str(r[0]) for r in node.query(f"SELECT state FROM {Series.__tablename__}")]
+
+
+def _event_kinds(node: NodeProcess) -> list[str]:
+    return [str(r[0]) for r in node.query(f"SELECT kind FROM {Event.__tablename__} ORDER BY id")]
+
+
+def test_after_a_kill_9_the_half_received_series_waits_for_the_resend_and_is_sent_once(
+    node_and_orthanc: Callable[..., tuple[NodeProcess, Orthanc]], philips_5mm: list[Path]
+) -> None:
+    node, orthanc = node_and_orthanc(quiet_seconds=QUIET_AFTER_RESTART)
+    _send_then_kill(node, philips_5mm[:ACKNOWLEDGED_BEFORE_KILL])
+    # the node stays down for longer than the quiet period: counted from the last instance
+    # before the crash, the half series would be complete at once after the restart
+    time.sleep(QUIET_AFTER_RESTART + 1.0)
+    node.start()
+    up = time.monotonic()
+    while time.monotonic() - up < 3.0:
+        assert _series_states(node) == ["received"], "the half series completed after the restart"
+        time.sleep(0.1)
+    assert "series.quiet_restarted" in _event_kinds(node)
+    resent = storescu("127.0.0.1", node.port, philips_5mm, called_ae=node.ae_title)
+    assert resent.returncode == 0, resent.stdout + resent.stderr
+    assert time.monotonic() - up < QUIET_AFTER_RESTART, "the resend did not fit the quiet period"
+
+    wait_for_results(orthanc, PHILIPS_STUDY_UID)
+    wait_for(node.settled, timeout_s=120, what="every export delivered")
+    assert_delivered_once(orthanc, PHILIPS_STUDY_UID)
+    assert node.job_states() == ["done"]  # one run, of the whole series
+    assert node.query(f"SELECT instance_count FROM {Series.__tablename__}") == [(28,)]
+
+
+def test_after_a_kill_9_a_series_nobody_resends_completes_a_quiet_period_after_the_restart(
+    make_node: Callable[..., NodeProcess], philips_5mm: list[Path]
+) -> None:
+    quiet = 3.0
+    node = make_node(quiet_seconds=quiet)
+    _send_then_kill(node, philips_5mm[:ACKNOWLEDGED_BEFORE_KILL])
+    time.sleep(quiet + 1.0)
+    node.start()
+    up = time.monotonic()  # the node is up a little earlier still: this only shortens the wait
+    wait_for(lambda: _series_states(node) != ["received"], timeout_s=60, interval_s=0.05,
+             what="the series to complete")  # fmt: skip
+    assert time.monotonic() - up >= quiet - 0.5, "completed before a quiet period after restart"
+    wait_for(lambda: node.job_states() == ["done"], timeout_s=120, what="the job to be done")
+    assert node.query(f"SELECT instance_count FROM {Series.__tablename__}") == [(10,)]
+
+
+@pytest.fixture(scope="module")
+def full_size_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full-size RADnet: a few seconds of torch on a long series, where a short shutdown
+    grace runs out."""
+    return write_test_weights(tmp_path_factory.mktemp("weights") / "full.pt", model={})
+
+
+def _long_series(folder: Path, slices: int = 80) -> list[Path]:
+    """An axial head CT of ``slices`` 64 x 64 slices (an ellipse of brain in a skull)."""
+    y, x = np.mgrid[-32:32, -32:32] * 4.0
+    plane = np.where((y / 100) ** 2 + (x / 85) ** 2 <= 1, 1000.0, -1000.0)
+    plane[(y / 94) ** 2 + (x / 79) ** 2 <= 1] = 30.0
+    geometry = SeriesGeometry(
+        rows=64, columns=64, pixel_spacing_mm=(4.0, 4.0),
+        table_positions_mm=tuple(2.5 * i for i in range(slices)),
+    )  # fmt: skip
+    study = StudyInfo(uid_seed="crash-sigterm", accession_number="SIGTERM1")
+    volume = np.repeat(plane[None], slices, axis=0)
+    return write_ct_series(volume, geometry, folder, study)  # type: ignore[arg-type]
+
+
+def test_sigterm_during_inference_with_a_short_grace_parks_the_job_and_exits_0(
+    tmp_path: Path, make_node: Callable[..., NodeProcess], full_size_weights: Path
+) -> None:
+    node = make_node(weights=full_size_weights, sections={"node": {"shutdown_grace_seconds": 0.5}})
+    sent = storescu("127.0.0.1", node.port, _long_series(tmp_path / "in"), called_ae="RADNET")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_for(lambda: "running" in node.job_states(), timeout_s=120, interval_s=0.02,
+             what="the job to be running")  # fmt: skip
+    time.sleep(1.0)  # reading takes a fraction of a second, the model several seconds
+
+    code = node.terminate(timeout_s=60)
+    log = node.log_path.read_text(encoding="utf-8", errors="replace")
+    assert code == 0, f"exit code {code}{node.log_tail(5)}"
+    assert "terminate called" not in log
+    assert node.job_states() == ["queued"]
+    assert _event_kinds(node)[-1] == "node.stopped" and "1 running job(s) parked" in log
+
+    node.start()
+    wait_for(lambda: node.job_states() == ["done"], timeout_s=180, what="the parked job to run")
+    assert node.query(f"SELECT attempts FROM {Job.__tablename__}") == [(2,)]

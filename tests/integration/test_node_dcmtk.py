@@ -1,6 +1,7 @@
 """``radnet-node serve`` as a process with DCMTK as the modality (``echoscu``, ``storescu``) and as
 the destination (``storescp``): results delivered, refusals audited, ``status``/``audit``/``resend``
-from the command line, a destination down until the dead letter is re-sent, and SIGTERM."""
+from the command line, a destination down until the dead letter is re-sent, SIGTERM, and a second
+node on the same data folder or port, which exits 2 and leaves the first alone."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 from dcmtk import StoreScp, echoscu, storescu
-from node_process import NodeProcess
+from node_process import NodeProcess, to_toml
 from orthanc import free_port, wait_for
 
+from radnet_node.audit import Event
 from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -134,3 +136,60 @@ def test_destination_down_dead_letter_then_resend(
         lambda: node.exports() == [("storescp", "delivered", 1)], timeout_s=30, what="delivered"
     )
     assert _classes(receiver) == sorted([SR, SEG, SC])
+
+
+def _audit_rows(node: NodeProcess) -> list[tuple[object, ...]]:
+    return node.query(f"SELECT id, kind, message FROM {Event.__tablename__} ORDER BY id")
+
+
+def _in_flight_spool_file(node: NodeProcess) -> Path:
+    """A spool temporary file as an instance being received looks (recovery would remove it)."""
+    folder = node.data_dir / "spool" / "1.2.3" / "1.2.3.4"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".1.2.3.4.5.dcm.1.2.tmp"
+    path.write_bytes(b"half an instance")
+    return path
+
+
+def test_a_second_node_on_the_same_data_dir_exits_2_and_leaves_the_first_alone(
+    tmp_path: Path, make_node: Callable[..., NodeProcess]
+) -> None:
+    node = make_node()
+    in_flight = _in_flight_spool_file(node)
+    before = _audit_rows(node)
+
+    second = node.cli("serve")  # the same config: same data_dir, same port
+    assert second.returncode == 2, second.stderr
+    assert f"data_dir {node.data_dir} is in use: another radnet-node (process {node.pid})" in (
+        second.stderr
+    )
+    assert "Traceback" not in second.stderr and "terminate called" not in second.stderr
+    assert _audit_rows(node) == before  # no recovery, no node.stopped
+    assert in_flight.exists()
+
+    assert node.running
+    assert echoscu("127.0.0.1", node.port, called_ae="RADNET").returncode == 0
+    sent = storescu("127.0.0.1", node.port, _series(tmp_path / "in", "LCK1"), called_ae="RADNET")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_for(lambda: node.job_states() == ["done"], timeout_s=90, what="the first node's result")
+
+
+def test_a_node_on_a_port_in_use_exits_2_without_touching_the_audit(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    first = make_node("first")
+    before = _audit_rows(first)
+    # its own data folder, but the first node's port and audit database: a misconfiguration
+    second = make_node(
+        "second", start=False, port=first.port,
+        sections={"audit": {"database_url": first.database_url}},
+    )  # fmt: skip
+    second.workdir.mkdir(parents=True)
+    second.config_path.write_text(to_toml(second.config()), encoding="utf-8")
+
+    done = second.cli("serve")
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{first.port}: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
+    assert _audit_rows(first) == before  # no recovery, no node.stopped
+    assert echoscu("127.0.0.1", first.port, called_ae="RADNET").returncode == 0

@@ -18,6 +18,7 @@ from radnet_node.catalog import (
     complete_quiet_series,
     is_safe_uid,
     register_instance,
+    restart_quiet_periods,
     select_series,
 )
 
@@ -64,6 +65,30 @@ def test_series_completes_only_after_the_quiet_period(tmp_path: Path, db: AuditD
     series = _series(db)
     assert series.state == "complete" and series.instance_count == len(files)
     assert _kinds(db) == ["series.first_instance", "series.complete"]
+
+
+def test_after_a_restart_a_series_still_receiving_gets_a_whole_quiet_period_again(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    files = write_series(tmp_path, "a")
+    start = utcnow()
+    _register(db, files[:3], at=start)  # then the node died; it is up again a minute later
+    up = start + dt.timedelta(seconds=60)
+    with db.session() as session:
+        assert restart_quiet_periods(session, 10.0) == 1
+    with db.session() as session:
+        assert complete_quiet_series(session, 10.0, now=up, quiet_since=up) == []
+        assert complete_quiet_series(
+            session, 10.0, now=up + dt.timedelta(seconds=9.9), quiet_since=up
+        ) == []  # fmt: skip
+    series = _series(db)
+    assert series.state == "received" and series.last_instance_at == start  # the facts stay
+    with db.session() as session:
+        completed = complete_quiet_series(
+            session, 10.0, now=up + dt.timedelta(seconds=10), quiet_since=up
+        )
+    assert completed == [series.id]
+    assert _kinds(db) == ["series.first_instance", "series.quiet_restarted", "series.complete"]
 
 
 def test_duplicate_changes_nothing(tmp_path: Path, db: AuditDB) -> None:

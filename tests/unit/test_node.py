@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,7 @@ def test_a_crash_during_inference_is_resumed_and_delivered_once(
     first.scp.stop()
     first.stopping.set()
     first.db.dispose()
+    first.lock.release()  # the kernel drops a dead process's lock on the data folder
     with first.db.session() as session:
         assert [j.state for j in session.scalars(select(Job)).all()] == ["running"]
     monkeypatch.undo()
@@ -224,3 +226,28 @@ def test_process_log_is_json_with_bound_ids_and_no_patient_names_unless_allowed(
     record = json.loads(line)
     assert (record["event"], record["series_uid"], record["job_id"]) == ("hello", "1.2.3", 7)
     assert ("patient_name" in record) is allowed
+
+
+def test_library_warnings_become_log_events_not_raw_stderr() -> None:
+    # a raw "UserWarning: ..." line on stderr would break JSON logs
+    stream = io.StringIO()
+    pynetdicom_logger = logging.getLogger("pynetdicom")
+    saved = (pynetdicom_logger.handlers[:], pynetdicom_logger.level, pynetdicom_logger.propagate)
+    saved_showwarning = warnings.showwarning
+    try:
+        configure_logging(LoggingSection(format="json", level="info"), stream)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("a library complains", UserWarning, stacklevel=1)
+    finally:
+        warnings.showwarning = saved_showwarning
+        structlog.reset_defaults()
+        pynetdicom_logger.handlers[:], pynetdicom_logger.level, pynetdicom_logger.propagate = saved
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["event"] == "a library complains"
+    assert (record["event_kind"], record["category"], record["level"]) == (
+        "python.warning",
+        "UserWarning",
+        "warning",
+    )
