@@ -11,6 +11,7 @@ import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -26,7 +27,13 @@ from radnet_node.audit import (
     utcnow,
 )
 from radnet_node.errors import InputError
-from radnet_node.series import SeriesGroup, classify_series, group_by_series, read_header
+from radnet_node.series import (
+    SeriesGroup,
+    classify_series,
+    group_by_series,
+    read_header,
+    split_off_non_slices,
+)
 
 __all__ = [
     "InstanceInfo",
@@ -381,10 +388,15 @@ def select_series(db: AuditDB, series_id: int, *, min_slices: int) -> Selection:
         )
     state: SeriesState
     try:
-        group = load_series_group(paths, f"series {series_uid}")
+        group, left_out = split_off_non_slices(load_series_group(paths, f"series {series_uid}"))
         eligibility = classify_series(group.headers, min_slices=min_slices)
         state = SeriesState.QUEUED if eligibility.eligible else SeriesState.REJECTED
         reason = eligibility.reason
+        if left_out and eligibility.eligible:
+            # the job leaves the same instances out (it splits the same headers the same way)
+            reason += "; left out: " + "; ".join(
+                f"{Path(s.what).name}, {s.reason.split(': left out')[0]}" for s in left_out
+            )
     except (InputError, ValueError) as exc:
         state, reason = SeriesState.FAILED, f"cannot read the spooled instances: {exc}"
     with db.session() as session:

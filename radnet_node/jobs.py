@@ -51,7 +51,7 @@ from radnet_node.infer import (
 )
 from radnet_node.logging import bound
 from radnet_node.results import SeriesResult
-from radnet_node.series import SeriesGroup, read_header
+from radnet_node.series import SeriesGroup, read_header, split_off_non_slices
 
 __all__ = [
     "OUTPUT_FILES",
@@ -194,7 +194,9 @@ class Worker:
             with bound(series_uid=item.series_instance_uid, job_id=item.job_id):
                 try:
                     started = time.perf_counter()
-                    group = load_series_group(item.paths, f"series {item.series_instance_uid}")
+                    group, _ = split_off_non_slices(
+                        load_series_group(item.paths, f"series {item.series_instance_uid}")
+                    )  # what select_series left out (and audited)
                     loaded = self.engine.load(group.paths, series_label=group.label)
                     prepared.append(_Prepared(item, group, loaded, started))
                 except (RadnetError, ValueError) as exc:

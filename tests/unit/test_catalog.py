@@ -130,6 +130,25 @@ def test_selection_queues_an_axial_head_ct(tmp_path: Path, db: AuditDB) -> None:
     assert (job.state, job.generation) == ("queued", 1)
 
 
+def test_a_localizer_inside_the_series_is_left_out_and_the_rest_queued(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    files = write_series(tmp_path, "s", slices=7)
+    scout = pydicom.dcmread(files[0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.save_as(files[0])
+    _register(db, files)
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    selection = select_series(db, _series(db).id, min_slices=5)
+    assert selection.state == "queued"
+    assert "axial head CT, 6 slices" in selection.reason
+    assert f"left out: {files[0].name}, a localizer (scout) image" in selection.reason
+    with db.session() as session:
+        queued = session.scalars(select(Event).where(Event.kind == "series.selected")).one()
+        assert "left out" in queued.message
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [

@@ -117,6 +117,27 @@ def test_a_study_in_sr_seg_and_key_image_out_into_the_same_study(
     ]  # fmt: skip
 
 
+def test_a_localizer_inside_the_series_is_left_out_and_the_slices_run(
+    tmp_path: Path, node: Node, pacs: Destination
+) -> None:
+    files = write_series(tmp_path, "mixed", slices=7)
+    scout = pydicom.dcmread(files[0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.save_as(files[0])
+    assert node.address is not None
+    assert send(node.address[1], files) == [0x0000] * 7
+    wait_for(lambda: SR in _classes(pacs), 60, "the SR at the PACS")
+    (sr,) = [ds for ds in list(pacs.received) if str(ds.SOPClassUID) == SR]
+    referenced = {
+        str(ref.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert str(scout.SOPInstanceUID) not in referenced
+    assert {str(pydicom.dcmread(f).SOPInstanceUID) for f in files[1:]} <= referenced
+
+
 def test_a_late_instance_reruns_and_sends_the_new_result(
     tmp_path: Path, node: Node, pacs: Destination
 ) -> None:
