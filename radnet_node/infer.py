@@ -238,12 +238,15 @@ def build_series_outputs(
     runtime: Mapping[str, Any],
     timings_ms: Mapping[str, float],
     started: float | None = None,
+    previous_sr: Dataset | None = None,
 ) -> SeriesOutputs:
     """Build the SR, SEG, key image (positive results), preview and result.json of one result,
     for ``radnet-node infer`` and the node alike.
 
     result.json's timings are ``timings_ms`` plus "write" (the time to build the files) and, when
-    ``started`` (a :func:`time.perf_counter` value) is given, "total" since then.
+    ``started`` (a :func:`time.perf_counter` value) is given, "total" since then. ``previous_sr``:
+    the SR of the result this one replaces (the node's re-run of a series), referenced as its
+    predecessor.
 
     Raises
     ------
@@ -253,7 +256,7 @@ def build_series_outputs(
     build_start = time.perf_counter()
     sources = {str(ds.SOPInstanceUID): ds for ds in group.headers}
     key_hu = loaded.hu.hu[result.key_slice_index] if result.ct_positive else None
-    dicom = build_outputs(result, sources, identity, key_slice_hu=key_hu)
+    dicom = build_outputs(result, sources, identity, key_slice_hu=key_hu, previous_sr=previous_sr)
     datasets: dict[str, Dataset] = {"sr": dicom.sr, "seg": dicom.seg}
     if dicom.key_image is not None:
         datasets["key_image"] = dicom.key_image

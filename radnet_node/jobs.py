@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import structlog
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
 
 from radnet_node.audit import (
@@ -39,7 +42,7 @@ from radnet_node.catalog import (
     select_series,
 )
 from radnet_node.config import Settings
-from radnet_node.dicom_out import NodeIdentity
+from radnet_node.dicom_out import NodeIdentity, output_uids
 from radnet_node.engine import Engine, LoadedSeries
 from radnet_node.errors import InputError, RadnetError
 from radnet_node.infer import (
@@ -241,6 +244,7 @@ class Worker:
             self.identity,
             runtime=self.engine.describe(),
             timings_ms=timings,
+            previous_sr=self._previous_sr(claimed, result),
         )
         folder = self.results_dir / claimed.series_instance_uid
         try:
@@ -318,6 +322,39 @@ class Worker:
                 )
         if queued and self.on_exports_queued is not None:
             self.on_exports_queued()  # committed: the exporters find them now
+
+    def _previous_sr(self, claimed: _Claimed, result: SeriesResult) -> Dataset | None:
+        """The SR of the last finished result of an earlier generation of this series (what a
+        re-run replaces), read from its result folder; None if there is none, it is gone, or it
+        is this very SR (the same instances run again: output UIDs follow the instances)."""
+        with self.db.session() as session:
+            folder = session.scalar(
+                select(Result.result_dir)
+                .join(Job, Job.id == Result.job_id)
+                .where(
+                    Result.series_id == claimed.series_id,
+                    Result.generation < claimed.generation,
+                    Job.state == JobState.DONE,
+                )
+                .order_by(Result.id.desc())
+                .limit(1)
+            )
+        if folder is None:
+            return None
+        path = Path(folder) / OUTPUT_FILES["sr"]
+        try:
+            previous = pydicom.dcmread(path, stop_before_pixels=True)
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            _log.warning(
+                "the SR this result replaces is unreadable; not referenced as its predecessor",
+                path=str(path),
+                error=str(exc),
+                **claimed.ids,
+            )
+            return None
+        if str(previous.get("SOPInstanceUID", "")) == output_uids(result).sr_instance:
+            return None
+        return previous
 
     def _same_as_last(self, session: Any, row: Result) -> bool:
         previous = session.scalar(

@@ -48,6 +48,7 @@ def build_outputs(
     *,
     key_slice_hu: np.ndarray | None = None,
     series_number_base: int = 9900,
+    previous_sr: Dataset | None = None,
 ) -> DicomOutputs:
     """Build the SR, the SEG and (positive results only) the key image of one result.
 
@@ -67,6 +68,8 @@ def build_outputs(
         positive, ignored otherwise.
     series_number_base
         The new series get the next three numbers.
+    previous_sr
+        The SR of the result this one replaces, if any (see :func:`build_sr`).
 
     Returns
     -------
@@ -92,7 +95,13 @@ def build_outputs(
     with _names_not_judged():
         seg = build_seg(result, sources, identity, series_number=series_number_base + 2, uid=uids)
         sr = build_sr(
-            result, sources, identity, seg, series_number=series_number_base + 1, uid=uids
+            result,
+            sources,
+            identity,
+            seg,
+            series_number=series_number_base + 1,
+            uid=uids,
+            previous_sr=previous_sr,
         )
         key_image = None
         if result.ct_positive and key_slice_hu is not None:  # None refused above

@@ -51,6 +51,7 @@ def build_sr(
     *,
     series_number: int,
     uid: OutputUIDs,
+    previous_sr: Dataset | None = None,
 ) -> Dataset:
     """Build the TID 1500 Comprehensive 3D SR of the result.
 
@@ -76,6 +77,10 @@ def build_sr(
         Series Number of the new SR series.
     uid
         The output UIDs of this result (:func:`radnet_node.dicom_out.uids.output_uids`).
+    previous_sr
+        The SR this one replaces (a re-run of the series after more instances arrived), header
+        enough: referenced in the Predecessor Documents Sequence, so a reader can tell which
+        report is current.
 
     Returns
     -------
@@ -132,6 +137,7 @@ def build_sr(
             institution_name=identity.institution_name,
             contributing_equipment=contributing_equipment(identity, result),
             series_description=SR_SERIES_DESCRIPTION,
+            previous_versions=None if previous_sr is None else [metadata_only(previous_sr)],
         )
     except ValueError as exc:
         raise SeriesError(label, f"cannot build the SR: {exc}") from exc

@@ -434,6 +434,25 @@ def test_sr_negative_says_absent_and_has_no_slice_or_volume_groups(
     assert "RADnet hemorrhage" not in str(outputs.sr)
 
 
+def test_sr_of_a_rerun_names_the_sr_it_replaces(regular_series: list[Path]) -> None:
+    sources = headers(regular_series)
+    first = build_outputs(make_result(regular_series[:5], []), sources, IDENTITY).sr
+    result = make_result(regular_series, [2, 3, 4])
+    again = build_outputs(
+        result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result), previous_sr=first
+    )
+    sr = reread(again.sr)
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID, ref.ReferencedSOPInstanceUID) == (
+        first.StudyInstanceUID,
+        first.SeriesInstanceUID,
+        first.SOPInstanceUID,
+    )
+    assert "PredecessorDocumentsSequence" not in reread(first)
+
+
 def test_sr_refuses_a_seg_of_another_series(
     regular_series: list[Path], tilted_series: list[Path]
 ) -> None:

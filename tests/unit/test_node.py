@@ -149,6 +149,18 @@ def test_a_late_instance_reruns_and_sends_the_new_result(
     send(node.address[1], files[6:])
     wait_for(lambda: len(pacs.received) >= 6, 60, "the second result")
     assert len(set(pacs.sop_uids()) - first) == 3  # new objects, new UIDs
+    # the new SR names the one it replaces, so a reader can tell which report is current
+    first_sr, second_sr = (ds for ds in list(pacs.received) if str(ds.SOPClassUID) == SR)
+    assert "PredecessorDocumentsSequence" not in first_sr
+    (study,) = second_sr.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == first_sr.StudyInstanceUID
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    (ref,) = series.ReferencedSOPSequence
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        first_sr.SOPClassUID,
+        first_sr.SOPInstanceUID,
+    )
     with node.db.session() as session:
         kinds = session.scalars(select(Event.kind)).all()
     assert "series.reopened" in kinds
