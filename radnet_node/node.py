@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -176,11 +177,17 @@ class Node:
         except BaseException:
             self.lock.release()
             raise
-        try:
-            (self.data_dir / "spool").mkdir(parents=True, exist_ok=True)
-            (self.data_dir / "results").mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RadnetError(f"data_dir {self.data_dir}: cannot create it ({exc})") from exc
+        for folder in (self.data_dir / "spool", self.data_dir / "results"):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                # a folder that exists but cannot be written would refuse every instance later
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as exc:
+                raise RadnetError(
+                    f"data_dir {self.data_dir}: cannot write in {folder} "
+                    f"({exc.strerror or exc})"
+                ) from exc
         self.recovery = recover(self.db, self.data_dir)
         quiet = self.settings.series.quiet_seconds
         # the quiet clock of a series still receiving restarts now: the instances it got before

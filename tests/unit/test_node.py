@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from sqlalchemy import select
 from radnet_node.audit import Event, Job, study_story
 from radnet_node.config import LoggingSection, Settings
 from radnet_node.engine import Engine, EngineSettings
+from radnet_node.errors import RadnetError
 from radnet_node.logging import bound, configure_logging
 from radnet_node.node import Node
 from training.dicom_writer import StudyInfo
@@ -284,3 +286,22 @@ def test_library_warnings_become_log_events_not_raw_stderr() -> None:
         "UserWarning",
         "warning",
     )
+
+
+def test_a_spool_folder_that_cannot_be_written_stops_the_node_at_start(
+    tmp_path: Path, weights: Path, engine: Engine
+) -> None:
+    # it would otherwise say "listening" and then refuse every instance
+    spool = tmp_path / "data" / "spool"
+    spool.mkdir(parents=True)
+    # root writes through permission bits: the immutable attribute stops it too
+    made = subprocess.run(["chattr", "+i", str(spool)], capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make a folder unwritable here: {made.stderr.decode().strip()}")
+    try:
+        node = Node(node_settings(tmp_path / "data", weights), engine)
+        with pytest.raises(RadnetError, match=f"cannot write in {spool}"):
+            node.start()
+        node.stop()
+    finally:
+        subprocess.run(["chattr", "-i", str(spool)], check=True)
