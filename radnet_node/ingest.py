@@ -438,6 +438,14 @@ def _on_close(event: evt.Event, state: _IngestState) -> None:
         return  # rejected (already recorded) or never got as far as an A-ASSOCIATE-RQ
     assoc = event.assoc
     how = "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed"
+    # what the peer offered and this node does not take (e.g. MR with accept_all_storage_classes
+    # off): the peer sees 0x0122 / "no presentation context", the admin sees it here
+    refused_classes = sorted(
+        {UID(str(context.abstract_syntax)).name for context in assoc.rejected_contexts}
+    )
+    refused_note = (
+        f"; presentation contexts refused: {', '.join(refused_classes)}" if refused_classes else ""
+    )
     try:
         with state.db.session() as session:
             row = session.get(Association, info.association_id)
@@ -449,13 +457,14 @@ def _on_close(event: evt.Event, state: _IngestState) -> None:
                 session,
                 "association.closed",
                 f"association {how}: {info.stored} instance(s) stored, {info.duplicates} "
-                f"duplicate(s), {info.refused} refused",
-                level="info" if how == "released" else "warning",
+                f"duplicate(s), {info.refused} refused{refused_note}",
+                level="info" if how == "released" and not refused_classes else "warning",
                 association_id=info.association_id,
                 data={
                     "stored": info.stored,
                     "duplicates": info.duplicates,
                     "refused": info.refused,
+                    "refused_presentation_contexts": refused_classes,
                 },
             )
     except RadnetError as exc:

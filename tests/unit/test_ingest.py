@@ -13,7 +13,7 @@ import pytest
 from node_support import reject_reason, send, wait_for, write_series
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
 
 from radnet_node.audit import Association, AuditDB, Event, Instance, Series
@@ -243,3 +243,19 @@ def test_only_ct_classes_when_other_storage_is_not_accepted(tmp_path: Path, db: 
     classes = {c.abstract_syntax for c in scp.ae.supported_contexts}
     assert classes == {*CT_STORAGE_CLASSES, Verification}
     assert CTImageStorage in classes
+
+
+def test_presentation_contexts_the_node_does_not_take_are_named_in_the_audit(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    with _running(_node(tmp_path, accept_all_storage_classes=False), db) as running:
+        scu = AE(ae_title="MODALITY")
+        scu.add_requested_context(CTImageStorage)
+        scu.add_requested_context(MRImageStorage)
+        assoc = scu.associate("127.0.0.1", running.address[1], ae_title="RADNET")
+        assert assoc.is_established
+        assert [str(c.abstract_syntax) for c in assoc.accepted_contexts] == [CTImageStorage]
+        assoc.release()
+        closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "presentation contexts refused: MR Image Storage" in closed[0].message
+    assert closed[0].level == "warning"
