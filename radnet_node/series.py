@@ -238,12 +238,12 @@ def _files_under(paths: Iterable[str | Path]) -> list[Path]:
         if not path.exists():
             raise InputError(path, "no such file or folder")
         candidates: Iterable[Path]
+        listed = False
         if path.is_file() and _is_dicomdir(path):
-            # a DICOMDIR given by name (a CD, a USB export) stands for the files it indexes, which
-            # sit in its folder; the folder is read as a whole (real DICOMDIRs are often too
-            # broken to follow record by record) and the DICOMDIR itself is skipped there
-            path = path.parent
-        if path.is_dir():
+            # a DICOMDIR given by name (a CD, a USB export) stands for the files it lists; one it
+            # lists but that is missing is reported when it cannot be read
+            candidates, listed = _dicomdir_files(path), True
+        elif path.is_dir():
             candidates = sorted(
                 Path(root) / name
                 for root, dirs, names in os.walk(path)
@@ -254,7 +254,7 @@ def _files_under(paths: Iterable[str | Path]) -> list[Path]:
             candidates = [path]
         for candidate in candidates:
             key = candidate.resolve()
-            if key not in seen and candidate.is_file():
+            if key not in seen and (listed or candidate.is_file()):
                 seen.add(key)
                 files.append(candidate)
     return files
@@ -268,12 +268,51 @@ def _is_dicomdir(path: Path) -> bool:
     return meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage
 
 
+def _dicomdir_files(path: Path) -> list[Path]:
+    """The files a DICOMDIR lists (the ReferencedFileID of its records).
+
+    The IDs are relative to the root of the file-set, which is the DICOMDIR's folder by the
+    standard; vendors also put one deeper (Philips' DIRFILE sits two levels below the root its IDs
+    start from), so the DICOMDIR's folder and its parents are tried, and the one that resolves the
+    most IDs wins (exact names, else lower case, as copies from a CD often are).
+
+    Raises
+    ------
+    InputError
+        The DICOMDIR cannot be read or lists no files.
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise InputError(path, f"corrupt DICOMDIR ({type(exc).__name__}: {exc})") from exc
+    ids: list[list[str]] = []
+    for record in ds.get("DirectoryRecordSequence", []):
+        reference = record.get("ReferencedFileID")
+        if reference:
+            parts = [reference] if isinstance(reference, str) else list(reference)
+            ids.append([str(part) for part in parts])
+    if not ids:
+        raise InputError(path, "a DICOMDIR that lists no files")
+
+    def resolve(base: Path, parts: list[str]) -> Path | None:
+        for candidate in (base.joinpath(*parts), base.joinpath(*(p.lower() for p in parts))):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    depth = max(len(parts) for parts in ids)
+    bases = [path.parent, *path.parent.parents][: depth + 1]
+    sample = ids[:50]
+    base = max(bases, key=lambda b: sum(resolve(b, parts) is not None for parts in sample))
+    return [resolve(base, parts) or base.joinpath(*parts) for parts in ids]
+
+
 def scan_paths(paths: Iterable[str | Path]) -> ScanResult:
     """Read the headers of every file under ``paths`` (folders recursively) and group them.
 
     Hidden files (names starting with ".") are ignored; a file reached twice is read once. A
-    DICOMDIR given as a path stands for its folder. Non-DICOM files and DICOMDIRs found in folders
-    are skipped with a reason; an unreadable or corrupt DICOM file is
+    DICOMDIR given as a path stands for the files it lists. Non-DICOM files and DICOMDIRs found in
+    folders are skipped with a reason; an unreadable or corrupt DICOM file is
     skipped as an error (it may have been a slice of a series). Two files with the same SOP Instance
     UID keep the first, the other is reported.
 

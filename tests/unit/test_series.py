@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.fileset import FileSet
 
 from radnet_node.errors import InputError
 from radnet_node.series import (
@@ -212,12 +213,39 @@ def test_of_two_copies_of_an_instance_the_complete_one_is_kept(
     assert f"same SOPInstanceUID as {paths[2]}" in skipped.reason
 
 
-def test_a_dicomdir_given_by_name_stands_for_its_folder(dicom_data_dir: Path) -> None:
-    # users of CDs point at the DICOMDIR; Philips calls it DIRFILE
+def test_a_dicomdir_given_by_name_stands_for_the_files_it_lists(dicom_data_dir: Path) -> None:
+    # users of CDs point at the DICOMDIR; Philips calls it DIRFILE and puts it two levels below
+    # the root its file IDs start from
     folder = dicom_data_dir / PHILIPS / "S21610" / "S2010"
     scan = scan_paths([folder / "DIRFILE"])
     assert [len(g.paths) for g in scan.series] == [54]
-    assert [Path(s.what).name for s in scan.skipped] == ["DIRFILE"]
+    assert scan.skipped == ()
+
+
+def test_a_dicomdir_runs_only_what_it_lists_and_names_what_is_missing(
+    tmp_path: Path, head_hu: Callable[..., np.ndarray], write_series: Callable[..., list[Path]]
+) -> None:
+    listed = write_series(head_hu((5, 16, 16), (16.0, 16.0)), GEOMETRY, "listed")
+    fileset = FileSet()
+    for path in listed:
+        fileset.add(path)
+    cd = tmp_path / "cd"
+    fileset.write(cd)
+    # another patient's series lies in the same folder but is not in the DICOMDIR
+    other = write_series(head_hu((5, 16, 16), (16.0, 16.0)), GEOMETRY, "other")
+    (cd / "OTHER").mkdir()
+    for path in other:
+        (cd / "OTHER" / path.name).write_bytes(path.read_bytes())
+    scan = scan_paths([cd / "DICOMDIR"])
+    assert [len(g.paths) for g in scan.series] == [5]
+    assert scan.series[0].series_instance_uid == pydicom.dcmread(listed[0]).SeriesInstanceUID
+    assert scan.skipped == ()
+
+    gone = Path(scan.series[0].paths[2])
+    gone.unlink()
+    scan = scan_paths([cd / "DICOMDIR"])
+    (missing,) = scan.skipped
+    assert (missing.what, missing.is_error) == (str(gone), True)
 
 
 def test_scan_of_a_missing_path_is_an_input_error(tmp_path: Path) -> None:
