@@ -595,8 +595,9 @@ def _steps(named: Sequence[tuple[str, dt.datetime | None]]) -> tuple[Step, ...]:
 
 
 def study_story(session: Session, query: str) -> StudyStory | None:
-    """The story of the study named by ``query``: a Study, Series or SOP Instance UID, or an
-    Accession Number (every study with it).
+    """The story of the study named by ``query``: a Study, Series or SOP Instance UID (of a
+    received instance or of an SR, SEG or key image the node made), or an Accession Number (every
+    study with it).
 
     Per series: the steps first instance, last instance, complete, queued, running, done, and
     delivered at each destination, with the seconds each took (of its latest job); every job's
@@ -626,6 +627,21 @@ def study_story(session: Session, query: str) -> StudyStory | None:
     )
     if instance_study:
         studies.add(instance_study)
+    # the node's own objects: a PACS user holding an SR, SEG or key image can trace it back
+    output_study = session.scalar(
+        select(Series.study_instance_uid)
+        .join(Result, Result.series_id == Series.id)
+        .where(
+            or_(
+                Result.sr_sop_instance_uid == text,
+                Result.seg_sop_instance_uid == text,
+                Result.key_image_sop_instance_uid == text,
+            )
+        )
+        .limit(1)
+    )
+    if output_study:
+        studies.add(output_study)
     if not studies:
         return None
     series_rows = session.scalars(

@@ -443,7 +443,13 @@ def audit_tail(
 @audit_app.command("show")
 def audit_show(
     uid_or_accession: Annotated[
-        str, typer.Argument(help="Study, Series or SOP Instance UID, or Accession Number.")
+        str,
+        typer.Argument(
+            help=(
+                "Study, Series or SOP Instance UID (also of an SR, SEG or key image the node "
+                "made), or Accession Number."
+            )
+        ),
     ],
     config: ConfigOption = None,
     as_json: JsonOption = False,

@@ -237,6 +237,7 @@ class Worker:
         claimed = item.claimed
         write_start = time.perf_counter()
         timings = dict(result.timings_ms)
+        previous_sr = self._previous_sr(claimed, result)
         outputs = build_series_outputs(
             result,
             item.loaded,
@@ -244,7 +245,7 @@ class Worker:
             self.identity,
             runtime=self.engine.describe(),
             timings_ms=timings,
-            previous_sr=self._previous_sr(claimed, result),
+            previous_sr=previous_sr,
         )
         folder = self.results_dir / claimed.series_instance_uid
         try:
@@ -304,13 +305,12 @@ class Worker:
                 return
             job.state = JobState.DONE
             series.state = SeriesState.DONE
-            add_event(
-                session,
-                "job.done",
-                summary,
-                data={"timings_ms": job.timings_ms, "result_dir": str(final)},
-                **claimed.ids,
-            )
+            data: dict[str, Any] = {"timings_ms": job.timings_ms, "result_dir": str(final)}
+            if previous_sr is not None:
+                replaced = str(previous_sr.SOPInstanceUID)
+                summary += f"; its SR {outputs.output_uids['sr']} replaces SR {replaced}"
+                data["replaces_sr"] = replaced
+            add_event(session, "job.done", summary, data=data, **claimed.ids)
             queued = self._queue_exports(session, row, claimed)
             row.unchanged = not queued if self.destinations else self._same_as_last(session, row)
             if row.unchanged:

@@ -126,7 +126,8 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(db: AuditDB) -> None:
 def test_story_is_found_by_any_uid_or_the_accession(db: AuditDB) -> None:
     _study(db)
     with db.session() as session:
-        for query in ("1.2.3", "1.2.3.1", "1.2.3.1.1", "A100"):
+        # study, series, a received instance, the accession, and the node's own SR and SEG
+        for query in ("1.2.3", "1.2.3.1", "1.2.3.1.1", "A100", "1.2.9.1", "1.2.9.2"):
             story = study_story(session, query)
             assert story is not None and story.study_instance_uids == ("1.2.3",)
         assert study_story(session, "7.7.7") is None

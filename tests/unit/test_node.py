@@ -163,6 +163,12 @@ def test_a_late_instance_reruns_and_sends_the_new_result(
         first_sr.SOPClassUID,
         first_sr.SOPInstanceUID,
     )
+    # and the audit says so, findable by the SR a PACS user holds
+    with node.db.session() as session:
+        story = study_story(session, str(second_sr.SOPInstanceUID))
+    assert story is not None
+    done = [e.message for e in story.events if e.kind == "job.done"]
+    assert any(f"replaces SR {first_sr.SOPInstanceUID}" in message for message in done)
     with node.db.session() as session:
         kinds = session.scalars(select(Event.kind)).all()
     assert "series.reopened" in kinds
