@@ -452,6 +452,20 @@ def _orientation(ds: Dataset) -> list[float] | None:
     return None
 
 
+def _plane(ds: Dataset) -> str | None:
+    """The plane of the slice normal: axial, coronal or sagittal; None without an orientation."""
+    orientation = _orientation(ds)
+    if orientation is None or len(orientation) != 6:
+        return None
+    normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+    norm = float(np.linalg.norm(normal))
+    if not np.isfinite(norm) or norm < 1e-6:
+        return None
+    if np.degrees(np.arccos(min(1.0, abs(normal[2]) / norm))) <= MAX_AXIAL_ANGLE_DEG:
+        return "axial"
+    return "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
+
+
 def _texts(ds: Dataset) -> dict[str, str]:
     return {
         keyword: str(ds.get(keyword, "") or "").strip().upper()
@@ -560,6 +574,16 @@ def split_off_non_slices(group: SeriesGroup) -> tuple[SeriesGroup, tuple[Skipped
         The group of the remaining instances, and one :class:`SkippedInput` per instance left out.
     """
     refusals = [_refuse_instance(ds) for ds in group.headers]
+    # a sagittal or coronal image among the axial slices (a reformat saved into the series) is
+    # such an instance too, when the axial slices are the majority
+    planes = [
+        _plane(ds) if r is None else None for ds, r in zip(group.headers, refusals, strict=True)
+    ]
+    if 2 * planes.count("axial") > len(planes):
+        refusals = [
+            f"a {plane} image among axial slices" if plane not in (None, "axial") else r
+            for plane, r in zip(planes, refusals, strict=True)
+        ]
     if all(r is None for r in refusals) or all(r is not None for r in refusals):
         return group, ()
     kept = [(p, ds) for p, ds, r in zip(group.paths, group.headers, refusals, strict=True) if not r]

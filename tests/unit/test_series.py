@@ -169,6 +169,21 @@ def test_odd_instances_are_split_off_a_series_of_slices() -> None:
     assert classify_series(kept.headers, min_slices=4).eligible
 
 
+def test_a_coronal_image_saved_among_axial_slices_is_left_out() -> None:
+    headers = [_header() for _ in range(6)]
+    headers[5].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    group = SeriesGroup("1.2", "1.2.3", tuple(headers), tuple(f"/in/{k}.dcm" for k in range(6)))
+    kept, left_out = split_off_non_slices(group)
+    assert len(kept.paths) == 5
+    assert [(s.what, s.reason) for s in left_out] == [
+        ("/in/5.dcm", "a coronal image among axial slices: left out of series 1.2.3")
+    ]
+    # a series that is mostly coronal is not turned into an axial one
+    for ds in headers[:4]:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    assert split_off_non_slices(group) == (group, ())
+
+
 def test_a_series_of_nothing_but_odd_instances_is_left_whole() -> None:
     headers = [_header(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]) for _ in range(3)]
     group = SeriesGroup("1.2", "1.2.3", tuple(headers), ("/a", "/b", "/c"))
