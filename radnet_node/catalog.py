@@ -392,8 +392,9 @@ def select_series(db: AuditDB, series_id: int, *, min_slices: int) -> Selection:
         eligibility = classify_series(group.headers, min_slices=min_slices)
         state = SeriesState.QUEUED if eligibility.eligible else SeriesState.REJECTED
         reason = eligibility.reason
-        if left_out and eligibility.eligible:
-            # the job leaves the same instances out (it splits the same headers the same way)
+        if left_out:
+            # the job leaves the same instances out (it splits the same headers the same way); a
+            # rejected series names them too, they may be why too few slices are left
             reason += "; left out: " + "; ".join(
                 f"{Path(s.what).name}, {s.reason.split(': left out')[0]}" for s in left_out
             )

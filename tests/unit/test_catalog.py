@@ -149,6 +149,21 @@ def test_a_localizer_inside_the_series_is_left_out_and_the_rest_queued(
         assert "left out" in queued.message
 
 
+def test_a_rejected_series_names_the_instances_left_out_too(tmp_path: Path, db: AuditDB) -> None:
+    files = write_series(tmp_path, "s", slices=6)
+    for path in files[:4]:
+        scout = pydicom.dcmread(path)
+        scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        scout.save_as(path)
+    _register(db, files)
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    selection = select_series(db, _series(db).id, min_slices=5)
+    assert selection.state == "rejected"
+    assert "too few slices: 2" in selection.reason
+    assert selection.reason.count("a localizer (scout) image") == 4
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
