@@ -177,7 +177,7 @@ class Worker:
                 add_event(
                     session,
                     "job.running",
-                    f"running on {len(paths)} instance(s), attempt {job.attempts}",
+                    f"running: {len(paths)} instance(s) received, attempt {job.attempts}",
                     **item.ids,
                 )
                 claimed.append(item)
