@@ -96,6 +96,11 @@ class LossSection(_Section):
     # of the slice loss (label unknown): a speck of partial-volume blood the image cannot show.
     # 0 = off.
     min_blood_pixels: int = Field(0, ge=0)
+    # A positive slice whose known mask covers fewer than small_blood_pixels model pixels (mm^2 at
+    # 1 mm) counts small_blood_weight times in the slice loss: small bleeds are most of the misses
+    # of the shipped weights. 0 (or a weight of 1) = off.
+    small_blood_pixels: int = Field(0, ge=0)
+    small_blood_weight: float = Field(1.0, gt=0.0)
 
     @model_validator(mode="after")
     def _weights_non_negative(self) -> LossSection:

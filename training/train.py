@@ -440,15 +440,23 @@ def compute_loss(
     batch: Batch,
     config: TrainConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Slice BCE on known labels + sum_i w_i * (BCE_i [+ soft Dice_i]) on slices with a known mask.
+    """Slice BCE on known labels (positive slices with little blood weighted by
+    ``loss.small_blood_weight``) + sum_i w_i * (BCE_i [+ soft Dice_i]) on slices with a known mask.
 
     Returns the loss tensor and its parts as floats for logging.
     """
     labels = batch.slice_labels
     valid = labels >= 0
     zero = slice_logits.sum() * 0.0
+    weight = None
+    if config.loss.small_blood_pixels > 0 and config.loss.small_blood_weight != 1.0:
+        area = batch.masks.flatten(2).sum(-1)  # (B, S) model pixels of blood, after augmentation
+        small = (labels == 1) & batch.mask_known & (area < config.loss.small_blood_pixels)
+        weight = torch.where(small, config.loss.small_blood_weight, 1.0)[valid]
     main = (
-        F.binary_cross_entropy_with_logits(slice_logits.float()[valid], labels[valid])
+        F.binary_cross_entropy_with_logits(
+            slice_logits.float()[valid], labels[valid], weight=weight
+        )
         if valid.any()
         else zero
     )

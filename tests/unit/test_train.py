@@ -206,6 +206,20 @@ def test_loss_ignores_unknown_labels_and_unknown_masks() -> None:
     assert parts["aux"] == pytest.approx(float((0.5 + 0.3 + 0.2) * (bce + dice)), rel=1e-5)
 
 
+def test_positive_slices_with_little_blood_weigh_more_when_asked() -> None:
+    batch = _batch([1.0, 1.0, 0.0, -1.0], [True, True, True, True])
+    batch.masks[0, 1] = 1.0  # slice 1: 16 pixels of blood; slice 0: 4 (the helper's 2 x 2)
+    logits = torch.tensor([[-0.5, 0.3, 0.8, 9.0]])
+    each = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[0, :3], torch.tensor([1.0, 1.0, 0.0]), reduction="none"
+    )
+    off = compute_loss(logits, None, batch, validate_config({}))[1]["main"]
+    assert off == pytest.approx(float(each.mean()), rel=1e-6)
+    config = validate_config({"loss": {"small_blood_pixels": 10, "small_blood_weight": 3.0}})
+    _, parts = compute_loss(logits, None, batch, config)
+    assert parts["main"] == pytest.approx(float((3 * each[0] + each[1] + each[2]) / 3), rel=1e-6)
+
+
 def test_loss_without_aux_heads_or_known_masks_is_the_main_loss() -> None:
     config = validate_config({})
     batch = _batch([1.0, 0.0], [False, False])
