@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -220,9 +221,7 @@ def _reopen(session: Session, series: Series, why: str, association_id: int | No
         "series.reopened",
         f"re-opened ({why}): was {previous}, now generation {series.generation}"
         + (f"; {superseded} queued job(s) superseded" if superseded else ""),
-        study_instance_uid=series.study_instance_uid,
-        series_instance_uid=series.series_instance_uid,
-        accession_number=series.accession_number or None,
+        **_event_ids(series),
         association_id=association_id,
         data={"previous_state": previous, "generation": series.generation},
     )
@@ -291,9 +290,7 @@ def complete_quiet_series(
             "series.complete",
             f"complete: {series.instance_count} instance(s), none for {quiet_seconds:g} s "
             f"(generation {series.generation})",
-            study_instance_uid=series.study_instance_uid,
-            series_instance_uid=series.series_instance_uid,
-            accession_number=series.accession_number or None,
+            **_event_ids(series),
             data={"instances": series.instance_count, "generation": series.generation},
         )
     return [s.id for s in quiet]
@@ -312,9 +309,7 @@ def restart_quiet_periods(session: Session, quiet_seconds: float) -> int:
             "series.quiet_restarted",
             f"still receiving when the node stopped ({series.instance_count} instance(s)): the "
             f"quiet period of {quiet_seconds:g} s starts again now",
-            study_instance_uid=series.study_instance_uid,
-            series_instance_uid=series.series_instance_uid,
-            accession_number=series.accession_number or None,
+            **_event_ids(series),
             data={"instances": series.instance_count, "generation": series.generation},
         )
     return len(receiving)
@@ -329,6 +324,21 @@ class Selection:
     state: SeriesState  # queued, rejected or failed; or the unchanged state if it moved on
     reason: str
     job_id: int | None = None
+
+
+class _EventIds(TypedDict):
+    study_instance_uid: str
+    series_instance_uid: str
+    accession_number: str | None
+
+
+def _event_ids(series: Series) -> _EventIds:
+    """The identifiers every audit event of a series carries."""
+    return {
+        "study_instance_uid": series.study_instance_uid,
+        "series_instance_uid": series.series_instance_uid,
+        "accession_number": series.accession_number or None,
+    }
 
 
 def load_series_group(paths: Sequence[str], label: str) -> SeriesGroup:
@@ -413,20 +423,16 @@ def select_series(db: AuditDB, series_id: int, *, min_slices: int) -> Selection:
             )  # fmt: skip
         series.state = state
         series.eligibility_reason = reason
-        ids = {
-            "study_instance_uid": series.study_instance_uid,
-            "series_instance_uid": series_uid,
-            "accession_number": series.accession_number or None,
-        }
+        ids = _event_ids(series)
         job_id = None
         if state == SeriesState.QUEUED:
             job = Job(series_id=series_id, generation=generation, state=JobState.QUEUED)
             session.add(job)
             session.flush()
             job_id = job.id
-            add_event(session, "series.selected", f"queued: {reason}", job_id=job_id, **ids)  # type: ignore[arg-type]
+            add_event(session, "series.selected", f"queued: {reason}", job_id=job_id, **ids)
         elif state == SeriesState.REJECTED:
-            add_event(session, "series.rejected", f"skipped: {reason}", **ids)  # type: ignore[arg-type]
+            add_event(session, "series.rejected", f"skipped: {reason}", **ids)
         else:
-            add_event(session, "series.failed", reason, level="error", **ids)  # type: ignore[arg-type]
+            add_event(session, "series.failed", reason, level="error", **ids)
     return Selection(series_id, series_uid, state, reason, job_id)

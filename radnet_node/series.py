@@ -262,7 +262,9 @@ def _files_under(paths: Iterable[str | Path]) -> list[Path]:
 
 def _is_dicomdir(path: Path) -> bool:
     try:
-        meta = pydicom.dcmread(path, specific_tags=["SOPClassUID"]).file_meta
+        meta = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["SOPClassUID"]
+        ).file_meta
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
         return False
     return meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage
@@ -452,18 +454,26 @@ def _orientation(ds: Dataset) -> list[float] | None:
     return None
 
 
-def _plane(ds: Dataset) -> str | None:
-    """The plane of the slice normal: axial, coronal or sagittal; None without an orientation."""
-    orientation = _orientation(ds)
-    if orientation is None or len(orientation) != 6:
-        return None
+def _plane_of(orientation: Sequence[float]) -> tuple[str, float] | None:
+    """The plane of six direction cosines (axial, coronal or sagittal) and the angle in degrees
+    between the slice normal and the patient's z axis; None when they are degenerate."""
     normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
     norm = float(np.linalg.norm(normal))
     if not np.isfinite(norm) or norm < 1e-6:
         return None
-    if np.degrees(np.arccos(min(1.0, abs(normal[2]) / norm))) <= MAX_AXIAL_ANGLE_DEG:
-        return "axial"
-    return "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
+    angle = float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / norm))))
+    if angle <= MAX_AXIAL_ANGLE_DEG:
+        return "axial", angle
+    return ("sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"), angle
+
+
+def _plane(ds: Dataset) -> str | None:
+    """The plane of one instance's slices; None without a usable orientation."""
+    orientation = _orientation(ds)
+    if orientation is None or len(orientation) != 6:
+        return None
+    found = _plane_of(orientation)
+    return None if found is None else found[0]
 
 
 def _texts(ds: Dataset) -> dict[str, str]:
@@ -524,14 +534,11 @@ def classify_series(headers: Sequence[Dataset], *, min_slices: int = 5) -> Eligi
     orientation = _orientation(first)
     if orientation is None or len(orientation) != 6:
         return Eligibility(False, "no ImageOrientationPatient, cannot tell whether it is axial")
-    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
-    normal = np.cross(row, col)
-    norm = float(np.linalg.norm(normal))
-    if not np.isfinite(norm) or norm < 1e-6:
+    found = _plane_of(orientation)
+    if found is None:
         return Eligibility(False, f"ImageOrientationPatient {orientation} is degenerate")
-    angle = float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / norm))))
-    if angle > MAX_AXIAL_ANGLE_DEG:
-        plane = "sagittal" if abs(normal[0]) >= abs(normal[1]) else "coronal"
+    plane, angle = found
+    if plane != "axial":
         return Eligibility(
             False, f"not axial: a {plane} series (slice normal {angle:.0f} deg from the z axis)"
         )

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from radnet_node.audit import AuditDB, Event, Job, Series, utcnow
 from radnet_node.catalog import (
     RegistrationOutcome,
+    Selection,
     complete_quiet_series,
     is_safe_uid,
     register_instance,
@@ -130,17 +131,23 @@ def test_selection_queues_an_axial_head_ct(tmp_path: Path, db: AuditDB) -> None:
     assert (job.state, job.generation) == ("queued", 1)
 
 
+def _select_with_localizers(db: AuditDB, files: list[Path], scouts: list[Path]) -> Selection:
+    """Mark ``scouts`` as localizers, receive every file, complete the series and select it."""
+    for path in scouts:
+        scout = pydicom.dcmread(path)
+        scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        scout.save_as(path)
+    _register(db, files)
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    return select_series(db, _series(db).id, min_slices=5)
+
+
 def test_a_localizer_inside_the_series_is_left_out_and_the_rest_queued(
     tmp_path: Path, db: AuditDB
 ) -> None:
     files = write_series(tmp_path, "s", slices=7)
-    scout = pydicom.dcmread(files[0])
-    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-    scout.save_as(files[0])
-    _register(db, files)
-    with db.session() as session:
-        complete_quiet_series(session, 0.0)
-    selection = select_series(db, _series(db).id, min_slices=5)
+    selection = _select_with_localizers(db, files, files[:1])
     assert selection.state == "queued"
     assert "axial head CT, 6 slices" in selection.reason
     assert f"left out: {files[0].name}, a localizer (scout) image" in selection.reason
@@ -151,14 +158,7 @@ def test_a_localizer_inside_the_series_is_left_out_and_the_rest_queued(
 
 def test_a_rejected_series_names_the_instances_left_out_too(tmp_path: Path, db: AuditDB) -> None:
     files = write_series(tmp_path, "s", slices=6)
-    for path in files[:4]:
-        scout = pydicom.dcmread(path)
-        scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-        scout.save_as(path)
-    _register(db, files)
-    with db.session() as session:
-        complete_quiet_series(session, 0.0)
-    selection = select_series(db, _series(db).id, min_slices=5)
+    selection = _select_with_localizers(db, files, files[:4])
     assert selection.state == "rejected"
     assert "too few slices: 2" in selection.reason
     assert selection.reason.count("a localizer (scout) image") == 4
