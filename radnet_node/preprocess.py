@@ -80,10 +80,16 @@ _MIN_AXIAL_COS = float(np.cos(np.deg2rad(45.0)))
 class PreprocessSpec:
     """How a series becomes model input; stored in the model card so serving matches training.
 
+    ``window_knee_hu`` and ``window_ceiling_hu`` (both or neither) give the window a shoulder:
+    above the knee the slope drops so that 1.0 is reached only at the ceiling. Acute blood at
+    80-90 HU then stays below the inner table of the skull, which a plain 40/80 window paints the
+    same white. Below the knee the window is unchanged.
+
     Raises
     ------
     ValueError
-        If a width, spacing or field of view is not positive, or ``min_slices`` is below 1.
+        If a width, spacing or field of view is not positive, ``min_slices`` is below 1, or the
+        shoulder is not ``level - width / 2 < knee < level + width / 2 < ceiling``.
     """
 
     window_level_hu: float = 40.0
@@ -91,6 +97,8 @@ class PreprocessSpec:
     pixel_spacing_mm: float = 1.0
     field_of_view_mm: float = 250.0
     min_slices: int = 5
+    window_knee_hu: float | None = None
+    window_ceiling_hu: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("window_width_hu", "pixel_spacing_mm", "field_of_view_mm"):
@@ -105,10 +113,28 @@ class PreprocessSpec:
             raise ValueError(
                 f"PreprocessSpec.min_slices must be an integer >= 1, got {self.min_slices!r}"
             )
+        self._check_shoulder()
         if self.matrix_size < 1:
             raise ValueError(
                 f"PreprocessSpec: field_of_view_mm {self.field_of_view_mm} / pixel_spacing_mm "
                 f"{self.pixel_spacing_mm} gives an empty matrix"
+            )
+
+    def _check_shoulder(self) -> None:
+        knee, ceiling = self.window_knee_hu, self.window_ceiling_hu
+        if knee is None and ceiling is None:
+            return
+        if knee is None or ceiling is None:
+            raise ValueError(
+                "PreprocessSpec: window_knee_hu and window_ceiling_hu go together, got "
+                f"{knee!r} and {ceiling!r}"
+            )
+        low = self.window_level_hu - self.window_width_hu / 2.0
+        high = self.window_level_hu + self.window_width_hu / 2.0
+        if not (np.isfinite(knee) and np.isfinite(ceiling) and low < knee < high < ceiling):
+            raise ValueError(
+                f"PreprocessSpec: the window shoulder needs {low:g} < window_knee_hu < {high:g} "
+                f"< window_ceiling_hu, got knee {knee!r} and ceiling {ceiling!r}"
             )
 
     @property
@@ -117,8 +143,12 @@ class PreprocessSpec:
         return round(self.field_of_view_mm / self.pixel_spacing_mm)
 
     def to_dict(self) -> dict[str, float | int]:
-        """The five fields as plain numbers (model card); ``PreprocessSpec(**d)`` rebuilds it."""
-        return asdict(self)
+        """The fields as plain numbers (model card); ``PreprocessSpec(**d)`` rebuilds it.
+
+        An unset shoulder is left out, so cards and cache keys written before it existed still
+        describe the same spec.
+        """
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PreprocessSpec:
@@ -1031,11 +1061,26 @@ def _prepare(series: HuSeries, spec: PreprocessSpec) -> PreparedSeries:
 
 
 def window(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Brain window to [0, 1]: clip((HU - (level - width / 2)) / width, 0, 1), new float32 array."""
+    """Brain window to [0, 1]: clip((HU - (level - width / 2)) / width, 0, 1), new float32 array.
+
+    With a shoulder (``window_knee_hu``, ``window_ceiling_hu``) values above the knee rise on a
+    second, flatter line from the knee's value to 1.0 at the ceiling.
+    """
     low = spec.window_level_hu - spec.window_width_hu / 2.0
     out = np.array(hu, dtype=np.float32, copy=True)
+    knee, ceiling = spec.window_knee_hu, spec.window_ceiling_hu
+    above = None if knee is None else out > np.float32(knee)
     out -= np.float32(low)
     out *= np.float32(1.0 / spec.window_width_hu)
+    if above is not None and knee is not None and ceiling is not None:
+        at_knee = (knee - low) / spec.window_width_hu
+        slope = (1.0 - at_knee) / (ceiling - knee)
+        # out holds (HU - low) / width there; rewrite it as at_knee + slope * (HU - knee)
+        shoulder = out[above]
+        shoulder -= np.float32(at_knee)
+        shoulder *= np.float32(spec.window_width_hu * slope)
+        shoulder += np.float32(at_knee)
+        out[above] = shoulder
     np.clip(out, 0.0, 1.0, out=out)
     return out
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from radnet_node.errors import ConfigError
+from radnet_node.preprocess import PreprocessSpec
 
 DEFAULT_CONFIG_NAME = "default_train.toml"
 
@@ -41,6 +42,15 @@ class PreprocessSection(_Section):
     pixel_spacing_mm: float = Field(1.0, gt=0.0)
     field_of_view_mm: float = Field(250.0, gt=0.0)
     min_slices: int = Field(5, ge=1)
+    # optional shoulder: above the knee the window rises more slowly, reaching 1 at the ceiling
+    window_knee_hu: float | None = None
+    window_ceiling_hu: float | None = None
+
+    @model_validator(mode="after")
+    def _shoulder(self) -> PreprocessSection:
+        # the same checks as the spec the run will build, reported as this section's error
+        PreprocessSpec(**self.model_dump())
+        return self
 
 
 class DataSection(_Section):

@@ -100,6 +100,34 @@ def test_window_maps_level_and_width_to_unit_range() -> None:
     np.testing.assert_allclose(custom[2:5], [0.2, 0.4, 0.6], atol=1e-6)
 
 
+def test_window_shoulder_keeps_blood_below_bone() -> None:
+    hu = np.array([-1000.0, 20.0, 60.0, 70.0, 85.0, 100.0, 130.0, 1000.0])
+    plain = window(hu, PreprocessSpec())
+    spec = PreprocessSpec(window_knee_hu=70.0, window_ceiling_hu=130.0)
+    shoulder = window(hu, spec)
+    # unchanged up to the knee, then a flatter line from 0.875 to 1.0 at the ceiling
+    np.testing.assert_allclose(shoulder[:4], plain[:4], atol=1e-6)
+    np.testing.assert_allclose(shoulder[4:], [0.90625, 0.9375, 1.0, 1.0], atol=1e-6)
+    # the plain window paints 85 HU blood and the skull the same white; the shoulder does not
+    assert plain[4] == plain[7] == 1.0
+    assert shoulder[4] < shoulder[5] < shoulder[7]
+    assert spec.to_dict()["window_knee_hu"] == 70.0
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_window_shoulder_is_checked_and_left_out_of_old_cards() -> None:
+    # a spec without a shoulder writes the same five keys as before it existed
+    assert sorted(PreprocessSpec().to_dict()) == sorted(
+        ["window_level_hu", "window_width_hu", "pixel_spacing_mm", "field_of_view_mm", "min_slices"]
+    )
+    with pytest.raises(ValueError, match="go together"):
+        PreprocessSpec(window_knee_hu=70.0)
+    with pytest.raises(ValueError, match="window_knee_hu < 80 < window_ceiling_hu"):
+        PreprocessSpec(window_knee_hu=90.0, window_ceiling_hu=130.0)
+    with pytest.raises(ValueError, match="got knee 70.0 and ceiling 75.0"):
+        PreprocessSpec(window_knee_hu=70.0, window_ceiling_hu=75.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # sorting, tilt, spacing
 

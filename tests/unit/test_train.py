@@ -33,6 +33,7 @@ from training.train import (
     load_checkpoint,
     model_config_for,
     open_training_data,
+    preprocess_spec_for,
     sample_windows,
     split_cases,
     to_training_case,
@@ -103,6 +104,10 @@ def test_bad_toml_and_bad_milestones_are_refused(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="optim.*milestones"):
         validate_config({"optim": {"milestones": [0.8, 0.2]}})
+    with pytest.raises(ConfigError, match="preprocess.*window_knee_hu and window_ceiling_hu go"):
+        validate_config({"preprocess": {"window_knee_hu": 70.0}})
+    shoulder = validate_config({"preprocess": {"window_knee_hu": 70.0, "window_ceiling_hu": 130.0}})
+    assert preprocess_spec_for(shoulder).window_ceiling_hu == 130.0
 
 
 def test_user_file_overrides_only_its_keys(tmp_path: Path) -> None:
