@@ -151,6 +151,7 @@ def _infer(
         f"model {engine.model_info.name} {engine.model_info.version} ({engine.model_info.variant}) "
         f"on {runtime['device']} {runtime['precision']}; threshold {engine.threshold}, "
         f">= {engine.min_consecutive} consecutive slices"
+        + (f" spanning >= {engine.min_extent_mm:g} mm" if engine.min_extent_mm is not None else "")
     )
     done = failed = unreadable = skipped = 0
     for event in infer_paths(paths, out, engine):

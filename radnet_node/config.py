@@ -151,6 +151,7 @@ class ModelSection(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     min_consecutive_slices: PositiveInt | None = None
+    min_positive_extent_mm: Annotated[float, Field(gt=0.0)] | None = None
     threads: PositiveInt | None = None
     chunk_slices: PositiveInt | None = None
 
@@ -256,6 +257,7 @@ class Settings(_Section):
             precision=self.model.precision,
             threshold=self.model.threshold,
             min_consecutive_slices=self.model.min_consecutive_slices,
+            min_positive_extent_mm=self.model.min_positive_extent_mm,
             min_slices=self.series.min_slices,
             threads=self.model.threads,
             chunk_slices=self.model.chunk_slices,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ import torch
 from scipy.special import expit
 
 from radnet_node.errors import ConfigError, RadnetError
-from radnet_node.postprocess import ct_certainty, ct_decision
+from radnet_node.postprocess import ct_certainty, ct_decision, slices_needed
 from radnet_node.preprocess import (
     HuSeries,
     PreparedSeries,
@@ -73,6 +74,10 @@ class EngineSettings:
         Slice-level operating point in (0, 1), overriding the card's.
     min_consecutive_slices
         Consecutive positive slices for a positive CT (the paper's 3), overriding the card's.
+    min_positive_extent_mm
+        Optional: the positive run must also span this many millimetres, so a series needs
+        ``max(min_consecutive_slices, ceil(extent / slice spacing))`` slices (more on thin
+        series, where the shipped operating point over-calls). ``None``: slices only.
     min_slices
         Fewest slices a series needs, overriding the card's preprocessing spec.
     threads
@@ -95,6 +100,7 @@ class EngineSettings:
     precision: Precision = "auto"
     threshold: float | None = None
     min_consecutive_slices: int | None = None
+    min_positive_extent_mm: float | None = None
     min_slices: int | None = None
     threads: int | None = None
     chunk_slices: int | None = None
@@ -106,6 +112,14 @@ class EngineSettings:
         _parse_device(self.device)
         if self.threshold is not None and not 0.0 < float(self.threshold) < 1.0:
             raise ConfigError(f"threshold: must lie strictly between 0 and 1, got {self.threshold}")
+        extent = self.min_positive_extent_mm
+        if extent is not None and (
+            isinstance(extent, bool)
+            or not isinstance(extent, int | float)
+            or not np.isfinite(extent)
+            or extent <= 0
+        ):
+            raise ConfigError(f"min_positive_extent_mm: must be a positive number, got {extent!r}")
         for name in ("min_consecutive_slices", "min_slices", "threads", "chunk_slices"):
             value = getattr(self, name)
             if value is not None and (
@@ -282,6 +296,11 @@ class Engine:
             if settings.min_consecutive_slices is not None
             else card.min_consecutive_slices
         )
+        self.min_extent_mm = (
+            None
+            if settings.min_positive_extent_mm is None
+            else float(settings.min_positive_extent_mm)
+        )
         self.model_info = ModelInfo(
             name=card.name, version=card.version, variant=card.variant, sha256=card.sha256
         )
@@ -296,6 +315,7 @@ class Engine:
             "threads": torch.get_num_threads(),
             "threshold": self.threshold,
             "min_consecutive_slices": self.min_consecutive,
+            "min_positive_extent_mm": self.min_extent_mm,
         }
 
     # ------------------------------------------------------------------------------------------
@@ -481,8 +501,10 @@ class Engine:
     ) -> SeriesResult:
         probabilities = expit(logits)
         positive = probabilities >= self.threshold
-        ct_positive = ct_decision(probabilities, self.threshold, self.min_consecutive)
-        certainty = ct_certainty(probabilities, self.threshold, self.min_consecutive)
+        spacing = float(np.median(series.slice_spacing_mm)) if len(series.slices) else math.nan
+        needed = slices_needed(self.min_consecutive, self.min_extent_mm, spacing)
+        ct_positive = ct_decision(probabilities, self.threshold, needed)
+        certainty = ct_certainty(probabilities, self.threshold, needed)
         mask = np.zeros((len(series.slices), *series.source_shape), dtype=bool)
         if ct_positive and model_mask is not None:
             kept = model_mask & positive[:, None, None]
@@ -495,7 +517,7 @@ class Engine:
             series=series,
             slice_probabilities=probabilities,
             threshold=self.threshold,
-            min_consecutive=self.min_consecutive,
+            min_consecutive=needed,
             ct_positive=bool(ct_positive),
             certainty=float(certainty),
             hemorrhage_mask=mask,

@@ -20,7 +20,7 @@ from radnet_node.errors import ConfigError
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "radnet_node.toml"
 
 
-def test_repo_config_is_valid_and_puts_the_data_next_to_it() -> None:
+def test_repo_config_is_valid_and_puts_the_data_next_to_it(tmp_path: Path) -> None:
     settings = load_settings(REPO_CONFIG)
     assert settings.node.ae_title == "RADNET"
     assert settings.node.port == 11112
@@ -29,6 +29,9 @@ def test_repo_config_is_valid_and_puts_the_data_next_to_it() -> None:
     assert settings.destinations == ()
     assert settings.database_url == f"sqlite:///{REPO_CONFIG.parent / 'var' / 'audit.sqlite'}"
     assert settings.logging.log_patient_names is False
+    extent = tmp_path / "extent.toml"
+    extent.write_text("[model]\nmin_positive_extent_mm = 14.0\n")
+    assert load_settings(extent).engine_settings().min_positive_extent_mm == 14.0
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
@@ -47,6 +50,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert settings.node.data_dir == folder / "data"
     assert settings.node.tls is not None and settings.node.tls.certificate == folder / "tls/a.crt"
     assert settings.model.weights == str(folder / "w/tiny.pt")
+    assert settings.engine_settings().min_positive_extent_mm is None
     assert settings.database_url == f"sqlite:///{folder / 'db/audit.sqlite'}"
     tls = settings.destinations[0].tls
     assert tls is not None and tls.ca_certificates == folder / "tls/ca.crt"
@@ -70,6 +74,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ('[[destinations]]\nname = "a b"\nae_title = "A"\nhost = "h"\nport = 1\n',
          "destinations.0.name:"),
         ('[audit]\ndatabase_url = "not a url"\n', "audit.database_url"),
+        ("[model]\nmin_positive_extent_mm = 0\n", "model.min_positive_extent_mm:"),
         # a misspelt key: the misspelling first, then the key it leaves missing
         ('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nprot = 1\n',
          "destinations.0.prot: unknown key; destinations.0.port: Field required"),

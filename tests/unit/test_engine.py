@@ -201,6 +201,28 @@ def test_negative_ct_has_an_empty_mask_even_where_the_head_fires(tmp_path: Path)
     assert not result.hemorrhage_mask.any()
 
 
+def test_min_positive_extent_asks_thin_series_for_more_slices(tmp_path: Path) -> None:
+    weights = _saturated_weights(tmp_path, 20.0)  # every slice positive
+    engine = _engine(weights, min_positive_extent_mm=14.0)
+    assert engine.describe()["min_positive_extent_mm"] == 14.0
+    # 5 mm slices: ceil(14 / 5) = 3, the paper's count; 6 positive slices suffice
+    thick = engine.run([_series(6, n=6)])[0]
+    assert thick.min_consecutive == 3
+    assert thick.ct_positive
+    # 2 mm slices: 7 slices are needed, 6 positive slices (12 mm) are not enough
+    thin = engine.run([_series(6, n=6, positions=[2.0 * k for k in range(6)])])[0]
+    assert thin.slice_positive.all()
+    assert thin.min_consecutive == 7
+    assert not thin.ct_positive
+    assert not thin.hemorrhage_mask.any()
+    # without the setting the same thin series is positive by the slice count alone
+    assert (
+        _engine(weights)
+        .run([_series(6, n=6, positions=[2.0 * k for k in range(6)])])[0]
+        .ct_positive
+    )
+
+
 def test_hemorrhage_volume_against_a_hand_computed_mask() -> None:
     mask = np.zeros((3, 10, 10), dtype=bool)
     mask[0, :5, :4] = True  # 20 px
@@ -267,6 +289,8 @@ def test_series_prepared_for_another_grid_is_refused(weights: Path) -> None:
         ({"precision": "fp16"}, "precision"),
         ({"threshold": 1.0}, "threshold"),
         ({"min_consecutive_slices": 0}, "min_consecutive_slices"),
+        ({"min_positive_extent_mm": 0.0}, "min_positive_extent_mm"),
+        ({"min_positive_extent_mm": float("nan")}, "min_positive_extent_mm"),
         ({"chunk_slices": True}, "chunk_slices"),
     ],
 )

@@ -11,7 +11,22 @@ from radnet_node.postprocess import (
     ct_score,
     longest_positive_run,
     positive_runs,
+    slices_needed,
 )
+
+
+def test_slices_needed_keeps_the_paper_count_on_thick_slices_and_grows_on_thin_ones() -> None:
+    assert slices_needed(3, None, 0.625) == 3
+    assert slices_needed(3, 15.0, 5.0) == 3  # exactly 3 slices, despite float noise
+    assert slices_needed(3, 15.0, 5.0000001) == 3
+    assert slices_needed(3, 14.0, 3.0) == 5
+    assert slices_needed(3, 14.0, 2.0) == 7
+    assert slices_needed(3, 14.0, 10.0) == 3  # never fewer than the slice count
+    assert slices_needed(3, 14.0, float("nan")) == 3  # spacing unknown: slices only
+    with pytest.raises(ValueError, match="min_extent_mm"):
+        slices_needed(3, 0.0, 5.0)
+    with pytest.raises(ValueError, match="min_consecutive"):
+        slices_needed(0, 14.0, 5.0)
 
 
 @pytest.mark.parametrize(
