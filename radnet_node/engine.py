@@ -112,14 +112,11 @@ class EngineSettings:
         _parse_device(self.device)
         if self.threshold is not None and not 0.0 < float(self.threshold) < 1.0:
             raise ConfigError(f"threshold: must lie strictly between 0 and 1, got {self.threshold}")
-        extent = self.min_positive_extent_mm
-        if extent is not None and (
-            isinstance(extent, bool)
-            or not isinstance(extent, int | float)
-            or not np.isfinite(extent)
-            or extent <= 0
-        ):
-            raise ConfigError(f"min_positive_extent_mm: must be a positive number, got {extent!r}")
+        if self.min_positive_extent_mm is not None:
+            try:  # the rule's own check, named as this setting
+                slices_needed(1, self.min_positive_extent_mm, math.nan)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"min_positive_extent_mm: {exc}") from exc
         for name in ("min_consecutive_slices", "min_slices", "threads", "chunk_slices"):
             value = getattr(self, name)
             if value is not None and (
@@ -501,8 +498,10 @@ class Engine:
     ) -> SeriesResult:
         probabilities = expit(logits)
         positive = probabilities >= self.threshold
-        spacing = float(np.median(series.slice_spacing_mm)) if len(series.slices) else math.nan
-        needed = slices_needed(self.min_consecutive, self.min_extent_mm, spacing)
+        needed = self.min_consecutive
+        if self.min_extent_mm is not None:
+            spacing = float(np.median(series.slice_spacing_mm))
+            needed = slices_needed(self.min_consecutive, self.min_extent_mm, spacing)
         ct_positive = ct_decision(probabilities, self.threshold, needed)
         certainty = ct_certainty(probabilities, self.threshold, needed)
         mask = np.zeros((len(series.slices), *series.source_shape), dtype=bool)

@@ -66,7 +66,7 @@ def slices_needed(
     _check_rule(0.5, min_consecutive)
     if min_extent_mm is None:
         return int(min_consecutive)
-    if not math.isfinite(min_extent_mm) or min_extent_mm <= 0:
+    if isinstance(min_extent_mm, bool) or not math.isfinite(min_extent_mm) or min_extent_mm <= 0:
         raise ValueError(f"min_extent_mm must be a positive number, got {min_extent_mm!r}")
     if not math.isfinite(slice_spacing_mm) or slice_spacing_mm <= 0:
         return int(min_consecutive)

@@ -1068,14 +1068,14 @@ def window(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """
     low = spec.window_level_hu - spec.window_width_hu / 2.0
     out = np.array(hu, dtype=np.float32, copy=True)
-    knee, ceiling = spec.window_knee_hu, spec.window_ceiling_hu
-    above = None if knee is None else out > np.float32(knee)
     out -= np.float32(low)
     out *= np.float32(1.0 / spec.window_width_hu)
-    if above is not None and knee is not None and ceiling is not None:
+    knee, ceiling = spec.window_knee_hu, spec.window_ceiling_hu
+    if knee is not None and ceiling is not None:
         at_knee = (knee - low) / spec.window_width_hu
         slope = (1.0 - at_knee) / (ceiling - knee)
-        # out holds (HU - low) / width there; rewrite it as at_knee + slope * (HU - knee)
+        # out holds (HU - low) / width; above the knee rewrite it as at_knee + slope * (HU - knee)
+        above = out > np.float32(at_knee)
         shoulder = out[above]
         shoulder -= np.float32(at_knee)
         shoulder *= np.float32(spec.window_width_hu * slope)
