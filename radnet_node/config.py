@@ -151,7 +151,8 @@ class ModelSection(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     min_consecutive_slices: PositiveInt | None = None
-    min_positive_extent_mm: Annotated[float, Field(gt=0.0)] | None = None
+    # None: the model card's; 0: off (the slice count alone)
+    min_positive_extent_mm: Annotated[float, Field(ge=0.0)] | None = None
     threads: PositiveInt | None = None
     chunk_slices: PositiveInt | None = None
 

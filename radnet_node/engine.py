@@ -75,9 +75,10 @@ class EngineSettings:
     min_consecutive_slices
         Consecutive positive slices for a positive CT (the paper's 3), overriding the card's.
     min_positive_extent_mm
-        Optional: the positive run must also span this many millimetres, so a series needs
+        The positive run must also span this many millimetres, so a series needs
         ``max(min_consecutive_slices, ceil(extent / slice spacing))`` slices (more on thin
-        series, where the shipped operating point over-calls). ``None``: slices only.
+        series, where 3 slices are only a few millimetres of tissue), overriding the card's.
+        ``None``: the card's rule; ``0``: off, the slice count alone.
     min_slices
         Fewest slices a series needs, overriding the card's preprocessing spec.
     threads
@@ -112,7 +113,7 @@ class EngineSettings:
         _parse_device(self.device)
         if self.threshold is not None and not 0.0 < float(self.threshold) < 1.0:
             raise ConfigError(f"threshold: must lie strictly between 0 and 1, got {self.threshold}")
-        if self.min_positive_extent_mm is not None:
+        if self.min_positive_extent_mm:  # None (the card's) and 0 (off) need no check
             try:  # the rule's own check, named as this setting
                 slices_needed(1, self.min_positive_extent_mm, math.nan)
             except (TypeError, ValueError) as exc:
@@ -293,11 +294,12 @@ class Engine:
             if settings.min_consecutive_slices is not None
             else card.min_consecutive_slices
         )
-        self.min_extent_mm = (
-            None
+        extent = (
+            card.min_positive_extent_mm
             if settings.min_positive_extent_mm is None
-            else float(settings.min_positive_extent_mm)
+            else settings.min_positive_extent_mm
         )
+        self.min_extent_mm = float(extent) if extent else None  # 0: off
         self.model_info = ModelInfo(
             name=card.name, version=card.version, variant=card.variant, sha256=card.sha256
         )
@@ -500,7 +502,7 @@ class Engine:
         positive = probabilities >= self.threshold
         needed = self.min_consecutive
         if self.min_extent_mm is not None:
-            spacing = float(np.median(series.slice_spacing_mm))
+            spacing = series.median_slice_spacing_mm
             needed = slices_needed(self.min_consecutive, self.min_extent_mm, spacing)
         ct_positive = ct_decision(probabilities, self.threshold, needed)
         certainty = ct_certainty(probabilities, self.threshold, needed)

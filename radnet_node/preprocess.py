@@ -325,6 +325,12 @@ class PreparedSeries:
         """
         return _slice_spacing(np.asarray(self.normal_positions_mm), self.slice_thickness_mm)
 
+    @property
+    def median_slice_spacing_mm(self) -> float:
+        """The median of ``slice_spacing_mm``: the one spacing of the series that the CT decision
+        in millimetres (``postprocess.slices_needed``) uses, in the node and in evaluation alike."""
+        return float(np.median(self.slice_spacing_mm))
+
     def _model_origin_mm(self) -> tuple[float, float]:
         """(y, x) in the source image's pixel-aligned millimetres of model pixel (0, 0)."""
         dr, dc = self.source_pixel_spacing_mm

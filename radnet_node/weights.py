@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ import torch
 
 from radnet_node.errors import WeightsError
 from radnet_node.model import RADnet, RadnetConfig
+from radnet_node.postprocess import slices_needed
 from radnet_node.preprocess import PreprocessSpec
 
 INTENDED_USE = (
@@ -50,6 +52,8 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     limitations: list[str] = field(default_factory=list)
+    # the decision rule's length of blood (postprocess.slices_needed); None: the slice count alone
+    min_positive_extent_mm: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "model card") -> ModelCard:
@@ -72,6 +76,10 @@ class ModelCard:
             raise WeightsError(f"{source}: {exc}") from exc
         if not 0.0 < float(card.threshold) < 1.0:
             raise WeightsError(f"{source}: threshold {card.threshold} is not in (0, 1)")
+        try:
+            slices_needed(card.min_consecutive_slices, card.min_positive_extent_mm, math.nan)
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"{source}: {exc}") from exc
         return card
 
     @property
@@ -169,6 +177,7 @@ def export_weights(
     training: Mapping[str, Any],
     metrics: Mapping[str, Any],
     limitations: list[str],
+    min_positive_extent_mm: float | None = None,
 ) -> ModelCard:
     """Write ``model``'s state dict to ``out`` and its model card beside it, both atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +205,9 @@ def export_weights(
         training=dict(training),
         metrics=dict(metrics),
         limitations=list(limitations),
+        min_positive_extent_mm=(
+            None if min_positive_extent_mm is None else float(min_positive_extent_mm)
+        ),
     )
     card_tmp = card_path_for(out).with_suffix(".json.tmp")
     card_tmp.write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 SOURCES = ("layout", "rsna", "physionet", "cq500")
 
 # Bump when the content of a cache entry changes meaning; every old entry then reads as stale.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the median slice spacing is stored
 
 # SOP classes that may sit in a series folder without being part of the image series.
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -91,6 +91,10 @@ class Case:
         'layout', 'rsna', 'physionet' or 'cq500'.
     reader_labels : dict of str to int
         CT-level reads of individual readers when the dataset has them (CQ500: R1, R2, R3).
+    slice_spacing_mm : float
+        Median spacing of the slices along their normal
+        (``PreparedSeries.median_slice_spacing_mm``), for a CT decision that asks for a length of
+        blood rather than a count of slices; NaN when unknown.
     """
 
     case_id: str
@@ -100,6 +104,7 @@ class Case:
     ct_label: int
     source: str
     reader_labels: dict[str, int] = dataclasses.field(default_factory=dict)
+    slice_spacing_mm: float = float("nan")
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.dtype != np.float32:
@@ -243,6 +248,7 @@ class _Volume:
     image: np.ndarray
     slice_keys: tuple[str, ...]
     mask: np.ndarray | None
+    slice_spacing_mm: float
     note: str = ""
 
 
@@ -268,6 +274,7 @@ class _CaseCache:
                 keys = tuple(str(k) for k in entry["slice_keys"])
                 mask = np.array(entry["mask"], dtype=np.uint8) if "mask" in entry.files else None
                 note = str(entry["note"])
+                spacing = float(entry["slice_spacing_mm"])
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             logger.warning(
                 "cache entry %s is unreadable (%s); rebuilding case %s", path, error, case_id
@@ -280,7 +287,7 @@ class _CaseCache:
         ):
             logger.warning("cache entry %s is inconsistent; rebuilding case %s", path, case_id)
             return None
-        return _Volume(image=image, slice_keys=keys, mask=mask, note=note)
+        return _Volume(image=image, slice_keys=keys, mask=mask, slice_spacing_mm=spacing, note=note)
 
     def put(self, case_id: str, key: str, volume: _Volume) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -289,6 +296,7 @@ class _CaseCache:
             "image": volume.image,
             "slice_keys": np.array(volume.slice_keys, dtype=str),
             "note": np.array(volume.note),
+            "slice_spacing_mm": np.array(volume.slice_spacing_mm, dtype=np.float64),
         }
         if volume.mask is not None:
             arrays["mask"] = volume.mask
@@ -642,7 +650,10 @@ class LayoutDataset(_CachedDataset):
             mask_source = _read_layout_mask(mask_path, prepared, self.name, case_id)
             mask = _mask_to_model_grid(prepared, mask_source, self.name, case_id)
         return _Volume(
-            image=prepared.image.astype(np.float32), slice_keys=_slice_uids(prepared), mask=mask
+            image=prepared.image.astype(np.float32),
+            slice_keys=_slice_uids(prepared),
+            mask=mask,
+            slice_spacing_mm=prepared.median_slice_spacing_mm,
         )
 
     def _labelled(self, case_id: str, volume: _Volume) -> Case:
@@ -676,6 +687,7 @@ class LayoutDataset(_CachedDataset):
             mask=mask,
             ct_label=ct_label,
             source="layout",
+            slice_spacing_mm=volume.slice_spacing_mm,
         )
 
     def _match_slice_labels(self, case_id: str, uids: tuple[str, ...]) -> np.ndarray:
@@ -953,7 +965,10 @@ class RSNADataset(_CachedDataset):
         with _rsna_uids_accepted():
             prepared = _prepare_dicom(files, self.spec, self.name, case_id)
         return _Volume(
-            image=prepared.image.astype(np.float32), slice_keys=_slice_uids(prepared), mask=None
+            image=prepared.image.astype(np.float32),
+            slice_keys=_slice_uids(prepared),
+            mask=None,
+            slice_spacing_mm=prepared.median_slice_spacing_mm,
         )
 
     def _labelled(self, case_id: str, volume: _Volume) -> Case:
@@ -966,6 +981,7 @@ class RSNADataset(_CachedDataset):
             mask=None,
             ct_label=self.ct_label(case_id),
             source="rsna",
+            slice_spacing_mm=volume.slice_spacing_mm,
         )
 
 
@@ -1133,6 +1149,7 @@ class PhysioNetCTICHDataset(_CachedDataset):
             image=prepared.image.astype(np.float32),
             slice_keys=tuple(str(k) for k in numbers),
             mask=mask,
+            slice_spacing_mm=prepared.median_slice_spacing_mm,
         )
 
     def _labelled(self, case_id: str, volume: _Volume) -> Case:
@@ -1156,6 +1173,7 @@ class PhysioNetCTICHDataset(_CachedDataset):
             mask=volume.mask,
             ct_label=self.ct_label(case_id),
             source="physionet",
+            slice_spacing_mm=volume.slice_spacing_mm,
         )
 
 
@@ -1371,6 +1389,7 @@ class CQ500Dataset(_CachedDataset):
             image=prepared.image.astype(np.float32),
             slice_keys=_slice_uids(prepared),
             mask=None,
+            slice_spacing_mm=prepared.median_slice_spacing_mm,
             note=str(folder.relative_to(self.root)),
         )
 
@@ -1382,6 +1401,7 @@ class CQ500Dataset(_CachedDataset):
             mask=None,
             ct_label=self.ct_label(case_id),
             source="cq500",
+            slice_spacing_mm=volume.slice_spacing_mm,
             reader_labels=dict(self._reads[case_id]),
         )
 

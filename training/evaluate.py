@@ -59,6 +59,7 @@ class LoadedModel:
     preprocess: PreprocessSpec
     threshold: float
     min_consecutive: int
+    min_extent_mm: float | None  # the card's millimetre rule (None: the slice count alone)
     split: Mapping[str, list[str]] | None  # train/val case ids (training checkpoints only)
     data_specs: tuple[str, ...]
     source: str
@@ -81,6 +82,7 @@ def load_for_evaluation(path: Path) -> LoadedModel:
             card.preprocess_spec,
             card.threshold,
             card.min_consecutive_slices,
+            card.min_positive_extent_mm,
             None,
             (),
             f"weights {path}",
@@ -94,6 +96,7 @@ def load_for_evaluation(path: Path) -> LoadedModel:
         PreprocessSpec.from_dict(state["preprocess"]),
         float(state["threshold"]),
         int(state["min_consecutive"]),
+        None,
         state["split"],
         tuple(state["config"]["data"]["specs"]),
         f"checkpoint {path} (epoch {state['epoch']})",
@@ -117,6 +120,7 @@ def evaluate_cases(
     *,
     threshold: float = 0.5,
     min_consecutive: int = 3,
+    min_extent_mm: float | None = None,
     chunk: int = 4,
     progress: bool = True,
 ) -> Evaluation:
@@ -156,18 +160,25 @@ def evaluate_cases(
                 mask=case.mask,
                 prediction=prediction,
                 reader_labels=case.reader_labels,
+                slice_spacing_mm=case.slice_spacing_mm,
             )
         )
     if not results:
         raise DatasetError(f"{dataset.name}: no case could be evaluated ({len(skipped)} skipped)")
-    summary = summarize(results, threshold=threshold, min_consecutive=min_consecutive)
+    summary = summarize(
+        results, threshold=threshold, min_consecutive=min_consecutive, min_extent_mm=min_extent_mm
+    )
     summary["skipped_cases"] = len(skipped)
     summary["skipped"] = [{"case_id": c, "reason": r} for c, r in skipped]
     return Evaluation(tuple(results), summary, tuple(skipped))
 
 
 def plot_roc_and_thresholds(
-    results: Sequence[CaseResult], threshold: float, min_consecutive: int, path: Path
+    results: Sequence[CaseResult],
+    threshold: float,
+    min_consecutive: int,
+    path: Path,
+    min_extent_mm: float | None = None,
 ) -> None:
     """PNG: slice-level ROC with the operating point, and CT-level recall/precision/F1 vs threshold.
 
@@ -190,10 +201,18 @@ def plot_roc_and_thresholds(
     else:
         left.text(0.5, 0.5, "slice ROC undefined:\nonly one class labelled", ha="center")
     ct_labels = np.array([r.ct_label for r in results])
-    scores = np.array([ct_score(r.slice_probabilities, min_consecutive) for r in results])
+    scores = np.array(
+        [
+            ct_score(r.slice_probabilities, r.slices_needed(min_consecutive, min_extent_mm))
+            for r in results
+        ]
+    )
     if np.unique(ct_labels).size == 2:
         fpr, tpr, _ = roc_curve(ct_labels, scores)
-        left.plot(fpr, tpr, "--", label=f"CT ROC (>= {min_consecutive} consecutive)")
+        rule = f">= {min_consecutive} consecutive" + (
+            "" if min_extent_mm is None else f", >= {min_extent_mm:g} mm"
+        )
+        left.plot(fpr, tpr, "--", label=f"CT ROC ({rule})")
     left.plot([0, 1], [0, 1], ":", color="grey")
     left.set(
         xlabel="false positive rate",
@@ -269,7 +288,10 @@ def format_table(columns: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def reader_table(
-    results: Sequence[CaseResult], threshold: float, min_consecutive: int
+    results: Sequence[CaseResult],
+    threshold: float,
+    min_consecutive: int,
+    min_extent_mm: float | None = None,
 ) -> tuple[dict[str, dict[str, Any]], int] | None:
     """Table 2: each reader's reads and the model's decisions scored against the reference label.
 
@@ -287,7 +309,13 @@ def reader_table(
         columns[f"Rad. {index}"] = binary_metrics(
             truth, [r.reader_labels[name] for r in cases]
         ).to_dict() | {"reader": name}
-    model_pred = [int(ct_score(r.slice_probabilities, min_consecutive) >= threshold) for r in cases]
+    model_pred = [
+        int(
+            ct_score(r.slice_probabilities, r.slices_needed(min_consecutive, min_extent_mm))
+            >= threshold
+        )
+        for r in cases
+    ]
     columns["RADnet"] = binary_metrics(truth, model_pred).to_dict()
     return columns, len(cases)
 
@@ -298,17 +326,20 @@ def write_evaluation(
     *,
     threshold: float,
     min_consecutive: int,
+    min_extent_mm: float | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write metrics.json and roc.png into ``out_dir``; returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = dict(extra or {}) | evaluation.summary
-    table2 = reader_table(evaluation.results, threshold, min_consecutive)
+    table2 = reader_table(evaluation.results, threshold, min_consecutive, min_extent_mm)
     if table2 is not None:
         data["readers"] = {"n": table2[1], "columns": table2[0]}
     json_path = out_dir / "metrics.json"
     json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    plot_roc_and_thresholds(evaluation.results, threshold, min_consecutive, out_dir / "roc.png")
+    plot_roc_and_thresholds(
+        evaluation.results, threshold, min_consecutive, out_dir / "roc.png", min_extent_mm
+    )
     return json_path
 
 
@@ -332,8 +363,12 @@ def _short_blood_note(summary: Mapping[str, Any]) -> str:
     short = summary.get("short_blood") or {}
     if not short.get("n"):
         return ""
+    extent = summary.get("min_positive_extent_mm")
+    needed = f"{summary['min_consecutive']}" + (
+        "" if extent is None else f" (or {extent:g} mm, on thin slices)"
+    )
     return (
-        f"; {short['n']} positive CT(s) have blood on fewer than {summary['min_consecutive']} "
+        f"; {short['n']} positive CT(s) have blood on fewer than {needed} "
         f"consecutive slices, {short['missed']} of them missed"
     )
 
@@ -486,6 +521,13 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
         int | None,
         typer.Option(help="Consecutive positive slices for a positive CT (default: model's, 3)"),
     ] = None,
+    min_extent_mm: Annotated[
+        float | None,
+        typer.Option(
+            help="A positive CT's run of slices must also span this many mm: max(min-consecutive, "
+            "ceil(X / slice spacing)) slices (default: the model card's; 0 turns it off)"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="Preprocessed-case cache")] = None,
@@ -508,6 +550,9 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
             raise ConfigError(
                 f"--threshold must be in (0, 1) and --min-consecutive >= 1 (got {t}, {k})"
             )
+        extent = loaded.min_extent_mm if min_extent_mm is None else (min_extent_mm or None)
+        if extent is not None and not extent > 0:
+            raise ConfigError(f"--min-extent-mm must be positive, or 0 for off (got {extent})")
         if split_file is not None and split != "val":
             raise ConfigError("--split-file names the cases itself: leave out --split")
         other_split = _read_split_file(split_file) if split_file is not None else None
@@ -545,6 +590,7 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
             runtime,
             threshold=t,
             min_consecutive=k,
+            min_extent_mm=extent,
             chunk=chunk,
             progress=not quiet,
         )
@@ -553,6 +599,7 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
             out,
             threshold=t,
             min_consecutive=k,
+            min_extent_mm=extent,
             extra={"source": loaded.source, "split": split, "data": specs},
         )
     except (RadnetError, ValueError) as error:
@@ -567,7 +614,7 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
             }
         )
     )
-    table2 = reader_table(evaluation.results, t, k)
+    table2 = reader_table(evaluation.results, t, k, extent)
     if table2 is not None:
         typer.echo(f"\nReaders vs reference ({table2[1]} CTs):\n" + format_table(table2[0]))
     typer.echo(f"wrote {json_path} and {out / 'roc.png'}")

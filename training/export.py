@@ -244,6 +244,13 @@ def export(  # noqa: PLR0917 (typer maps parameters to options)
     checkpoint_name: Annotated[str, typer.Option("--checkpoint", help="best | last")] = "best",
     name: Annotated[str, typer.Option(help="Model name")] = "radnet-ich",
     threshold: Annotated[float | None, typer.Option(help="Decision threshold")] = None,
+    min_extent_mm: Annotated[
+        float | None,
+        typer.Option(
+            help="Length of blood in mm a positive CT's run of slices must span (the card's "
+            "min_positive_extent_mm; default: none, the slice count alone)"
+        ),
+    ] = None,
 ) -> None:
     """Export RUN/checkpoints/{best,last}.pt as OUT with its model card OUT.json."""
     try:
@@ -269,6 +276,7 @@ def export(  # noqa: PLR0917 (typer maps parameters to options)
             threshold=float(threshold if threshold is not None else checkpoint["threshold"]),
             min_consecutive_slices=int(checkpoint["min_consecutive"]),
             limitations=LIMITATIONS,
+            min_positive_extent_mm=min_extent_mm,
             **fields,
         )
     except (RadnetError, OSError, KeyError, ValueError) as error:

@@ -19,7 +19,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from radnet_node.engine import cpu_supports_bf16
 from radnet_node.model import RADnet
-from radnet_node.postprocess import ct_decision, ct_score, longest_positive_run
+from radnet_node.postprocess import ct_decision, ct_score, longest_positive_run, slices_needed
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -190,6 +190,11 @@ class CaseResult:
     slice_labels: np.ndarray  # int8, -1 unknown
     dice: float | None  # per-CT Dice of the finest aux head at 0.5, for CTs whose mask has blood
     reader_labels: Mapping[str, int] = field(default_factory=dict)
+    slice_spacing_mm: float = math.nan  # median along the normal, for the millimetre rule
+
+    def slices_needed(self, min_consecutive: int, min_extent_mm: float | None) -> int:
+        """Consecutive positive slices this CT needs (``postprocess.slices_needed``)."""
+        return slices_needed(min_consecutive, min_extent_mm, self.slice_spacing_mm)
 
 
 def score_case(
@@ -200,6 +205,7 @@ def score_case(
     mask: np.ndarray | None,
     prediction: SeriesPrediction,
     reader_labels: Mapping[str, int] | None = None,
+    slice_spacing_mm: float = math.nan,
 ) -> CaseResult:
     """Reduce a prediction to a CaseResult (Dice computed here so masks need not be kept).
 
@@ -226,6 +232,7 @@ def score_case(
         slice_labels=np.asarray(slice_labels, dtype=np.int8),
         dice=dice,
         reader_labels=dict(reader_labels or {}),
+        slice_spacing_mm=float(slice_spacing_mm),
     )
 
 
@@ -313,7 +320,11 @@ def known_slice_arrays(results: Sequence[CaseResult]) -> tuple[np.ndarray, np.nd
 
 
 def summarize(
-    results: Sequence[CaseResult], *, threshold: float = 0.5, min_consecutive: int = 3
+    results: Sequence[CaseResult],
+    *,
+    threshold: float = 0.5,
+    min_consecutive: int = 3,
+    min_extent_mm: float | None = None,
 ) -> dict[str, Any]:
     """Slice- and CT-level metrics of a set of evaluated CTs.
 
@@ -331,9 +342,16 @@ def summarize(
     if not results:
         raise ValueError("no evaluated cases to summarize")
     y_true = np.array([r.ct_label for r in results])
-    scores = np.array([ct_score(r.slice_probabilities, min_consecutive) for r in results])
+    needed = [r.slices_needed(min_consecutive, min_extent_mm) for r in results]
+    scores = np.array(
+        [ct_score(r.slice_probabilities, k) for r, k in zip(results, needed, strict=True)]
+    )
     y_pred = np.array(
-        [ct_decision(r.slice_probabilities, threshold, min_consecutive) for r in results], dtype=int
+        [
+            ct_decision(r.slice_probabilities, threshold, k)
+            for r, k in zip(results, needed, strict=True)
+        ],
+        dtype=int,
     )
     slice_labels, slice_probs = known_slice_arrays(results)
     slice_block: dict[str, Any] = {
@@ -345,11 +363,12 @@ def summarize(
             binary_metrics(slice_labels, (slice_probs >= threshold).astype(int)).to_dict()
         )
     dices = [r.dice for r in results if r.dice is not None]
-    short = short_blood_runs(results, min_consecutive)
+    short = short_blood_runs(results, min_consecutive, min_extent_mm)
     decided = {r.case_id: int(d) for r, d in zip(results, y_pred, strict=True)}
     return {
         "threshold": threshold,
         "min_consecutive": min_consecutive,
+        "min_positive_extent_mm": min_extent_mm,
         "ct": binary_metrics(y_true, y_pred).to_dict(),
         "ct_auc": _auc(y_true, scores),
         "slice": slice_block,
@@ -365,15 +384,22 @@ def summarize(
                 "ct_label": r.ct_label,
                 "decision": int(d),
                 "ct_score": float(s),
+                "slices_needed": k,
+                "slice_spacing_mm": r.slice_spacing_mm
+                if math.isfinite(r.slice_spacing_mm)
+                else None,
                 "dice": r.dice,
             }
-            for r, d, s in zip(results, y_pred, scores, strict=True)
+            for r, d, s, k in zip(results, y_pred, scores, needed, strict=True)
         ],
     }
 
 
-def short_blood_runs(results: Sequence[CaseResult], min_consecutive: int) -> list[str]:
-    """Positive CTs whose labelled blood never reaches ``min_consecutive`` consecutive slices.
+def short_blood_runs(
+    results: Sequence[CaseResult], min_consecutive: int, min_extent_mm: float | None = None
+) -> list[str]:
+    """Positive CTs whose labelled blood never reaches the consecutive slices the rule needs
+    (``min_consecutive``, more on thin slices when ``min_extent_mm`` is set).
 
     The paper's rule calls a CT positive only on a run of ``min_consecutive`` positive slices, so
     such a CT (a small bleed on one or two thick slices) is found only when the model also flags
@@ -386,7 +412,8 @@ def short_blood_runs(results: Sequence[CaseResult], min_consecutive: int) -> lis
         if r.ct_label == 1
         and (r.slice_labels == 1).any()
         and not (r.slice_labels < 0).any()
-        and longest_positive_run(r.slice_labels == 1) < min_consecutive
+        and longest_positive_run(r.slice_labels == 1)
+        < r.slices_needed(min_consecutive, min_extent_mm)
     ]
 
 

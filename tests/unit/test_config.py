@@ -74,7 +74,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ('[[destinations]]\nname = "a b"\nae_title = "A"\nhost = "h"\nport = 1\n',
          "destinations.0.name:"),
         ('[audit]\ndatabase_url = "not a url"\n', "audit.database_url"),
-        ("[model]\nmin_positive_extent_mm = 0\n", "model.min_positive_extent_mm:"),
+        ("[model]\nmin_positive_extent_mm = -1\n", "model.min_positive_extent_mm:"),
         # a misspelt key: the misspelling first, then the key it leaves missing
         ('[[destinations]]\nname = "a"\nae_title = "A"\nhost = "h"\nprot = 1\n',
          "destinations.0.prot: unknown key; destinations.0.port: Field required"),

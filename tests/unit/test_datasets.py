@@ -110,6 +110,7 @@ def test_layout_case_without_masks_or_slice_labels(tmp_path: Path) -> None:
     assert case.slice_labels.tolist() == [-1] * 5
     assert case.mask is None and case.ct_label == 1
     assert case.source == "layout" and case.reader_labels == {}
+    assert case.slice_spacing_mm == pytest.approx(5.0)  # the median along the normal
 
 
 def test_layout_slice_labels_follow_the_uid_not_the_file_order(tmp_path: Path) -> None:
@@ -270,6 +271,7 @@ def test_cache_hit_miss_stale_and_corrupt(tmp_path: Path) -> None:
     rewrite_pixels_keeping_size_and_mtime(files[2], 60)
     hit = LayoutDataset(root, SPEC, cache_dir=cache).load("a")
     np.testing.assert_array_equal(hit.image, first.image)
+    assert hit.slice_spacing_mm == first.slice_spacing_mm == pytest.approx(5.0)
     # stale: a new mtime makes the entry stale and the case is prepared again
     os.utime(files[2])
     rebuilt = LayoutDataset(root, SPEC, cache_dir=cache).load("a")

@@ -36,7 +36,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _export(directory: Path, variant: str = "radnet", model: RADnet | None = None) -> Path:
+def _export(
+    directory: Path,
+    variant: str = "radnet",
+    model: RADnet | None = None,
+    min_positive_extent_mm: float | None = None,
+) -> Path:
     torch.manual_seed(0)
     model = model or build_model(variant, input_size=64, **TINY)  # type: ignore[arg-type]
     out = directory / f"{variant}.pt"
@@ -52,6 +57,7 @@ def _export(directory: Path, variant: str = "radnet", model: RADnet | None = Non
         training={},
         metrics={},
         limitations=["test only"],
+        min_positive_extent_mm=min_positive_extent_mm,
     )
     return out
 
@@ -161,7 +167,9 @@ def test_probabilities_follow_source_slice_order(
     assert set(result.timings_ms) == {"read_decode", "preprocess", "model", "postprocess"}
 
 
-def _saturated_weights(directory: Path, slice_bias: float) -> Path:
+def _saturated_weights(
+    directory: Path, slice_bias: float, min_positive_extent_mm: float | None = None
+) -> Path:
     """A model whose finest aux head says "blood" everywhere and whose slice logit is fixed."""
     torch.manual_seed(0)
     model = build_model("radnet", input_size=64, **TINY)  # type: ignore[arg-type]
@@ -169,7 +177,7 @@ def _saturated_weights(directory: Path, slice_bias: float) -> Path:
         model.aux1.upsample.bias.fill_(50.0)
         model.classifier.weight.zero_()
         model.classifier.bias.fill_(slice_bias)
-    return _export(directory, "radnet", model)
+    return _export(directory, "radnet", model, min_positive_extent_mm)
 
 
 def test_positive_ct_mask_is_on_the_source_grid_with_its_volume(tmp_path: Path) -> None:
@@ -221,6 +229,21 @@ def test_min_positive_extent_asks_thin_series_for_more_slices(tmp_path: Path) ->
         .run([_series(6, n=6, positions=[2.0 * k for k in range(6)])])[0]
         .ct_positive
     )
+
+
+def test_the_cards_millimetre_rule_applies_unless_the_settings_turn_it_off(tmp_path: Path) -> None:
+    weights = _saturated_weights(tmp_path, 20.0, min_positive_extent_mm=14.0)
+    thin = _series(6, n=6, positions=[2.0 * k for k in range(6)])  # 6 positive slices of 2 mm
+    by_card = _engine(weights)
+    assert by_card.describe()["min_positive_extent_mm"] == 14.0
+    result = by_card.run([thin])[0]
+    assert (result.min_consecutive, result.ct_positive) == (7, False)
+    # a setting overrides the card; 0 turns the rule off (the slice count alone)
+    assert _engine(weights, min_positive_extent_mm=10.0).run([thin])[0].ct_positive  # 5 slices
+    off = _engine(weights, min_positive_extent_mm=0.0)
+    assert off.describe()["min_positive_extent_mm"] is None
+    result = off.run([thin])[0]
+    assert (result.min_consecutive, result.ct_positive) == (3, True)
 
 
 def test_hemorrhage_volume_against_a_hand_computed_mask() -> None:
@@ -289,7 +312,7 @@ def test_series_prepared_for_another_grid_is_refused(weights: Path) -> None:
         ({"precision": "fp16"}, "precision"),
         ({"threshold": 1.0}, "threshold"),
         ({"min_consecutive_slices": 0}, "min_consecutive_slices"),
-        ({"min_positive_extent_mm": 0.0}, "min_positive_extent_mm"),
+        ({"min_positive_extent_mm": -2.0}, "min_positive_extent_mm"),
         ({"min_positive_extent_mm": float("nan")}, "min_positive_extent_mm"),
         ({"chunk_slices": True}, "chunk_slices"),
     ],

@@ -37,6 +37,7 @@ def _result(
     *,
     dice: float | None = None,
     readers: dict[str, int] | None = None,
+    spacing: float = float("nan"),
 ) -> CaseResult:
     return CaseResult(
         case_id,
@@ -45,6 +46,7 @@ def _result(
         np.array(labels, np.int8),
         dice,
         readers or {},
+        spacing,
     )
 
 
@@ -147,6 +149,28 @@ def test_short_blood_runs_follow_min_consecutive_and_skip_unknown_labels() -> No
     }
     assert summarize(results, min_consecutive=4)["short_blood"]["case_ids"] == ["two", "three"]
     assert summarize(results, min_consecutive=2)["short_blood"]["n"] == 0
+
+
+def test_the_millimetre_rule_asks_each_ct_for_the_slices_its_spacing_needs() -> None:
+    five = [0.1, 0.9, 0.9, 0.9, 0.9, 0.1, 0.1]  # 4 positive slices in a row
+    results = [
+        _result("thick", 1, five, [0, 1, 1, 1, 1, 0, 0], spacing=5.0),  # 20 mm: needs 3
+        _result("thin", 0, five, [0, 0, 0, 0, 0, 0, 0], spacing=2.0),  # 8 mm: needs 7
+        _result("unknown", 0, five, [0, 0, 0, 0, 0, 0, 0]),  # no spacing: the slice count
+    ]
+    plain = summarize(results, threshold=0.5, min_consecutive=3)
+    assert [c["decision"] for c in plain["cases"]] == [1, 1, 1]
+    assert plain["min_positive_extent_mm"] is None
+    ruled = summarize(results, threshold=0.5, min_consecutive=3, min_extent_mm=14.0)
+    assert ruled["min_positive_extent_mm"] == 14.0
+    assert [c["slices_needed"] for c in ruled["cases"]] == [3, 7, 3]
+    assert [c["decision"] for c in ruled["cases"]] == [1, 0, 1]
+    assert [c["slice_spacing_mm"] for c in ruled["cases"]] == [5.0, 2.0, None]
+    assert [c["ct_score"] for c in ruled["cases"]] == pytest.approx([0.9, 0.1, 0.9])
+    # a bleed on 4 slices of 2 mm is short of a 14 mm rule, and counted as such
+    thin_bleed = _result("small", 1, five, [0, 1, 1, 1, 1, 0, 0], spacing=2.0)
+    assert summarize([thin_bleed], min_extent_mm=14.0)["short_blood"]["case_ids"] == ["small"]
+    assert summarize([thin_bleed])["short_blood"]["n"] == 0
 
 
 def test_summarize_reports_undefined_auc_as_none() -> None:

@@ -91,3 +91,17 @@ def test_missing_card_and_unknown_fields_are_named(tmp_path: Path) -> None:
         load_model(out)
     with pytest.raises(WeightsError, match="weights file not found"):
         load_model(tmp_path / "nope.pt")
+
+
+def test_the_cards_millimetre_rule_is_optional_and_checked(tmp_path: Path) -> None:
+    out, card = _export(tmp_path)
+    assert card.min_positive_extent_mm is None  # cards written before the rule still load
+    card_path = out.with_suffix(".json")
+    data = json.loads(card_path.read_text())
+    data["min_positive_extent_mm"] = 14.0
+    card_path.write_text(json.dumps(data))
+    assert read_model_card(out).min_positive_extent_mm == 14.0
+    data["min_positive_extent_mm"] = -1.0
+    card_path.write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match="model.json: min_extent_mm must be a positive number"):
+        read_model_card(out)
