@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,7 @@ def test_eval_of_a_weights_file_with_card_on_all_cases(
         training={},
         metrics={},
         limitations=[],
+        min_positive_extent_mm=12.0,
     )
     refused = CliRunner().invoke(app, ["--checkpoint", str(weights), "--data", f"layout:{data}"])
     assert refused.exit_code == 2 and "--split all" in refused.output
@@ -314,6 +316,19 @@ def test_eval_of_a_weights_file_with_card_on_all_cases(
     assert metrics["skipped"][0]["case_id"] == "broken"
     assert metrics["min_consecutive"] == 2
     assert (out / "roc.png").is_file()
+    # the card's millimetre rule applies: each case needs the slices its own spacing asks for
+    assert metrics["min_positive_extent_mm"] == 12.0
+    for case in metrics["cases"]:
+        assert case["slices_needed"] == max(2, math.ceil(12.0 / case["slice_spacing_mm"] - 1e-6))
+    off = CliRunner().invoke(
+        app,
+        ["--checkpoint", str(weights), "--data", f"layout:{data}", "--split", "all"]
+        + ["--out", str(out), "--quiet", "--precision", "fp32", "--min-extent-mm", "0"],
+    )
+    assert off.exit_code == 0, off.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["min_positive_extent_mm"] is None
+    assert {case["slices_needed"] for case in metrics["cases"]} == {3}
 
 
 def test_eval_on_the_validation_split_of_another_run(

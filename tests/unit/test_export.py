@@ -42,12 +42,15 @@ def test_export_writes_weights_that_load_and_a_card_built_from_the_run(tmp_path:
             "9.9.9",
             "--metrics",
             f"held_out={metrics}",
+            "--min-extent-mm",
+            "12",
         ],
     )
 
     assert result.exit_code == 0, result.output
     model, card = load_model(out)
     assert card.version == "9.9.9"
+    assert card.min_positive_extent_mm == 12.0
     assert card.metrics["held_out"]["ct"]["recall"] == 1.0
     assert card.training_data["datasets"][0]["cases"] == 6
     assert card.training_data["datasets"][0]["positive_cases"] == 3
