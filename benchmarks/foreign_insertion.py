@@ -4,7 +4,9 @@ The shipped weights learned from ``training/lesions.py``. This script places hem
 different, deliberately simple method - smooth ellipsoids of 55-85 HU at random places inside
 the brain (HU 15-45 inside the skull), keeping the scanner noise of the host image - into negative
 series and runs the engine on each series with and without the insertion. It prints CT-level
-sensitivity on the inserted series and specificity on the untouched ones, per lesion size.
+sensitivity on the inserted series and specificity on the untouched ones, per lesion size, under
+the weights' decision rule and, from the same slice probabilities, under the paper's consecutive
+slice count alone (which differ on thin series when the card asks for a length of blood).
 
     python benchmarks/foreign_insertion.py --data LAYOUT_DIR [--weights shipped] [--cases 20]
 
@@ -25,7 +27,9 @@ import numpy as np
 from scipy import ndimage
 
 from radnet_node.engine import Engine, EngineSettings, prepare_hu
+from radnet_node.postprocess import ct_decision
 from radnet_node.preprocess import HuSeries, read_hu_slices
+from radnet_node.results import SeriesResult
 
 RADII_MM = {
     "small (r 4-7 mm)": (4.0, 7.0),
@@ -81,6 +85,19 @@ def main() -> None:
     args = parser.parse_args()
 
     engine = Engine(EngineSettings(weights=args.weights))
+
+    def row(case_id: str, kind: str, result: SeriesResult, **extra: object) -> dict[str, object]:
+        return {
+            "case": case_id,
+            "kind": kind,
+            "spacing_mm": round(result.series.median_slice_spacing_mm, 2),
+            "positive": result.ct_positive,
+            "positive_slice_count_alone": ct_decision(
+                result.slice_probabilities, engine.threshold, engine.min_consecutive
+            ),
+            **extra,
+        }
+
     with (args.data / "labels.csv").open(newline="") as handle:
         negatives = [r["case_id"] for r in csv.DictReader(handle) if r["ct_label"] == "0"]
     negatives = negatives[: args.cases]
@@ -91,7 +108,7 @@ def main() -> None:
         files = sorted((args.data / "cases" / case_id).rglob("*.dcm"))
         series = read_hu_slices(files, engine.spec, series_label=case_id)
         clean = engine.run([prepare_hu(series, engine.spec)])[0]
-        rows.append({"case": case_id, "kind": "untouched", "positive": clean.ct_positive})
+        rows.append(row(case_id, "untouched", clean))
         for label, radius_range in RADII_MM.items():
             try:
                 hu, touched = insert_ellipsoid(series, rng, radius_range)
@@ -100,19 +117,30 @@ def main() -> None:
                 continue
             inserted = dataclasses.replace(series, hu=hu)
             result = engine.run([prepare_hu(inserted, engine.spec)])[0]
-            rows.append(
-                {"case": case_id, "kind": label, "positive": result.ct_positive, "slices": touched}
-            )
-    summary: dict[str, object] = {"weights": engine.model_info.version, "cases": len(negatives)}
-    print("| series | n | called positive |\n|---|---|---|")
+            rows.append(row(case_id, label, result, slices=touched))
+    rule = f">= {engine.min_consecutive} slices" + (
+        f" spanning >= {engine.min_extent_mm:g} mm" if engine.min_extent_mm is not None else ""
+    )
+    summary: dict[str, object] = {
+        "weights": engine.model_info.version,
+        "rule": rule,
+        "cases": len(negatives),
+    }
+    print(
+        f"| series | n | called positive ({rule}) | {engine.min_consecutive} slices alone |\n"
+        "|---|---|---|---|"
+    )
     for kind in ["untouched", *RADII_MM]:
         selected = [r for r in rows if r["kind"] == kind]
         if not selected:
             continue
         positive = sum(bool(r["positive"]) for r in selected)
-        summary[kind] = {"n": len(selected), "positive": positive}
+        alone = sum(bool(r["positive_slice_count_alone"]) for r in selected)
+        summary[kind] = {"n": len(selected), "positive": positive, "slice_count_alone": alone}
+        n = len(selected)
         print(
-            f"| {kind} | {len(selected)} | {positive} ({100.0 * positive / len(selected):.0f} %) |"
+            f"| {kind} | {n} | {positive} ({100.0 * positive / n:.0f} %) "
+            f"| {alone} ({100.0 * alone / n:.0f} %) |"
         )
     print(f"({time.monotonic() - started:.0f} s)")
     if args.json:
