@@ -3,15 +3,21 @@ value stops with a message naming it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from radnet_node.config import (
     CONFIG_ENV,
+    AuditSection,
     DestinationSection,
+    LoggingSection,
+    ModelSection,
     NodeSection,
+    SeriesSection,
     Settings,
+    TlsSection,
     load_settings,
     resolve_config_path,
 )
@@ -122,3 +128,29 @@ def test_backoff_doubles_up_to_the_cap() -> None:
         name="p", ae_title="P", host="h", port=1, backoff_seconds=2.0, max_backoff_seconds=10.0
     )
     assert [destination.backoff(n) for n in (1, 2, 3, 4, 50)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_the_readme_table_names_every_key_of_every_section() -> None:
+    """Admins read the README's configuration table: a key added to a section must appear there."""
+    readme = (REPO_CONFIG.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Configuration: `radnet_node.toml`", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `[")]
+    sections = {
+        "node": NodeSection,
+        "node.tls": TlsSection,
+        "series": SeriesSection,
+        "model": ModelSection,
+        "[destinations]": DestinationSection,
+        "audit": AuditSection,
+        "logging": LoggingSection,
+    }
+    for section, model in sections.items():
+        cells = [row.split("|")[1] for row in rows if row.startswith(f"| `[{section}] ")]
+        named = {code.split("] ")[-1] for cell in cells for code in re.findall(r"`([^`]+)`", cell)}
+        missing = [
+            key
+            for key in model.model_fields
+            if key not in named  # a sub-table such as [node.tls] has rows of its own
+            and not any(row.startswith(f"| `[{section}.{key}] ") for row in rows)
+        ]
+        assert not missing, f"[{section}] keys missing from the README table: {missing}"
