@@ -137,6 +137,8 @@ class TrainSection(_Section):
     seed: int = 0
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     min_consecutive: int = Field(3, ge=1)
+    # the positive run must also span this many mm (postprocess.slices_needed); None: slices only
+    min_extent_mm: float | None = Field(None, gt=0.0)
     eval_chunk: int = Field(4, ge=1)
     val_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -96,7 +96,7 @@ def load_for_evaluation(path: Path) -> LoadedModel:
         PreprocessSpec.from_dict(state["preprocess"]),
         float(state["threshold"]),
         int(state["min_consecutive"]),
-        None,
+        state.get("min_extent_mm"),  # checkpoints before the millimetre rule have none
         state["split"],
         tuple(state["config"]["data"]["specs"]),
         f"checkpoint {path} (epoch {state['epoch']})",
@@ -440,6 +440,7 @@ def run_ablation(
             runtime,
             threshold=loaded.threshold,
             min_consecutive=loaded.min_consecutive,
+            min_extent_mm=loaded.min_extent_mm,
             chunk=config.train.eval_chunk,
             progress=progress,
         )
@@ -448,6 +449,7 @@ def run_ablation(
             run_dir / "eval",
             threshold=loaded.threshold,
             min_consecutive=loaded.min_consecutive,
+            min_extent_mm=loaded.min_extent_mm,
             extra={"source": loaded.source, "split": split_name},
         )
         metrics[variant] = {k: v for k, v in evaluation.summary.items() if k != "cases"}
@@ -458,7 +460,10 @@ def run_ablation(
     data: dict[str, Any] = {"variants": metrics, "table1_markdown": table1}
     if radnet_eval is not None:
         readers = reader_table(
-            radnet_eval.results, config.train.threshold, config.train.min_consecutive
+            radnet_eval.results,
+            config.train.threshold,
+            config.train.min_consecutive,
+            config.train.min_extent_mm,
         )
         if readers is not None:
             table2 = format_table(readers[0])

@@ -248,7 +248,7 @@ def export(  # noqa: PLR0917 (typer maps parameters to options)
         float | None,
         typer.Option(
             help="Length of blood in mm a positive CT's run of slices must span (the card's "
-            "min_positive_extent_mm; default: none, the slice count alone)"
+            "min_positive_extent_mm; default: the run's [train] min_extent_mm; 0: none)"
         ),
     ] = None,
 ) -> None:
@@ -276,7 +276,9 @@ def export(  # noqa: PLR0917 (typer maps parameters to options)
             threshold=float(threshold if threshold is not None else checkpoint["threshold"]),
             min_consecutive_slices=int(checkpoint["min_consecutive"]),
             limitations=LIMITATIONS,
-            min_positive_extent_mm=min_extent_mm,
+            min_positive_extent_mm=(
+                checkpoint.get("min_extent_mm") if min_extent_mm is None else min_extent_mm or None
+            ),
             **fields,
         )
     except (RadnetError, OSError, KeyError, ValueError) as error:

@@ -81,6 +81,7 @@ class TrainingCase:
     mask_known: np.ndarray  # (n,) bool: the slice's mask is known (given, or empty by label)
     ct_label: int
     reader_labels: dict[str, int]
+    slice_spacing_mm: float = float("nan")  # median along the normal, for the millimetre rule
 
     @property
     def n_slices(self) -> int:
@@ -163,6 +164,7 @@ def to_training_case(
         mask_known=mask_known,
         ct_label=int(case.ct_label),
         reader_labels=dict(case.reader_labels),
+        slice_spacing_mm=float(case.slice_spacing_mm),
     )
 
 
@@ -723,10 +725,14 @@ def validate(
                 mask=case.mask,
                 prediction=prediction,
                 reader_labels=case.reader_labels,
+                slice_spacing_mm=case.slice_spacing_mm,
             )
         )
     return summarize(
-        results, threshold=config.train.threshold, min_consecutive=config.train.min_consecutive
+        results,
+        threshold=config.train.threshold,
+        min_consecutive=config.train.min_consecutive,
+        min_extent_mm=config.train.min_extent_mm,
     )
 
 
@@ -1011,6 +1017,7 @@ def train(
             "validation": validation,
             "threshold": config.train.threshold,
             "min_consecutive": config.train.min_consecutive,
+            "min_extent_mm": config.train.min_extent_mm,
         }
         atomic_torch_save(checkpoint, last_path)
         if improved:

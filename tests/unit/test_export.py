@@ -202,3 +202,24 @@ def test_card_that_lists_the_run_itself_is_not_its_history(tmp_path: Path) -> No
     assert [s["run"] for s in card.training["stages"]] == [str(second)]
     assert card.training["stages"][0]["previous_stage_missing"] is True
     assert "initial_weights" not in card.training_data
+
+
+def test_a_runs_millimetre_rule_drives_validation_and_goes_into_the_card(tmp_path: Path) -> None:
+    data = write_tiny_layout(tmp_path / "data", 6)
+    run = tmp_path / "run"
+    train(tiny_config(data, epochs=1, min_extent_mm=20.0), run, progress=False)
+    checkpoint = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert checkpoint["min_extent_mm"] == 20.0
+    validation = checkpoint["validation"]
+    assert validation["min_positive_extent_mm"] == 20.0
+    # the tiny cases are 5 mm apart: 20 mm asks each of them for 4 consecutive slices, not 3
+    assert {case["slices_needed"] for case in validation["cases"]} == {4}
+    export_run(run, tmp_path / "w" / "rule.pt", "1.0.0")
+    assert load_model(tmp_path / "w" / "rule.pt")[1].min_positive_extent_mm == 20.0
+    result = CliRunner().invoke(
+        app,
+        ["--run", str(run), "--out", str(tmp_path / "w" / "off.pt"), "--version", "1.0.0"]
+        + ["--min-extent-mm", "0"],
+    )
+    assert result.exit_code == 0, result.output
+    assert load_model(tmp_path / "w" / "off.pt")[1].min_positive_extent_mm is None
