@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from radnet_node.engine import Engine, EngineSettings, prepare_hu
-from radnet_node.postprocess import ct_decision
+from radnet_node.postprocess import ct_decision, rule_text
 from radnet_node.preprocess import HuSeries, read_hu_slices
 from radnet_node.results import SeriesResult
 
@@ -118,9 +118,7 @@ def main() -> None:
             inserted = dataclasses.replace(series, hu=hu)
             result = engine.run([prepare_hu(inserted, engine.spec)])[0]
             rows.append(row(case_id, label, result, slices=touched))
-    rule = f">= {engine.min_consecutive} slices" + (
-        f" spanning >= {engine.min_extent_mm:g} mm" if engine.min_extent_mm is not None else ""
-    )
+    rule = rule_text(engine.min_consecutive, engine.min_extent_mm)
     summary: dict[str, object] = {
         "weights": engine.model_info.version,
         "rule": rule,

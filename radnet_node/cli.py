@@ -25,6 +25,7 @@ from radnet_node.config import CONFIG_ENV, Settings, load_settings, resolve_conf
 from radnet_node.engine import Engine
 from radnet_node.errors import ConfigError, RadnetError
 from radnet_node.infer import SeriesDone, SeriesFailed, infer_paths
+from radnet_node.postprocess import rule_text
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -150,8 +151,7 @@ def _infer(
     typer.echo(
         f"model {engine.model_info.name} {engine.model_info.version} ({engine.model_info.variant}) "
         f"on {runtime['device']} {runtime['precision']}; threshold {engine.threshold}, "
-        f">= {engine.min_consecutive} consecutive slices"
-        + (f" spanning >= {engine.min_extent_mm:g} mm" if engine.min_extent_mm is not None else "")
+        + rule_text(engine.min_consecutive, engine.min_extent_mm)
     )
     done = failed = unreadable = skipped = 0
     for event in infer_paths(paths, out, engine):

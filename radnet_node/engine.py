@@ -19,7 +19,7 @@ import torch
 from scipy.special import expit
 
 from radnet_node.errors import ConfigError, RadnetError
-from radnet_node.postprocess import ct_certainty, ct_decision, slices_needed
+from radnet_node.postprocess import ct_certainty, ct_decision, extent_setting, slices_needed
 from radnet_node.preprocess import (
     HuSeries,
     PreparedSeries,
@@ -294,12 +294,9 @@ class Engine:
             if settings.min_consecutive_slices is not None
             else card.min_consecutive_slices
         )
-        extent = (
-            card.min_positive_extent_mm
-            if settings.min_positive_extent_mm is None
-            else settings.min_positive_extent_mm
+        self.min_extent_mm = extent_setting(
+            card.min_positive_extent_mm, settings.min_positive_extent_mm
         )
-        self.min_extent_mm = float(extent) if extent else None  # 0: off
         self.model_info = ModelInfo(
             name=card.name, version=card.version, variant=card.variant, sha256=card.sha256
         )
@@ -500,10 +497,9 @@ class Engine:
     ) -> SeriesResult:
         probabilities = expit(logits)
         positive = probabilities >= self.threshold
-        needed = self.min_consecutive
-        if self.min_extent_mm is not None:
-            spacing = series.median_slice_spacing_mm
-            needed = slices_needed(self.min_consecutive, self.min_extent_mm, spacing)
+        needed = slices_needed(
+            self.min_consecutive, self.min_extent_mm, series.median_slice_spacing_mm
+        )
         ct_positive = ct_decision(probabilities, self.threshold, needed)
         certainty = ct_certainty(probabilities, self.threshold, needed)
         mask = np.zeros((len(series.slices), *series.source_shape), dtype=bool)

@@ -74,6 +74,19 @@ def slices_needed(
     return max(int(min_consecutive), math.ceil(min_extent_mm / slice_spacing_mm - 1e-6))
 
 
+def extent_setting(default: float | None, override: float | None) -> float | None:
+    """The length rule in force: ``override`` when given (0 turns the rule off), else ``default``
+    (a model card's or a training run's value)."""
+    extent = default if override is None else override
+    return float(extent) if extent else None
+
+
+def rule_text(min_consecutive: int, min_extent_mm: float | None) -> str:
+    """The CT decision rule in words, e.g. ``>= 3 consecutive slices spanning >= 12 mm``."""
+    extent = "" if min_extent_mm is None else f" spanning >= {min_extent_mm:g} mm"
+    return f">= {min_consecutive} consecutive slices{extent}"
+
+
 def positive_runs(positive: np.ndarray) -> list[tuple[int, int]]:
     """Runs of consecutive ``True`` values, as half-open slice index ranges.
 

@@ -251,6 +251,27 @@ class _Volume:
     slice_spacing_mm: float
     note: str = ""
 
+    @classmethod
+    def of(
+        cls,
+        prepared: PreparedSeries,
+        mask: np.ndarray | None,
+        slice_keys: tuple[str, ...] | None = None,
+        note: str = "",
+    ) -> _Volume:
+        """The entry for a prepared series; slices keyed by SOP Instance UID unless given."""
+        return cls(
+            image=prepared.image.astype(np.float32),
+            slice_keys=(
+                tuple(str(s.sop_instance_uid) for s in prepared.slices)
+                if slice_keys is None
+                else slice_keys
+            ),
+            mask=mask,
+            slice_spacing_mm=prepared.median_slice_spacing_mm,
+            note=note,
+        )
+
 
 class _CaseCache:
     """Preprocessed cases as compressed ``.npz`` files, each stamped with the key it is for."""
@@ -390,10 +411,6 @@ def _mask_to_model_grid(
     return (np.asarray(resampled) >= 0.5).astype(np.uint8)
 
 
-def _slice_uids(prepared: PreparedSeries) -> tuple[str, ...]:
-    return tuple(str(s.sop_instance_uid) for s in prepared.slices)
-
-
 # --------------------------------------------------------------------------------------------
 # Base adapter: cache handling common to every dataset
 # --------------------------------------------------------------------------------------------
@@ -487,7 +504,8 @@ class _CachedDataset:
                 except OSError as error:
                     # a full or read-only cache must not stop training; the case is still good
                     logger.warning("cannot write the cache entry of case %s: %s", case_id, error)
-        return self._labelled(case_id, volume)
+        case = self._labelled(case_id, volume)
+        return dataclasses.replace(case, slice_spacing_mm=volume.slice_spacing_mm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,12 +667,7 @@ class LayoutDataset(_CachedDataset):
         if mask_path is not None:
             mask_source = _read_layout_mask(mask_path, prepared, self.name, case_id)
             mask = _mask_to_model_grid(prepared, mask_source, self.name, case_id)
-        return _Volume(
-            image=prepared.image.astype(np.float32),
-            slice_keys=_slice_uids(prepared),
-            mask=mask,
-            slice_spacing_mm=prepared.median_slice_spacing_mm,
-        )
+        return _Volume.of(prepared, mask)
 
     def _labelled(self, case_id: str, volume: _Volume) -> Case:
         ct_label = self._labels[case_id]
@@ -687,7 +700,6 @@ class LayoutDataset(_CachedDataset):
             mask=mask,
             ct_label=ct_label,
             source="layout",
-            slice_spacing_mm=volume.slice_spacing_mm,
         )
 
     def _match_slice_labels(self, case_id: str, uids: tuple[str, ...]) -> np.ndarray:
@@ -964,12 +976,7 @@ class RSNADataset(_CachedDataset):
             raise _fail(self.name, "file of the series has gone", case=case_id, path=missing[0])
         with _rsna_uids_accepted():
             prepared = _prepare_dicom(files, self.spec, self.name, case_id)
-        return _Volume(
-            image=prepared.image.astype(np.float32),
-            slice_keys=_slice_uids(prepared),
-            mask=None,
-            slice_spacing_mm=prepared.median_slice_spacing_mm,
-        )
+        return _Volume.of(prepared, None)
 
     def _labelled(self, case_id: str, volume: _Volume) -> Case:
         by_uid = {sop: self._slice_label(f, sop) for f, sop in self._series[case_id]}
@@ -981,7 +988,6 @@ class RSNADataset(_CachedDataset):
             mask=None,
             ct_label=self.ct_label(case_id),
             source="rsna",
-            slice_spacing_mm=volume.slice_spacing_mm,
         )
 
 
@@ -1145,12 +1151,7 @@ class PhysioNetCTICHDataset(_CachedDataset):
             mask = _mask_to_model_grid(
                 prepared, np.transpose(mask_data, (2, 1, 0)) > 0, self.name, case_id
             )
-        return _Volume(
-            image=prepared.image.astype(np.float32),
-            slice_keys=tuple(str(k) for k in numbers),
-            mask=mask,
-            slice_spacing_mm=prepared.median_slice_spacing_mm,
-        )
+        return _Volume.of(prepared, mask, slice_keys=tuple(str(k) for k in numbers))
 
     def _labelled(self, case_id: str, volume: _Volume) -> Case:
         per_slice = self._slices[case_id]
@@ -1173,7 +1174,6 @@ class PhysioNetCTICHDataset(_CachedDataset):
             mask=volume.mask,
             ct_label=self.ct_label(case_id),
             source="physionet",
-            slice_spacing_mm=volume.slice_spacing_mm,
         )
 
 
@@ -1385,13 +1385,7 @@ class CQ500Dataset(_CachedDataset):
         prepared = _prepare_dicom(
             _image_instances(series, self.name, case_id), self.spec, self.name, case_id
         )
-        return _Volume(
-            image=prepared.image.astype(np.float32),
-            slice_keys=_slice_uids(prepared),
-            mask=None,
-            slice_spacing_mm=prepared.median_slice_spacing_mm,
-            note=str(folder.relative_to(self.root)),
-        )
+        return _Volume.of(prepared, None, note=str(folder.relative_to(self.root)))
 
     def _labelled(self, case_id: str, volume: _Volume) -> Case:
         return Case(
@@ -1401,7 +1395,6 @@ class CQ500Dataset(_CachedDataset):
             mask=None,
             ct_label=self.ct_label(case_id),
             source="cq500",
-            slice_spacing_mm=volume.slice_spacing_mm,
             reader_labels=dict(self._reads[case_id]),
         )
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from radnet_node.errors import ConfigError, DatasetError, RadnetError
 from radnet_node.model import VARIANTS, RADnet, RadnetConfig
-from radnet_node.postprocess import ct_score
+from radnet_node.postprocess import ct_score, extent_setting, rule_text
 from radnet_node.preprocess import PreprocessSpec
 from radnet_node.weights import card_path_for, load_model
 from training.config import TrainConfig, load_config
@@ -209,10 +209,7 @@ def plot_roc_and_thresholds(
     )
     if np.unique(ct_labels).size == 2:
         fpr, tpr, _ = roc_curve(ct_labels, scores)
-        rule = f">= {min_consecutive} consecutive" + (
-            "" if min_extent_mm is None else f", >= {min_extent_mm:g} mm"
-        )
-        left.plot(fpr, tpr, "--", label=f"CT ROC ({rule})")
+        left.plot(fpr, tpr, "--", label=f"CT ROC ({rule_text(min_consecutive, min_extent_mm)})")
     left.plot([0, 1], [0, 1], ":", color="grey")
     left.set(
         xlabel="false positive rate",
@@ -555,7 +552,7 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
             raise ConfigError(
                 f"--threshold must be in (0, 1) and --min-consecutive >= 1 (got {t}, {k})"
             )
-        extent = loaded.min_extent_mm if min_extent_mm is None else (min_extent_mm or None)
+        extent = extent_setting(loaded.min_extent_mm, min_extent_mm)
         if extent is not None and not extent > 0:
             raise ConfigError(f"--min-extent-mm must be positive, or 0 for off (got {extent})")
         if split_file is not None and split != "val":

@@ -17,6 +17,7 @@ import typer
 
 from radnet_node.errors import RadnetError, WeightsError
 from radnet_node.model import RadnetConfig, build_model
+from radnet_node.postprocess import extent_setting
 from radnet_node.preprocess import PreprocessSpec
 from radnet_node.weights import export_weights, read_model_card
 from training.train import load_checkpoint
@@ -276,9 +277,7 @@ def export(  # noqa: PLR0917 (typer maps parameters to options)
             threshold=float(threshold if threshold is not None else checkpoint["threshold"]),
             min_consecutive_slices=int(checkpoint["min_consecutive"]),
             limitations=LIMITATIONS,
-            min_positive_extent_mm=(
-                checkpoint.get("min_extent_mm") if min_extent_mm is None else min_extent_mm or None
-            ),
+            min_positive_extent_mm=extent_setting(checkpoint.get("min_extent_mm"), min_extent_mm),
             **fields,
         )
     except (RadnetError, OSError, KeyError, ValueError) as error:

@@ -9,10 +9,21 @@ from radnet_node.postprocess import (
     ct_certainty,
     ct_decision,
     ct_score,
+    extent_setting,
     longest_positive_run,
     positive_runs,
+    rule_text,
     slices_needed,
 )
+
+
+def test_an_extent_override_replaces_the_default_and_zero_turns_the_rule_off() -> None:
+    assert extent_setting(12.0, None) == 12.0
+    assert extent_setting(None, None) is None
+    assert extent_setting(12.0, 20.0) == 20.0
+    assert extent_setting(12.0, 0.0) is None
+    assert rule_text(3, None) == ">= 3 consecutive slices"
+    assert rule_text(3, 12.0) == ">= 3 consecutive slices spanning >= 12 mm"
 
 
 def test_slices_needed_keeps_the_paper_count_on_thick_slices_and_grows_on_thin_ones() -> None:
