@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from radnet_node.audit import (
@@ -37,6 +37,7 @@ from radnet_node.series import (
 )
 
 __all__ = [
+    "Arrival",
     "InstanceInfo",
     "Registration",
     "RegistrationOutcome",
@@ -45,6 +46,7 @@ __all__ = [
     "is_safe_uid",
     "load_series_group",
     "register_instance",
+    "register_instances",
     "reopen_series",
     "restart_quiet_periods",
     "select_series",
@@ -103,11 +105,7 @@ def register_instance(
     association_id: int | None = None,
     now: dt.datetime | None = None,
 ) -> Registration:
-    """Record one received instance and update its series (one small transaction's worth).
-
-    A new series starts in ``received``; an instance for a series that is complete or further
-    re-opens it (generation + 1, back to ``received``; a queued job of the old generation is
-    superseded). A SOP Instance UID already stored changes nothing (audited as a duplicate).
+    """Record one received instance and update its series: :func:`register_instances` of one.
 
     Parameters
     ----------
@@ -124,83 +122,128 @@ def register_instance(
     -------
     Registration
     """
-    now = now or utcnow()
-    existing = session.execute(
-        select(Instance.spool_path, Instance.series_id, Series.generation)
-        .join(Series, Series.id == Instance.series_id)
-        .where(Instance.sop_instance_uid == info.sop_instance_uid)
-    ).first()
-    if existing is not None:
-        add_event(
-            session,
-            "instance.duplicate",
-            f"SOP Instance UID already stored, kept the first copy ({existing.spool_path})",
-            level="warning",
-            study_instance_uid=info.study_instance_uid,
-            series_instance_uid=info.series_instance_uid,
-            sop_instance_uid=info.sop_instance_uid,
-            accession_number=info.accession_number or None,
-            association_id=association_id,
-        )
-        return Registration(
-            RegistrationOutcome.DUPLICATE,
-            existing.series_id,
-            existing.generation,
-            existing_spool_path=existing.spool_path,
-        )
-    series = session.scalar(
-        select(Series).where(Series.series_instance_uid == info.series_instance_uid)
-    )
-    outcome = RegistrationOutcome.NEW
-    ids = {
-        "study_instance_uid": info.study_instance_uid,
-        "series_instance_uid": info.series_instance_uid,
-        "accession_number": info.accession_number or None,
-        "association_id": association_id,
+    return register_instances(session, [Arrival(info, association_id, now or utcnow())])[0]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One instance to register: what it is, the association it came on (None: recovered from the
+    spool at start-up) and when it was received."""
+
+    info: InstanceInfo
+    association_id: int | None
+    received_at: dt.datetime
+
+
+def register_instances(session: Session, arrivals: Sequence[Arrival]) -> list[Registration]:
+    """Record received instances, in order, and update their series (one transaction's worth:
+    the caller commits). The same as registering them one by one, in a handful of statements:
+    one query for SOP Instance UIDs already stored, one for the series, one bulk insert.
+
+    A new series starts in ``received``; an instance for a series that is complete or further
+    re-opens it (generation + 1, back to ``received``; a queued job of the old generation is
+    superseded). A SOP Instance UID already stored (or earlier in ``arrivals``) changes nothing
+    (audited as a duplicate).
+
+    Returns
+    -------
+    list[Registration]
+        One per arrival, in order.
+    """
+    uids = list({a.info.sop_instance_uid for a in arrivals})
+    stored: dict[str, tuple[str, int, int]] = {}
+    for start in range(0, len(uids), 500):
+        for row in session.execute(
+            select(Instance.sop_instance_uid, Instance.spool_path, Instance.series_id,
+                   Series.generation)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Instance.sop_instance_uid.in_(uids[start : start + 500]))
+        ):  # fmt: skip
+            stored[row[0]] = (row[1], row[2], row[3])
+    series_uids = list({a.info.series_instance_uid for a in arrivals})
+    series_by_uid = {
+        s.series_instance_uid: s
+        for s in session.scalars(select(Series).where(Series.series_instance_uid.in_(series_uids)))
     }
-    if series is None:
-        series = Series(
-            series_instance_uid=info.series_instance_uid,
-            study_instance_uid=info.study_instance_uid,
-            accession_number=info.accession_number,
-            modality=info.modality,
-            series_number=info.series_number,
-            series_description=info.series_description[:256],
-            state=SeriesState.RECEIVED,
-            generation=1,
-            instance_count=0,
-            first_instance_at=now,
-            last_instance_at=now,
+    rows: list[dict[str, object]] = []
+    registrations: list[Registration] = []
+    for arrival in arrivals:
+        info, association_id, now = arrival.info, arrival.association_id, arrival.received_at
+        existing = stored.get(info.sop_instance_uid)
+        if existing is not None:
+            add_event(
+                session,
+                "instance.duplicate",
+                f"SOP Instance UID already stored, kept the first copy ({existing[0]})",
+                level="warning",
+                study_instance_uid=info.study_instance_uid,
+                series_instance_uid=info.series_instance_uid,
+                sop_instance_uid=info.sop_instance_uid,
+                accession_number=info.accession_number or None,
+                association_id=association_id,
+            )
+            registrations.append(
+                Registration(
+                    RegistrationOutcome.DUPLICATE,
+                    existing[1],
+                    existing[2],
+                    existing_spool_path=existing[0],
+                )
+            )
+            continue
+        series = series_by_uid.get(info.series_instance_uid)
+        outcome = RegistrationOutcome.NEW
+        if series is None:
+            series = Series(
+                series_instance_uid=info.series_instance_uid,
+                study_instance_uid=info.study_instance_uid,
+                accession_number=info.accession_number,
+                modality=info.modality,
+                series_number=info.series_number,
+                series_description=info.series_description[:256],
+                state=SeriesState.RECEIVED,
+                generation=1,
+                instance_count=0,
+                first_instance_at=now,
+                last_instance_at=now,
+            )
+            session.add(series)
+            session.flush()
+            series_by_uid[info.series_instance_uid] = series
+            add_event(
+                session,
+                "series.first_instance",
+                f"first instance of series {info.series_number or '?'} "
+                f"{info.series_description!r} ({info.modality or 'no modality'})",
+                sop_instance_uid=info.sop_instance_uid,
+                study_instance_uid=info.study_instance_uid,
+                series_instance_uid=info.series_instance_uid,
+                accession_number=info.accession_number or None,
+                association_id=association_id,
+            )
+        elif series.state != SeriesState.RECEIVED:
+            outcome = RegistrationOutcome.REOPENED
+            _reopen(session, series, f"late instance {info.sop_instance_uid}", association_id)
+        series.instance_count += 1
+        series.last_instance_at = now
+        rows.append(
+            {
+                "sop_instance_uid": info.sop_instance_uid,
+                "sop_class_uid": info.sop_class_uid,
+                "series_id": series.id,
+                "transfer_syntax_uid": info.transfer_syntax_uid,
+                "size_bytes": info.size_bytes,
+                "spool_path": info.spool_path,
+                "association_id": association_id,
+                "received_at": now,
+                "generation": series.generation,
+            }
         )
-        session.add(series)
-        session.flush()
-        add_event(
-            session,
-            "series.first_instance",
-            f"first instance of series {info.series_number or '?'} "
-            f"{info.series_description!r} ({info.modality or 'no modality'})",
-            sop_instance_uid=info.sop_instance_uid,
-            **ids,  # type: ignore[arg-type]
-        )
-    elif series.state != SeriesState.RECEIVED:
-        outcome = RegistrationOutcome.REOPENED
-        _reopen(session, series, f"late instance {info.sop_instance_uid}", association_id)
-    series.instance_count += 1
-    series.last_instance_at = now
-    session.add(
-        Instance(
-            sop_instance_uid=info.sop_instance_uid,
-            sop_class_uid=info.sop_class_uid,
-            series_id=series.id,
-            transfer_syntax_uid=info.transfer_syntax_uid,
-            size_bytes=info.size_bytes,
-            spool_path=info.spool_path,
-            association_id=association_id,
-            received_at=now,
-            generation=series.generation,
-        )
-    )
-    return Registration(outcome, series.id, series.generation)
+        stored[info.sop_instance_uid] = (info.spool_path, series.id, series.generation)
+        registrations.append(Registration(outcome, series.id, series.generation))
+    if rows:
+        session.execute(insert(Instance), rows)
+    return registrations
 
 
 def _reopen(session: Session, series: Series, why: str, association_id: int | None) -> None:

@@ -1,28 +1,37 @@
 """The DICOM SCP: C-ECHO and C-STORE, association checks (called AE, calling AE and host
-allow-lists, association limit, optional TLS), and the spool, where the received bytes are written
-atomically and recorded before success is answered. Only this module knows ingest DIMSE statuses.
+allow-lists, association limit, optional TLS), and the spool, where the received bytes are streamed
+to a temporary file as they arrive and moved to their place before success is answered; the
+catalog row follows from a recorder thread (recovery registers a file whose row a kill prevented).
+Only this module knows ingest DIMSE statuses. The Upper Layer is :mod:`radnet_node.dicom_ul`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import errno
+import itertools
 import os
 import shutil
-import socketserver
+import socket
 import ssl
+import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO
 
 import structlog
+from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.uid import (
     JPEG2000,
     UID,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -36,16 +45,18 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
     RLELossless,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.association import Association as PynetAssociation
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.transport import ThreadedAssociationServer
-from pynetdicom.utils import make_target
-from sqlalchemy import select
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.presentation import PresentationContext, build_context
 
-from radnet_node.audit import Association, AuditDB, Instance, add_event, utcnow
-from radnet_node.catalog import InstanceInfo, RegistrationOutcome, is_safe_uid, register_instance
+from radnet_node import dicom_ul
+from radnet_node.audit import Association, AuditDB, add_event, utcnow
+from radnet_node.catalog import (
+    Arrival,
+    InstanceInfo,
+    RegistrationOutcome,
+    is_safe_uid,
+    register_instances,
+)
 from radnet_node.config import NodeSection, TlsSection
 from radnet_node.errors import ConfigError, RadnetError
 
@@ -172,26 +183,187 @@ class _FreeSpace:
             return True
 
 
+#: instances registered in one transaction at most, and how long the recorder waits to fill one
+_BATCH = 256
+_BATCH_WAIT_S = 0.05
+
+
+@dataclass
+class _Received:
+    """One instance spooled and answered, on its way to the catalog."""
+
+    info: InstanceInfo
+    association: _Open | None
+    received_at: dt.datetime
+    #: this C-STORE wrote the file (False: a file was at its place already)
+    written: bool
+
+
+class _Recorder:
+    """Registers spooled instances in the catalog, in batches, in its own thread.
+
+    An instance is answered with success once its file is at its place in the spool; its row
+    follows within milliseconds. A kill in between loses nothing: recovery registers spool files
+    without a row at the next start (:func:`radnet_node.jobs.recover`). While the database
+    fails, the batch is retried with backoff and :attr:`error` says why, so ingest refuses new
+    instances (0xA700) instead of taking more it cannot record.
+    """
+
+    def __init__(self, db: AuditDB, on_instance: Callable[[], None] | None) -> None:
+        self.db = db
+        self.on_instance = on_instance
+        #: the last database failure; None once a batch has been committed again
+        self.error: str | None = None
+        self._queue: deque[_Received] = deque()
+        self._in_flight = 0
+        self._flushing = 0  # callers of flush(): no waiting for a fuller batch
+        self._stopping = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="ingest-recorder", daemon=True)
+        self._thread.start()
+
+    def put(self, item: _Received) -> None:
+        with self._wake:
+            self._queue.append(item)
+            if len(self._queue) in (
+                1,
+                _BATCH,
+            ):  # the recorder waits for a first one or a full batch
+                self._wake.notify()
+
+    @property
+    def backlog(self) -> int:
+        """Instances answered but not yet committed."""
+        return len(self._queue) + self._in_flight
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every instance handed over so far is committed; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._wake:
+            self._flushing += 1
+            self._wake.notify_all()
+            try:
+                return self._wait_empty(deadline)
+            finally:
+                self._flushing -= 1
+
+    def _wait_empty(self, deadline: float) -> bool:
+        while self._queue or self._in_flight:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._wake.wait(left):
+                return not (self._queue or self._in_flight)
+        return True
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Commit what is queued (up to ``timeout_s``), then end the thread; anything left is in
+        the spool and registered by recovery at the next start."""
+        self.flush(timeout_s)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._stopping:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                # group commit: one transaction for what arrives in the next moment
+                deadline = time.monotonic() + _BATCH_WAIT_S
+                while len(self._queue) < _BATCH and not (self._stopping or self._flushing):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), _BATCH))]
+                self._in_flight = len(batch)
+            backoff = 0.2
+            while not self._commit(batch):
+                with self._wake:
+                    if self._stopping:
+                        self._in_flight = 0
+                        self._wake.notify_all()
+                        return
+                    self._wake.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            with self._wake:
+                self._in_flight = 0
+                self._wake.notify_all()
+            if self.on_instance is not None:
+                self.on_instance()
+
+    def _commit(self, batch: list[_Received]) -> bool:
+        try:
+            with self.db.session() as session:
+                registrations = register_instances(
+                    session,
+                    [
+                        Arrival(
+                            item.info,
+                            item.association.association_id if item.association else None,
+                            item.received_at,
+                        )
+                        for item in batch
+                    ],
+                )
+        except RadnetError as exc:
+            if self.error is None:
+                _log.error("cannot record received instances; retrying", error=str(exc))
+            self.error = str(exc)
+            return False
+        self.error = None
+        for item, registration in zip(batch, registrations, strict=True):
+            duplicate = registration.outcome == RegistrationOutcome.DUPLICATE
+            if (
+                duplicate
+                and item.written
+                and registration.existing_spool_path != item.info.spool_path
+            ):
+                Path(item.info.spool_path).unlink(missing_ok=True)  # the first copy lives elsewhere
+            if item.association is not None:
+                if duplicate:
+                    item.association.duplicates += 1
+                else:
+                    item.association.stored += 1
+        return True
+
+
 @dataclass
 class _IngestState:
-    """What the handlers share: bound to them at registration (no module globals)."""
+    """What the associations share (no module globals)."""
 
     node: NodeSection
     db: AuditDB
     spool_dir: Path
     tls: bool
-    on_instance: Callable[[], None] | None = None
+    recorder: _Recorder
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: dict[int, _Open] = field(default_factory=dict)
     free_space: _FreeSpace = field(init=False)
+    #: names temporary spool files uniquely within the process
+    counter: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self.free_space = _FreeSpace(self.spool_dir)
 
 
+def _supported_contexts(node: NodeSection) -> list[PresentationContext]:
+    contexts = [build_context(Verification)]
+    contexts += [build_context(c, list(CT_TRANSFER_SYNTAXES)) for c in CT_STORAGE_CLASSES]
+    if node.accept_all_storage_classes:
+        contexts += [
+            build_context(str(c.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+            for c in AllStoragePresentationContexts
+            if str(c.abstract_syntax) not in CT_STORAGE_CLASSES
+        ]
+    return contexts
+
+
 class IngestSCP:
     """The node's Storage SCP; start it with :meth:`start` (or :meth:`bind`, then :meth:`serve`),
-    stop it with :meth:`stop`.
+    stop it with :meth:`stop`. One thread per association, reading with blocking calls.
 
     Parameters
     ----------
@@ -200,7 +372,7 @@ class IngestSCP:
     db
         The audit database (instances, series and associations are recorded there).
     on_instance
-        Called (in the association's thread) after each new instance is recorded.
+        Called (in the recorder's thread) after each batch of new instances is recorded.
 
     Raises
     ------
@@ -208,43 +380,27 @@ class IngestSCP:
         The TLS files cannot be loaded.
     """
 
+    #: seconds a peer has to send its A-ASSOCIATE-RQ (and finish the TLS handshake)
+    ACSE_TIMEOUT_S = 30.0
+    #: seconds of silence after which an association is aborted
+    NETWORK_TIMEOUT_S = 60.0
+
     def __init__(
         self, node: NodeSection, db: AuditDB, on_instance: Callable[[], None] | None = None
     ) -> None:
         self.node = node
         self.spool_dir = node.data_dir / "spool"
         self._ssl = server_ssl_context(node.tls) if node.tls is not None else None
-        self._state = _IngestState(
-            node=node,
-            db=db,
-            spool_dir=self.spool_dir,
-            tls=self._ssl is not None,
-            on_instance=on_instance,
-        )
-        self.ae = self._make_ae()
-        self._server: ThreadedAssociationServer | None = None
+        self.supported_contexts = _supported_contexts(node)
+        self._db = db
+        self._on_instance = on_instance
+        self._state: _IngestState | None = None
+        self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
-
-    def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.node.ae_title)
-        # our own checks in EVT_REQUESTED reject with the right reason and audit it; pynetdicom's
-        # would reject before we could record anything
-        ae.require_called_aet = False
-        ae.require_calling_aet = []
-        ae.maximum_associations = max(self.node.max_associations + 1, 64)
-        ae.maximum_pdu_size = self.node.max_pdu_bytes
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.network_timeout = 60
-        ae.add_supported_context(Verification)
-        for sop_class in CT_STORAGE_CLASSES:
-            ae.add_supported_context(sop_class, list(CT_TRANSFER_SYNTAXES))
-        if self.node.accept_all_storage_classes:
-            for context in AllStoragePresentationContexts:
-                abstract = str(context.abstract_syntax)
-                if abstract not in CT_STORAGE_CLASSES:
-                    ae.add_supported_context(abstract, ALL_TRANSFER_SYNTAXES)
-        return ae
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -255,9 +411,9 @@ class IngestSCP:
         RuntimeError
             If the server is not running.
         """
-        if self._server is None:
+        if self._listener is None:
             raise RuntimeError("the SCP is not running")
-        host, port = self._server.server_address[:2]
+        host, port = self._listener.getsockname()[:2]
         return str(host), int(port)
 
     def bind(self) -> tuple[str, int]:
@@ -271,23 +427,19 @@ class IngestSCP:
         RadnetError
             The address cannot be bound (in use, not allowed), naming it.
         """
-        if self._server is not None:
+        if self._listener is not None:
             return self.address
-        state = self._state
-        handlers: list[Any] = [
-            (evt.EVT_REQUESTED, _on_requested, [state]),
-            (evt.EVT_C_ECHO, _on_echo, [state]),
-            (evt.EVT_C_STORE, _on_store, [state]),
-            (evt.EVT_CONN_CLOSE, _on_close, [state]),
-        ]
         try:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
-            server = self.ae.make_server(
-                (self.node.host, self.node.port),
-                ssl_context=self._ssl,
-                evt_handlers=handlers,
-                server_class=ThreadedAssociationServer,
-            )
+            family = socket.AF_INET6 if ":" in self.node.host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((self.node.host, self.node.port))
+                listener.listen(128)
+            except BaseException:
+                listener.close()
+                raise
         except OSError as exc:
             hint = (
                 " (another radnet-node or DICOM server listens there: stop it or set node.port)"
@@ -297,7 +449,8 @@ class IngestSCP:
             raise RadnetError(
                 f"cannot listen on {self.node.host}:{self.node.port}: {exc.strerror or exc}{hint}"
             ) from exc
-        self._server = cast(ThreadedAssociationServer, server)
+        listener.settimeout(0.25)  # accept() wakes up to see a stop
+        self._listener = listener
         return self.address
 
     def serve(self) -> None:
@@ -308,14 +461,19 @@ class IngestSCP:
         RuntimeError
             If :meth:`bind` has not succeeded.
         """
-        if self._server is None:
+        if self._listener is None:
             raise RuntimeError("the SCP is not bound")
         if self._acceptor is not None:
             return
-        # what AE.start_server(block=False) does after make_server
-        self._acceptor = threading.Thread(
-            target=make_target(self._server.serve_forever), name="scp-acceptor", daemon=True
+        self._state = _IngestState(
+            node=self.node,
+            db=self._db,
+            spool_dir=self.spool_dir,
+            tls=self._ssl is not None,
+            recorder=_Recorder(self._db, self._on_instance),
         )
+        self._stopping.clear()
+        self._acceptor = threading.Thread(target=self._accept, name="scp-acceptor", daemon=True)
         self._acceptor.start()
 
     def start(self) -> tuple[str, int]:
@@ -332,173 +490,650 @@ class IngestSCP:
 
     def stop(self) -> None:
         """Stop accepting associations and close the open ones (their instances so far are kept;
-        an instance in flight is not answered, so the sender sends it again)."""
-        server, self._server = self._server, None
-        if server is not None:
-            if self._acceptor is not None:
-                # the accept loop's own shutdown (waits for it to end); pynetdicom's override
-                # also expects the server in AE._servers, where only start_server puts it
-                socketserver.BaseServer.shutdown(server)
-                self._acceptor.join()
-                self._acceptor = None
-            server.server_close()
-        self.ae.shutdown()
+        an instance in flight is not answered, so the sender sends it again), then commit what
+        the recorder holds."""
+        self._stopping.set()
+        if self._acceptor is not None:
+            self._acceptor.join()
+            self._acceptor = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._connections_lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(10.0)
+        self._threads = []
+        if self._state is not None:
+            self._state.recorder.stop()
+            self._state = None
 
     def active_associations(self) -> int:
         """How many accepted associations are open now."""
+        if self._state is None:
+            return 0
         with self._state.lock:
             return len(self._state.open)
 
-
-# ------------------------------------------------------------------------------------------------
-# handlers: small functions of the event, with the shared state bound at registration
-
-
-def _peer(assoc: PynetAssociation) -> tuple[str, str, str, int]:
-    requestor = assoc.requestor
-    primitive = requestor.primitive
-    calling = str(getattr(primitive, "calling_ae_title", "") or requestor.ae_title or "").strip()
-    called = str(getattr(primitive, "called_ae_title", "") or "").strip()
-    return calling, called, str(requestor.address), int(requestor.port or 0)
-
-
-def _on_requested(event: evt.Event, state: _IngestState) -> None:
-    """A-ASSOCIATE-RQ received: check it, record it, reject it with the right reason if needed."""
-    assoc = event.assoc
-    calling, called, host, port = _peer(assoc)
-    node = state.node
-    reject: tuple[int, int, int] | None = None
-    reason = ""
-    if called != node.ae_title:
-        reject, reason = _REJECT_CALLED_AE, f"called AE title {called!r} is not {node.ae_title!r}"
-    elif node.allowed_calling_ae_titles and calling not in node.allowed_calling_ae_titles:
-        reject, reason = _REJECT_CALLING_AE, f"calling AE title {calling!r} is not allowed"
-    elif not node.host_allowed(host):
-        reject, reason = _REJECT_NO_REASON, f"host {host} is not allowed"
-    else:
-        with state.lock:
-            if len(state.open) >= node.max_associations:
-                reject = _REJECT_LIMIT
-                reason = (
-                    f"{len(state.open)} associations open, the limit is {node.max_associations}"
-                )
-    try:
-        with state.db.session() as session:
-            row = Association(
-                started_at=utcnow(),
-                calling_ae_title=calling[:16],
-                called_ae_title=called[:16],
-                peer_host=host[:64],
-                peer_port=port,
-                tls=state.tls,
-                accepted=reject is None,
-                reject_reason=reason or None,
+    def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None and self._state is not None
+        while not self._stopping.is_set():
+            try:
+                connection, peer = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                _log.warning("accept failed", error=str(exc))
+                time.sleep(0.1)
+                continue
+            thread = threading.Thread(
+                target=self._serve_connection,
+                args=(connection, peer),
+                name=f"scp-{peer[0]}:{peer[1]}",
+                daemon=True,
             )
-            if reject is not None:
-                row.ended_at = row.started_at
-                row.end_reason = "rejected"
-            session.add(row)
-            session.flush()
-            association_id = row.id
-            if reject is not None:
-                add_event(
-                    session,
-                    "association.rejected",
-                    f"association from {calling}@{host}:{port} rejected: {reason}",
-                    level="warning",
-                    association_id=association_id,
-                    data={"result": reject[0], "source": reject[1], "reason": reject[2]},
-                )
-            else:
-                add_event(
-                    session,
-                    "association.accepted",
-                    f"association from {calling}@{host}:{port} to {called}"
-                    + (" over TLS" if state.tls else ""),
-                    association_id=association_id,
-                )
-    except RadnetError as exc:
-        # nothing can be recorded: refuse rather than accept instances we could not catalog
-        _log.error("association refused: audit database unavailable", error=str(exc))
-        reject = reject or (0x02, 0x01, 0x01)  # transient, service user, no reason given
-        association_id = -1
-    if reject is not None:
-        assoc.acse.send_reject(*reject)
-        assoc.kill()
-        return
-    with state.lock:
-        state.open[id(assoc)] = _Open(association_id)
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            thread.start()
+
+    def _serve_connection(self, connection: socket.socket, peer: tuple[Any, ...]) -> None:
+        state = self._state
+        assert state is not None
+        with self._connections_lock:
+            self._connections.add(connection)
+        try:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection.settimeout(self.ACSE_TIMEOUT_S)
+            if self._ssl is not None:
+                try:
+                    secured = self._ssl.wrap_socket(connection, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    _audit_tls_failure(state, peer, exc)
+                    return
+                with self._connections_lock:
+                    self._connections.discard(connection)
+                    self._connections.add(secured)
+                connection = secured
+            _Association(state, self, connection, str(peer[0]), int(peer[1])).run()
+        except Exception as exc:  # noqa: BLE001 - one association never takes the node down
+            _log.exception("association failed", peer=f"{peer[0]}:{peer[1]}", error=str(exc))
+        finally:
+            with self._connections_lock:
+                self._connections.discard(connection)
+            with contextlib.suppress(OSError):
+                connection.close()
 
 
-def _on_close(event: evt.Event, state: _IngestState) -> None:
-    """Connection closed: write how the association ended and what it stored."""
-    with state.lock:
-        info = state.open.pop(id(event.assoc), None)
-    if info is None:
-        return  # rejected (already recorded) or never got as far as an A-ASSOCIATE-RQ
-    assoc = event.assoc
-    how = "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed"
-    # what the peer offered and this node does not take (e.g. MR with accept_all_storage_classes
-    # off): the peer sees 0x0122 / "no presentation context", the admin sees it here
-    refused_classes = sorted(
-        {UID(str(context.abstract_syntax)).name for context in assoc.rejected_contexts}
-    )
-    refused_note = (
-        f"; presentation contexts refused: {', '.join(refused_classes)}" if refused_classes else ""
-    )
+def _audit_tls_failure(state: _IngestState, peer: tuple[Any, ...], exc: Exception) -> None:
+    reason = getattr(exc, "reason", None) or exc
     try:
         with state.db.session() as session:
-            row = session.get(Association, info.association_id)
-            if row is not None:
-                row.ended_at = utcnow()
-                row.end_reason = how
-                row.instances_received = info.stored
             add_event(
                 session,
-                "association.closed",
-                f"association {how}: {info.stored} instance(s) stored, {info.duplicates} "
-                f"duplicate(s), {info.refused} refused{refused_note}",
-                level="info" if how == "released" and not refused_classes else "warning",
-                association_id=info.association_id,
-                data={
-                    "stored": info.stored,
-                    "duplicates": info.duplicates,
-                    "refused": info.refused,
-                    "refused_presentation_contexts": refused_classes,
-                },
+                "association.tls_failed",
+                f"TLS handshake with {peer[0]}:{peer[1]} failed: {reason}",
+                level="warning",
             )
-    except RadnetError as exc:
-        _log.error("cannot record the end of an association", error=str(exc))
+    except RadnetError as error:
+        _log.error("TLS handshake failed and not audited", error=str(error))
 
 
-def _on_echo(event: evt.Event, state: _IngestState) -> int:
-    """C-ECHO: success (the association checks already ran)."""
-    return STATUS_SUCCESS
+# ------------------------------------------------------------------------------------------------
+# one association
 
 
-def _write_atomically(final: Path, parts: Sequence[bytes | memoryview]) -> int:
-    """Write ``parts`` one after the other to ``final`` via a temporary file in the same folder:
-    fsync, rename, fsync the folder, so the file is whole or absent after a crash or power loss.
-    Returns the number of bytes written."""
-    temporary = final.parent / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    size = 0
-    try:
+class _Association:
+    """An association from the A-ASSOCIATE-RQ to its end, in the connection's thread."""
+
+    def __init__(
+        self, state: _IngestState, scp: IngestSCP, sock: socket.socket, host: str, port: int
+    ) -> None:
+        self.state = state
+        self.scp = scp
+        self.sock = sock
+        self.host = host
+        self.port = port
+        limit = max(state.node.max_pdu_bytes, 1 << 20) if state.node.max_pdu_bytes else 64 << 20
+        self.reader = dicom_ul.PduReader(sock, limit)
+        self.info: _Open | None = None
+        self.negotiated: dicom_ul.Negotiated | None = None
+        self.calling = ""
+
+    def run(self) -> None:
+        how, why = "closed", ""
+        incoming: _Incoming | _Discard | None = None
         try:
-            handle = open(temporary, "wb")  # noqa: SIM115 - closed by the with below
-        except FileNotFoundError:  # the series' first instance: make its folder (not per file)
-            _make_folder_durably(final.parent)
-            handle = open(temporary, "wb")  # noqa: SIM115
-        with handle:
-            for part in parts:
-                size += handle.write(part)
-            handle.flush()
-            os.fsync(handle.fileno())
+            pdu_type, body = self.reader.read()
+            if pdu_type != dicom_ul.ASSOCIATE_RQ:
+                raise dicom_ul.ProtocolError(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
+            if not self._associate(self.reader.header + bytes(body)):
+                return
+            self.sock.settimeout(None)  # EXPERIMENT
+            command = bytearray()
+            while True:
+                pdu_type, body = self.reader.read()
+                if pdu_type == dicom_ul.PDATA:
+                    for context_id, control, fragment in dicom_ul.pdvs(body):
+                        if context_id not in self.negotiated.accepted:  # type: ignore[union-attr]
+                            raise dicom_ul.ProtocolError(
+                                f"P-DATA on presentation context {context_id}, not accepted"
+                            )
+                        if control & 0x01:  # a command fragment
+                            if incoming is not None:
+                                raise dicom_ul.ProtocolError("a command inside a dataset")
+                            command += fragment
+                            if control & 0x02:
+                                incoming = self._command(bytes(command), context_id)
+                                command.clear()
+                        else:
+                            if incoming is None or incoming.context_id != context_id:
+                                raise dicom_ul.ProtocolError("a dataset without its command")
+                            incoming.write(fragment)
+                            if control & 0x02:
+                                self._answer(incoming.request, incoming.finish(), context_id)
+                                incoming = None
+                elif pdu_type == dicom_ul.RELEASE_RQ:
+                    self.sock.sendall(dicom_ul.release_rp_pdu())
+                    how = "released"
+                    return
+                elif pdu_type == dicom_ul.ABORT:
+                    how, why = "aborted", "A-ABORT from the peer"
+                    return
+                else:
+                    raise dicom_ul.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+        except dicom_ul.ProtocolError as exc:
+            how, why = "aborted", f"protocol error: {exc}"
+            with contextlib.suppress(OSError):
+                self.sock.sendall(dicom_ul.abort_pdu())
+        except TimeoutError:
+            how, why = "aborted", "the peer was silent too long"
+            with contextlib.suppress(OSError):
+                self.sock.sendall(dicom_ul.abort_pdu())
+        except EOFError:
+            how = "closed"
+        except OSError as exc:
+            how, why = "aborted", f"connection failed: {exc.strerror or exc}"
+        finally:
+            if incoming is not None:
+                incoming.discard()
+            if self.info is not None:
+                self._closed(how, why)
+
+    def _associate(self, request: bytes) -> bool:
+        """Negotiate, check, record; send the accept or the reject. True when accepted."""
+        state = self.state
+        node = state.node
+        negotiated = dicom_ul.negotiate(
+            request, self.scp.supported_contexts, max_pdu=node.max_pdu_bytes
+        )
+        self.negotiated = negotiated
+        calling, called, host, port = (
+            negotiated.calling_ae_title,
+            negotiated.called_ae_title,
+            self.host,
+            self.port,
+        )
+        reject: tuple[int, int, int] | None = None
+        reason = ""
+        if called != node.ae_title:
+            reject, reason = (
+                _REJECT_CALLED_AE,
+                f"called AE title {called!r} is not {node.ae_title!r}",
+            )
+        elif node.allowed_calling_ae_titles and calling not in node.allowed_calling_ae_titles:
+            reject, reason = _REJECT_CALLING_AE, f"calling AE title {calling!r} is not allowed"
+        elif not node.host_allowed(host):
+            reject, reason = _REJECT_NO_REASON, f"host {host} is not allowed"
+        else:
+            with state.lock:
+                if len(state.open) >= node.max_associations:
+                    reject = _REJECT_LIMIT
+                    reason = (
+                        f"{len(state.open)} associations open, the limit is {node.max_associations}"
+                    )
+                else:  # hold the place while the row is written
+                    state.open[id(self)] = _Open(-1)
+        try:
+            with state.db.session() as session:
+                row = Association(
+                    started_at=utcnow(),
+                    calling_ae_title=calling[:16],
+                    called_ae_title=called[:16],
+                    peer_host=host[:64],
+                    peer_port=port,
+                    tls=state.tls,
+                    accepted=reject is None,
+                    reject_reason=reason or None,
+                )
+                if reject is not None:
+                    row.ended_at = row.started_at
+                    row.end_reason = "rejected"
+                session.add(row)
+                session.flush()
+                association_id = row.id
+                if reject is not None:
+                    add_event(
+                        session,
+                        "association.rejected",
+                        f"association from {calling}@{host}:{port} rejected: {reason}",
+                        level="warning",
+                        association_id=association_id,
+                        data={"result": reject[0], "source": reject[1], "reason": reject[2]},
+                    )
+                else:
+                    add_event(
+                        session,
+                        "association.accepted",
+                        f"association from {calling}@{host}:{port} to {called}"
+                        + (" over TLS" if state.tls else ""),
+                        association_id=association_id,
+                    )
+        except RadnetError as exc:
+            # nothing can be recorded: refuse rather than accept instances we could not catalog
+            _log.error("association refused: audit database unavailable", error=str(exc))
+            reject = reject or (0x02, 0x01, 0x01)  # transient, service user, no reason given
+            association_id = -1
+        if reject is not None:
+            with state.lock:
+                state.open.pop(id(self), None)
+            with contextlib.suppress(OSError):
+                self.sock.sendall(dicom_ul.reject_pdu(*reject))
+            return False
+        self.calling = calling
+        self.info = _Open(association_id)
+        with state.lock:
+            state.open[id(self)] = self.info
+        self.sock.sendall(negotiated.accept_pdu)
+        return True
+
+    def _command(self, data: bytes, context_id: int) -> _Incoming | _Discard | None:
+        """A whole command set: answer it, or return what receives the dataset that follows."""
+        request = dicom_ul.Command.decode(data)
+        abstract, transfer = self.negotiated.accepted[context_id]  # type: ignore[union-attr]
+        field_ = request.command_field
+        if field_ == dicom_ul.C_STORE_RQ and request.has_dataset:
+            return _Incoming(self, request, context_id, transfer)
+        if field_ == dicom_ul.C_ECHO_RQ and not request.has_dataset:
+            self._answer(request, STATUS_SUCCESS, context_id, sop_class_uid=str(abstract))
+            return None
+        if field_ == dicom_ul.C_CANCEL_RQ:
+            return None  # nothing runs long enough here to cancel; C-CANCEL has no response
+        # anything else is not offered: refuse it (after the dataset, if one follows)
+        if request.has_dataset:
+            return _Discard(request, context_id)
+        self._answer(request, dicom_ul.STATUS_UNRECOGNIZED_OPERATION, context_id)
+        return None
+
+    def _answer(
+        self, request: dicom_ul.Command, status: int, context_id: int, *, sop_class_uid: str = ""
+    ) -> None:
+        response = dicom_ul.command_response(request, status, sop_class_uid=sop_class_uid)
+        self.sock.sendall(dicom_ul.pdata_pdu(context_id, response))
+
+    def _closed(self, how: str, why: str) -> None:
+        """Write how the association ended and what it stored (once its instances are recorded)."""
+        state = self.state
+        with state.lock:
+            info = state.open.pop(id(self), None)
+        if info is None:
+            return
+        state.recorder.flush(5.0)
+        negotiated = self.negotiated
+        # what the peer offered and this node does not take (e.g. MR with accept_all_storage_classes
+        # off): the peer sees 0x0122 / "no presentation context", the admin sees it here
+        refused_classes = sorted(
+            {UID(str(c)).name for c in (negotiated.refused if negotiated else [])}
+        )
+        refused_note = (
+            f"; presentation contexts refused: {', '.join(refused_classes)}"
+            if refused_classes
+            else ""
+        )
+        why_note = f" ({why})" if why else ""
+        try:
+            with state.db.session() as session:
+                row = session.get(Association, info.association_id)
+                if row is not None:
+                    row.ended_at = utcnow()
+                    row.end_reason = how
+                    row.instances_received = info.stored
+                add_event(
+                    session,
+                    "association.closed",
+                    f"association {how}{why_note}: {info.stored} instance(s) stored, "
+                    f"{info.duplicates} duplicate(s), {info.refused} refused{refused_note}",
+                    level="info" if how == "released" and not refused_classes else "warning",
+                    association_id=info.association_id,
+                    data={
+                        "stored": info.stored,
+                        "duplicates": info.duplicates,
+                        "refused": info.refused,
+                        "refused_presentation_contexts": refused_classes,
+                        **({"reason": why} if why else {}),
+                    },
+                )
+        except RadnetError as exc:
+            _log.error("cannot record the end of an association", error=str(exc))
+
+
+class _Discard:
+    """Swallows the dataset of a request the node does not serve, then refuses it."""
+
+    def __init__(self, request: dicom_ul.Command, context_id: int) -> None:
+        self.request = request
+        self.context_id = context_id
+
+    def write(self, fragment: memoryview) -> None:
+        pass
+
+    def finish(self) -> int:
+        return dicom_ul.STATUS_UNRECOGNIZED_OPERATION
+
+    def discard(self) -> None:
+        pass
+
+
+# the header elements the catalog records, decoded as text
+_TEXT_ELEMENTS = ("AccessionNumber", "Modality", "SeriesDescription", "SeriesNumber")
+_UID_ELEMENTS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: how much of a dataset's start is kept to find those elements (beyond it: read the spooled file)
+_HEAD_LIMIT = 1 << 20
+
+
+class _Incoming:
+    """One C-STORE's dataset: streamed to a temporary spool file as it arrives (no decode), its
+    header elements found in the first bytes, then checked, placed and answered."""
+
+    def __init__(
+        self, association: _Association, request: dicom_ul.Command, context_id: int, syntax: UID
+    ) -> None:
+        state = association.state
+        self.association = association
+        self.state = state
+        self.request = request
+        self.context_id = context_id
+        self.transfer_syntax = syntax
+        self.received_at = utcnow()
+        self.temporary = state.spool_dir / f".incoming.{os.getpid()}.{next(state.counter)}.tmp"
+        self.size = 0  # the file's: file meta and dataset
+        self.error: tuple[int, str] | None = None
+        # little endian datasets are scanned as they arrive; others are read back from the file
+        self._scan_mode: bool | None = (
+            True
+            if syntax == ImplicitVRLittleEndian
+            else None
+            if syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
+            else False
+        )
+        self._head = bytearray()
+        self._found: dict[str, bytes] | None = None
+        self._handle: BinaryIO | None = None
+        sop_uid = request.affected_sop_instance_uid
+        if not is_safe_uid(sop_uid):
+            self.error = (
+                STATUS_CANNOT_UNDERSTAND,
+                f"the request's AffectedSOPInstanceUID {sop_uid!r} is missing or not a UID",
+            )
+            return
+        try:
+            self._handle = open(self.temporary, "wb")  # noqa: SIM115 - closed in finish/discard
+            self.size = self._handle.write(
+                _file_meta(request.affected_sop_class_uid, sop_uid, syntax, association.calling)
+            )
+        except OSError as exc:
+            self._fail_write(exc)
+
+    def _fail_write(self, exc: OSError) -> None:
+        self.error = (
+            STATUS_OUT_OF_RESOURCES,
+            f"cannot write {self.temporary}: {exc.strerror or exc}",
+        )
+        self.discard()
+
+    def write(self, fragment: memoryview) -> None:
+        if self._handle is None:
+            return  # refused already: the rest of the dataset is read and dropped
+        if self._scan_mode is not None and self._found is None:
+            self._head += fragment
+            try:
+                self._found = dicom_ul.scan_header(
+                    memoryview(self._head), implicit=self._scan_mode
+                ).values
+                self._head = bytearray()
+            except dicom_ul.NeedMoreData:
+                if len(self._head) > _HEAD_LIMIT:
+                    self._scan_mode, self._head = None, bytearray()  # read it from the file
+            except dicom_ul.ProtocolError as exc:
+                self.error = (STATUS_CANNOT_UNDERSTAND, f"the dataset cannot be parsed ({exc})")
+                self.discard()
+                return
+        try:
+            self.size += self._handle.write(fragment)
+        except OSError as exc:
+            self._fail_write(exc)
+
+    def discard(self) -> None:
+        """Drop the temporary file (the dataset is refused or was cut short)."""
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self._handle = None
+        self.temporary.unlink(missing_ok=True)
+
+    def finish(self) -> int:
+        """The whole dataset is in: check it, place it, hand it to the recorder; the status."""
+        try:
+            return self._finish()
+        finally:
+            if self._handle is not None:
+                self.discard()
+
+    def _refuse(self, status: int, why: str, **ids: Any) -> int:
+        state = self.state
+        info = self.association.info
+        if info is not None:
+            info.refused += 1
+        try:
+            with state.db.session() as session:
+                add_event(
+                    session,
+                    "instance.refused",
+                    f"C-STORE refused with 0x{status:04X}: {why}",
+                    level="error",
+                    sop_instance_uid=self.request.affected_sop_instance_uid or None,
+                    association_id=info.association_id if info is not None else None,
+                    data={"status": status},
+                    **ids,
+                )
+        except RadnetError as exc:
+            _log.error("C-STORE refused and not audited", why=why, error=str(exc))
+        return status
+
+    def _finish(self) -> int:
+        if self.error is not None:
+            return self._refuse(*self.error)
+        state = self.state
+        handle = self._handle
+        assert handle is not None
+        try:
+            if state.node.fsync_spool:
+                handle.flush()
+                os.fsync(handle.fileno())
+            handle.close()
+        except OSError as exc:
+            return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot write {self.temporary}: {exc}")
+        self._handle = None
+        try:
+            header = self._header()
+        except Exception as exc:  # noqa: BLE001 - pydicom reports malformed data in many types
+            self.discard()
+            return self._refuse(
+                STATUS_CANNOT_UNDERSTAND,
+                f"the dataset cannot be parsed ({type(exc).__name__}: {exc})",
+            )
+        sop_uid = self.request.affected_sop_instance_uid
+        for name in _UID_ELEMENTS:
+            if not is_safe_uid(header[name]):
+                self.discard()
+                return self._refuse(
+                    STATUS_CANNOT_UNDERSTAND, f"{name} {header[name]!r} is missing or not a UID"
+                )
+        if header["SOPInstanceUID"] != sop_uid:
+            self.discard()
+            return self._refuse(
+                STATUS_CANNOT_UNDERSTAND,
+                f"the dataset's SOPInstanceUID {header['SOPInstanceUID']} differs from the "
+                "request's",
+            )
+        study_uid, series_uid = header["StudyInstanceUID"], header["SeriesInstanceUID"]
+        ids = {"study_instance_uid": study_uid, "series_instance_uid": series_uid}
+        recorder = state.recorder
+        if recorder.error is not None:
+            self.discard()
+            return self._refuse(
+                STATUS_OUT_OF_RESOURCES, f"cannot record instances: {recorder.error}", **ids
+            )
+        if recorder.backlog >= _MAX_BACKLOG:
+            self.discard()
+            return self._refuse(
+                STATUS_OUT_OF_RESOURCES,
+                f"{recorder.backlog} received instances wait for the audit database",
+                **ids,
+            )
+        try:
+            if not state.free_space.reserve(self.size, state.node.min_free_disk_mb):
+                self.discard()
+                return self._refuse(
+                    STATUS_OUT_OF_RESOURCES,
+                    f"free disk space in {state.spool_dir} is below "
+                    f"{state.node.min_free_disk_mb} MB",
+                    **ids,
+                )
+        except OSError as exc:
+            self.discard()
+            return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot check free disk space: {exc}")
+        final = spool_path(state.spool_dir, study_uid, series_uid, sop_uid)
+        # at its place already: a resend of a stored instance (the first copy is kept), or a file
+        # left by a crash before its row (registered now, or by recovery)
+        written = not final.exists()
+        try:
+            if written:
+                _place(self.temporary, final, durable=state.node.fsync_spool)
+            else:
+                self.discard()
+        except OSError as exc:
+            self.discard()
+            return self._refuse(
+                STATUS_OUT_OF_RESOURCES, f"cannot write {final}: {exc.strerror or exc}", **ids
+            )
+        number_text = header["SeriesNumber"]
+        try:
+            series_number: int | None = int(float(number_text)) if number_text else None
+        except ValueError:
+            series_number = None
+        info = InstanceInfo(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=self.request.affected_sop_class_uid,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            transfer_syntax_uid=str(self.transfer_syntax),
+            size_bytes=self.size if written else 0,
+            spool_path=str(final),
+            accession_number=header["AccessionNumber"][:64],
+            modality=header["Modality"][:16],
+            series_number=series_number,
+            series_description=header["SeriesDescription"],
+        )
+        recorder.put(_Received(info, self.association.info, self.received_at, written))
+        return STATUS_SUCCESS
+
+    def _header(self) -> dict[str, str]:
+        """The header elements as text: from the scan, or from the spooled file with pydicom."""
+        found = self._found
+        if found is None and self._scan_mode is not None:
+            # the whole dataset was shorter than what the scan needed
+            found = dicom_ul.scan_header(
+                memoryview(self._head), implicit=self._scan_mode, complete=True
+            ).values
+        if found is None:
+            ds = dcmread(self.temporary, stop_before_pixels=True)
+            return {name: _text(ds, name) for name in (*_UID_ELEMENTS, *_TEXT_ELEMENTS)}
+        encodings = convert_encodings(
+            [v.strip() for v in found.get("SpecificCharacterSet", b"").decode("ascii", "replace")
+             .split("\\")] or [""]
+        )  # fmt: skip
+        values: dict[str, str] = {}
+        for name in _UID_ELEMENTS:
+            values[name] = found.get(name, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+        for name in _TEXT_ELEMENTS:
+            raw = found.get(name, b"")
+            text = decode_bytes(raw, encodings, set()) if raw else ""
+            values[name] = text.strip("\x00 ")
+        return values
+
+
+#: instances answered but not yet in the database beyond which ingest refuses (0xA700)
+_MAX_BACKLOG = 10_000
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _file_meta(sop_class: str, sop_instance: str, syntax: UID, source_ae: str) -> bytes:
+    """Preamble, 'DICM' and the file meta information (PS3.10 7.1) of a spooled instance."""
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _uid_bytes(sop_class)),
+        _meta_element(0x0003, b"UI", _uid_bytes(sop_instance)),
+        _meta_element(0x0010, b"UI", _uid_bytes(str(syntax))),
+        _meta_element(0x0012, b"UI", _uid_bytes(dicom_ul.IMPLEMENTATION_CLASS_UID)),
+        _meta_element(0x0013, b"SH", _padded(dicom_ul.IMPLEMENTATION_VERSION_NAME.encode("ascii"))),
+    ]
+    if source_ae:
+        elements.append(_meta_element(0x0016, b"AE", _padded(source_ae.encode("ascii", "replace"))))
+    body = b"".join(elements)
+    return (
+        b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+    )
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid_bytes(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _padded(raw: bytes) -> bytes:
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _place(temporary: Path, final: Path, *, durable: bool) -> None:
+    """Move a written temporary spool file to its place (same file system: atomic), making the
+    study and series folders on the way; ``durable``: fsync the folders, so a power loss cannot
+    take the file away after success (the file itself was fsynced before)."""
+    try:
         os.replace(temporary, final)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_folder(final.parent)
-    return size
+    except FileNotFoundError:
+        if not temporary.exists():
+            raise
+        if durable:
+            _make_folder_durably(final.parent)
+        else:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temporary, final)
+    if durable:
+        _fsync_folder(final.parent)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -520,151 +1155,3 @@ def _make_folder_durably(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for created in reversed(missing):
         _fsync_folder(created.parent)
-
-
-def _write_received(final: Path, event: evt.Event) -> int:
-    """Spool a C-STORE's dataset as received, in the DICOM file format: preamble, file meta of the
-    negotiated transfer syntax, then the peer's bytes (written from pynetdicom's buffer, not
-    copied). Returns the file size."""
-    request = cast(C_STORE, event.request)
-    header = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-    stream = cast(BytesIO, request.DataSet)
-    with stream.getbuffer() as received:
-        return _write_atomically(final, (header, received))
-
-
-def _is_recorded(db: AuditDB, sop_uid: str) -> bool:
-    try:
-        with db.session() as session:
-            return (
-                session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid))
-                is not None
-            )
-    except RadnetError:
-        return False  # the write and the registration that follow report the failure
-
-
-def _text(ds: Any, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value).strip()
-
-
-def _on_store(event: evt.Event, state: _IngestState) -> int:
-    """C-STORE: spool the bytes as received, record the instance, then answer.
-
-    Success only once the file is fsynced and its row committed; anything else is a failure status
-    and an audit row, never an instance reported as stored that is not.
-    """
-    with state.lock:
-        info = state.open.get(id(event.assoc))
-    association_id = info.association_id if info is not None else None
-    request = cast(C_STORE, event.request)
-    sop_uid = str(request.AffectedSOPInstanceUID or "").strip()
-
-    def refuse(status: int, why: str, **ids: Any) -> int:
-        if info is not None:
-            info.refused += 1
-        try:
-            with state.db.session() as session:
-                add_event(
-                    session,
-                    "instance.refused",
-                    f"C-STORE refused with 0x{status:04X}: {why}",
-                    level="error",
-                    sop_instance_uid=sop_uid or None,
-                    association_id=association_id,
-                    data={"status": status},
-                    **ids,
-                )
-        except RadnetError as exc:
-            _log.error("C-STORE refused and not audited", why=why, error=str(exc))
-        return status
-
-    with cast(BytesIO, request.DataSet).getbuffer() as received:
-        incoming = received.nbytes
-    try:
-        if not state.free_space.reserve(incoming, state.node.min_free_disk_mb):
-            return refuse(
-                STATUS_OUT_OF_RESOURCES,
-                f"free disk space in {state.spool_dir} is below {state.node.min_free_disk_mb} MB",
-            )
-    except OSError as exc:
-        return refuse(STATUS_OUT_OF_RESOURCES, f"cannot check free disk space: {exc}")
-
-    try:
-        # parses the element structure only: values are converted on access, pixels never
-        ds = event.dataset
-        study_uid = _text(ds, "StudyInstanceUID")
-        series_uid = _text(ds, "SeriesInstanceUID")
-        dataset_sop_uid = _text(ds, "SOPInstanceUID")
-        accession = _text(ds, "AccessionNumber")
-        modality = _text(ds, "Modality")
-        description = _text(ds, "SeriesDescription")
-        number_text = _text(ds, "SeriesNumber")
-    except Exception as exc:  # noqa: BLE001 - pydicom reports malformed data in many types
-        return refuse(
-            STATUS_CANNOT_UNDERSTAND, f"the dataset cannot be parsed ({type(exc).__name__}: {exc})"
-        )
-    for name, value in (
-        ("SOPInstanceUID", dataset_sop_uid),
-        ("StudyInstanceUID", study_uid),
-        ("SeriesInstanceUID", series_uid),
-    ):
-        if not is_safe_uid(value):
-            return refuse(STATUS_CANNOT_UNDERSTAND, f"{name} {value!r} is missing or not a UID")
-    if sop_uid and dataset_sop_uid != sop_uid:
-        return refuse(
-            STATUS_CANNOT_UNDERSTAND,
-            f"the dataset's SOPInstanceUID {dataset_sop_uid} differs from the request's",
-        )
-    sop_uid = dataset_sop_uid
-    try:
-        series_number: int | None = int(float(number_text)) if number_text else None
-    except ValueError:
-        series_number = None
-    ids = {"study_instance_uid": study_uid, "series_instance_uid": series_uid}
-
-    final = spool_path(state.spool_dir, study_uid, series_uid, sop_uid)
-    # the file is at its place already: a resend of a stored instance (skip the write), or a file
-    # left by a crash between rename and commit (unrecorded, so write it again)
-    resend = final.exists() and _is_recorded(state.db, sop_uid)
-    size = 0
-    if not resend:
-        try:
-            size = _write_received(final, event)
-        except OSError as exc:
-            return refuse(
-                STATUS_OUT_OF_RESOURCES, f"cannot write {final}: {exc.strerror or exc}", **ids
-            )
-    instance = InstanceInfo(
-        sop_instance_uid=sop_uid,
-        sop_class_uid=str(request.AffectedSOPClassUID or ""),
-        study_instance_uid=study_uid,
-        series_instance_uid=series_uid,
-        transfer_syntax_uid=str(event.context.transfer_syntax),
-        size_bytes=size,
-        spool_path=str(final),
-        accession_number=accession[:64],
-        modality=modality[:16],
-        series_number=series_number,
-        series_description=description,
-    )
-    try:
-        with state.db.session() as session:
-            registration = register_instance(session, instance, association_id=association_id)
-    except RadnetError as exc:
-        if not resend:
-            # not recorded, so not stored: the sender gets a failure and sends it again
-            final.unlink(missing_ok=True)
-        return refuse(STATUS_OUT_OF_RESOURCES, f"cannot record the instance: {exc}", **ids)
-    if registration.outcome == RegistrationOutcome.DUPLICATE:
-        if not resend and registration.existing_spool_path != str(final):
-            final.unlink(missing_ok=True)  # the first copy lives elsewhere (other study/series)
-        if info is not None:
-            info.duplicates += 1
-        return STATUS_SUCCESS
-    if info is not None:
-        info.stored += 1
-    if state.on_instance is not None:
-        state.on_instance()
-    return STATUS_SUCCESS

@@ -4,26 +4,39 @@ transfer syntaxes; every refusal has an audit row."""
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from node_support import reject_reason, send, wait_for, write_series
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom import dcmwrite
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
 
-from radnet_node.audit import Association, AuditDB, Event, Instance, Series
+from radnet_node.audit import Association, AuditDB, Base, Event, Instance, Series
 from radnet_node.config import NodeSection
 from radnet_node.ingest import (
     CT_STORAGE_CLASSES,
     STATUS_OUT_OF_RESOURCES,
     IngestSCP,
     _FreeSpace,
-    _write_atomically,
+    _place,
     spool_path,
 )
 
@@ -121,7 +134,7 @@ def test_compressed_transfer_syntaxes_are_accepted_without_decoding(
 
 
 def test_ct_classes_are_offered_in_the_usual_transfer_syntaxes(scp: IngestSCP) -> None:
-    supported = {c.abstract_syntax: set(c.transfer_syntax) for c in scp.ae.supported_contexts}
+    supported = {c.abstract_syntax: set(c.transfer_syntax) for c in scp.supported_contexts}
     for sop_class in CT_STORAGE_CLASSES:
         assert {
             "1.2.840.10008.1.2.1",  # explicit VR little endian
@@ -212,20 +225,37 @@ def test_free_space_is_reserved_per_instance_between_readings(tmp_path: Path) ->
 def test_the_first_instance_of_a_new_study_creates_its_folders(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    final = spool_path(spool, "1.2.3", "1.2.3.4", "1.2.3.4.5")
-    assert _write_atomically(final, (b"abc", memoryview(b"def"))) == 6
-    assert final.read_bytes() == b"abcdef"
-    assert [p.name for p in final.parent.iterdir()] == [final.name]  # no temporary left
+    for durable in (False, True):
+        final = spool_path(spool, "1.2.3", f"1.2.3.{int(durable)}", "1.2.3.4.5")
+        temporary = spool / ".incoming.tmp"
+        temporary.write_bytes(b"abcdef")
+        _place(temporary, final, durable=durable)
+        assert final.read_bytes() == b"abcdef"
+        assert not temporary.exists()
+        assert [p.name for p in final.parent.iterdir()] == [final.name]
 
 
-def test_a_database_failure_is_a_failure_status_and_leaves_no_file(
+def test_a_database_failure_keeps_what_was_answered_and_refuses_more_until_it_is_back(
     tmp_path: Path, scp: IngestSCP, db: AuditDB
 ) -> None:
-    files = write_series(tmp_path, "e", slices=1)
+    first, second = write_series(tmp_path, "e", slices=2)
     with db.engine.begin() as connection:
         connection.exec_driver_sql("DROP TABLE instances")  # every insert fails from now on
-    assert send(scp.address[1], files) == [STATUS_OUT_OF_RESOURCES]
-    assert not list(scp.spool_dir.rglob("*.dcm"))
+    # answered once its file is in the spool: the row follows from the recorder, which now fails
+    assert send(scp.address[1], [first]) == [0x0000]
+    first_path = spool_path(scp.spool_dir, *_uids(first))
+    assert first_path.is_file()
+    recorder = scp._state.recorder  # type: ignore[union-attr]
+    wait_for(lambda: recorder.error is not None, 10, "the recorder to see the failure")
+    # while the database fails nothing more is taken: the sender keeps it and sends it again
+    assert send(scp.address[1], [second]) == [STATUS_OUT_OF_RESOURCES]
+    assert not spool_path(scp.spool_dir, *_uids(second)).exists()
+    Base.metadata.create_all(db.engine)  # the database is back: the retried batch commits
+    wait_for(lambda: recorder.error is None and recorder.backlog == 0, 15, "the retry")
+    with db.session() as session:
+        paths = session.scalars(select(Instance.spool_path)).all()
+    assert paths == [str(first_path)]
+    assert send(scp.address[1], [second]) == [0x0000]
 
 
 def test_a_dataset_without_valid_uids_is_not_understood(
@@ -240,7 +270,7 @@ def test_a_dataset_without_valid_uids_is_not_understood(
 
 def test_only_ct_classes_when_other_storage_is_not_accepted(tmp_path: Path, db: AuditDB) -> None:
     scp = IngestSCP(_node(tmp_path, accept_all_storage_classes=False), db)
-    classes = {c.abstract_syntax for c in scp.ae.supported_contexts}
+    classes = {c.abstract_syntax for c in scp.supported_contexts}
     assert classes == {*CT_STORAGE_CLASSES, Verification}
     assert CTImageStorage in classes
 
@@ -259,3 +289,116 @@ def test_presentation_contexts_the_node_does_not_take_are_named_in_the_audit(
         closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
     assert "presentation contexts refused: MR Image Storage" in closed[0].message
     assert closed[0].level == "warning"
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_uncompressed_syntaxes_are_spooled_as_sent(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB, syntax: str
+) -> None:
+    # implicit VR: the header scan's other encoding; big endian: read back with pydicom instead
+    original = pydicom.dcmread(write_series(tmp_path, "s", slices=1)[0])
+    original.file_meta.TransferSyntaxUID = syntax
+    dcmwrite(
+        tmp_path / "re-encoded.dcm",
+        original,
+        implicit_vr=syntax == ImplicitVRLittleEndian,
+        little_endian=syntax != ExplicitVRBigEndian,
+        force_encoding=True,
+    )
+    ds = pydicom.dcmread(tmp_path / "re-encoded.dcm")
+    assert send(scp.address[1], [ds]) == [0x0000]
+    spooled = pydicom.dcmread(spool_path(scp.spool_dir, *_uids_of(ds)))
+    assert spooled.file_meta.TransferSyntaxUID == syntax
+    assert spooled.SeriesDescription == ds.SeriesDescription
+    assert spooled.PixelData == ds.PixelData
+    wait_for(lambda: _instance_count(db) == 1, 10, "the instance row")
+
+
+def test_fsync_spool_makes_every_file_durable_before_success(tmp_path: Path, db: AuditDB) -> None:
+    files = write_series(tmp_path, "d", slices=2)
+    with _running(_node(tmp_path, fsync_spool=True), db) as running:
+        assert send(running.address[1], files) == [0x0000, 0x0000]
+        for path in files:
+            assert spool_path(running.spool_dir, *_uids(path)).read_bytes()[128:132] == b"DICM"
+
+
+def _uids_of(ds: pydicom.Dataset) -> tuple[str, str, str]:
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def _instance_count(db: AuditDB) -> int:
+    with db.session() as session:
+        return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+def _raw_association(port: int) -> socket.socket:
+    """A TCP connection with an accepted association (Verification and CT Image Storage, context
+    IDs 1 and 3), made by hand so that the test can then break the protocol."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "MODALITY"
+    primitive.called_ae_title = "RADNET"
+    contexts = []
+    for context_id, abstract in ((1, Verification), (3, CTImageStorage)):
+        context = build_context(abstract, [ImplicitVRLittleEndian])
+        context.context_id = context_id
+        contexts.append(context)
+    primitive.presentation_context_definition_list = contexts
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    primitive.user_information = [maximum]
+    request = A_ASSOCIATE_RQ()
+    request.from_primitive(primitive)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(request.encode())
+    assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+    return sock
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = b""
+    while len(header) < 6:
+        header += sock.recv(6 - len(header))
+    length = struct.unpack(">I", header[2:])[0]
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return header[0], body
+
+
+def test_a_broken_protocol_aborts_the_association_with_the_reason_audited(
+    scp: IngestSCP, db: AuditDB
+) -> None:
+    with _raw_association(scp.address[1]) as sock:
+        # a PDV on presentation context 99, which was never proposed
+        sock.sendall(struct.pack(">BBIIBB", 0x04, 0, 8, 4, 99, 0x03) + b"xx")
+        assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "aborted (protocol error: P-DATA on presentation context 99" in closed[0].message
+
+
+def test_a_service_the_node_does_not_offer_is_refused_and_the_association_goes_on(
+    scp: IngestSCP,
+) -> None:
+    with _raw_association(scp.address[1]) as sock:
+        # a C-FIND-RQ (no data set) on the Verification context, then a C-ECHO-RQ
+        for field_, message_id in ((0x0020, 7), (0x0030, 8)):
+            command = b"".join(
+                struct.pack("<HHI", 0, element, len(value)) + value
+                for element, value in (
+                    (0x0002, b"1.2.840.10008.1.1\x00"),
+                    (0x0100, struct.pack("<H", field_)),
+                    (0x0110, struct.pack("<H", message_id)),
+                    (0x0800, struct.pack("<H", 0x0101)),
+                )
+            )
+            pdv = struct.pack(">IBB", len(command) + 2, 1, 0x03) + command
+            sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+            pdu_type, body = _read_pdu(sock)
+            assert pdu_type == 0x04
+            response = pydicom.dcmread(BytesIO(body[6:]), force=True)
+            assert response.CommandField == field_ | 0x8000
+            assert response.MessageIDBeingRespondedTo == message_id
+            assert response.Status == (0x0211 if field_ == 0x0020 else 0x0000)
+        sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
+        assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
