@@ -898,15 +898,19 @@ class _Incoming:
         if self._handle is None:
             return  # refused already: the rest of the dataset is read and dropped
         if self._scan_mode is not None and self._found is None:
-            self._head += fragment
+            # the first fragment nearly always holds the header: scan it in place, keep a copy
+            # only when the scan needs the next fragment too
+            head = memoryview(self._head + fragment) if self._head else fragment
             try:
-                self._found = dicom_ul.scan_header(
-                    memoryview(self._head), implicit=self._scan_mode
-                ).values
+                self._found = dicom_ul.scan_header(head, implicit=self._scan_mode).values
                 self._head = bytearray()
             except dicom_ul.NeedMoreData:
-                if len(self._head) > _HEAD_LIMIT:
+                if len(head) > _HEAD_LIMIT:
                     self._scan_mode, self._head = None, bytearray()  # read it from the file
+                elif not self._head:
+                    self._head = bytearray(fragment)
+                else:
+                    self._head += fragment
             except dicom_ul.ProtocolError as exc:
                 self.error = (STATUS_CANNOT_UNDERSTAND, f"the dataset cannot be parsed ({exc})")
                 self.discard()
