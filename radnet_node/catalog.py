@@ -78,6 +78,15 @@ class InstanceInfo:
     series_number: int | None = None
     series_description: str = ""
 
+    def event_ids(self) -> dict[str, str | None]:
+        """The identifiers an audit event about this instance carries."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "sop_instance_uid": self.sop_instance_uid,
+            "accession_number": self.accession_number or None,
+        }
+
 
 class RegistrationOutcome(enum.StrEnum):
     """What registering an instance did."""
@@ -176,11 +185,8 @@ def register_instances(session: Session, arrivals: Sequence[Arrival]) -> list[Re
                 "instance.duplicate",
                 f"SOP Instance UID already stored, kept the first copy ({existing[0]})",
                 level="warning",
-                study_instance_uid=info.study_instance_uid,
-                series_instance_uid=info.series_instance_uid,
-                sop_instance_uid=info.sop_instance_uid,
-                accession_number=info.accession_number or None,
                 association_id=association_id,
+                **info.event_ids(),
             )
             registrations.append(
                 Registration(
@@ -215,11 +221,8 @@ def register_instances(session: Session, arrivals: Sequence[Arrival]) -> list[Re
                 "series.first_instance",
                 f"first instance of series {info.series_number or '?'} "
                 f"{info.series_description!r} ({info.modality or 'no modality'})",
-                sop_instance_uid=info.sop_instance_uid,
-                study_instance_uid=info.study_instance_uid,
-                series_instance_uid=info.series_instance_uid,
-                accession_number=info.accession_number or None,
                 association_id=association_id,
+                **info.event_ids(),
             )
         elif series.state != SeriesState.RECEIVED:
             outcome = RegistrationOutcome.REOPENED

@@ -53,8 +53,9 @@ __all__ = [
     "command_response",
     "negotiate",
     "pdvs",
+    "PduReader",
+    "file_meta_header",
     "pdata_pdu",
-    "read_pdu",
     "reject_pdu",
     "release_rp_pdu",
     "scan_header",
@@ -137,11 +138,6 @@ class PduReader:
     def header(self) -> bytes:
         """The 6-byte header of the last PDU read."""
         return bytes(self._header)
-
-
-def read_pdu(reader: PduReader) -> tuple[int, memoryview]:
-    """The next PDU from ``reader`` (see :meth:`PduReader.read`)."""
-    return reader.read()
 
 
 def pdvs(body: memoryview) -> Iterator[tuple[int, int, memoryview]]:
@@ -375,6 +371,37 @@ def command_response(request: Command, status: int, *, sop_class_uid: str = "") 
     if request.affected_sop_instance_uid:
         body += _element(0x1000, _uid_value(request.affected_sop_instance_uid))
     return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def file_meta_header(sop_class: str, sop_instance: str, syntax: str, source_ae: str) -> bytes:
+    """Preamble, 'DICM' and the file meta information (PS3.10 7.1) that make a received dataset
+    a DICOM file, with this node as the implementation and ``source_ae`` (the calling AE title)
+    as the Source Application Entity Title when given."""
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _uid_value(sop_class)),
+        _meta_element(0x0003, b"UI", _uid_value(sop_instance)),
+        _meta_element(0x0010, b"UI", _uid_value(str(syntax))),
+        _meta_element(0x0012, b"UI", _uid_value(IMPLEMENTATION_CLASS_UID)),
+        _meta_element(0x0013, b"SH", _text_value(IMPLEMENTATION_VERSION_NAME)),
+    ]
+    if source_ae:
+        elements.append(_meta_element(0x0016, b"AE", _text_value(source_ae)))
+    body = b"".join(elements)
+    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + length + body
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """A group 0002 element, explicit VR little endian."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _text_value(text: str) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from radnet_node.dicom_out import NodeIdentity, build_outputs
+from radnet_node.durable import fsync_folder
 from radnet_node.engine import Engine, LoadedSeries
 from radnet_node.errors import InputError, RadnetError, SeriesError
 from radnet_node.preview import preview_png
@@ -364,14 +365,6 @@ def _removed_on_error(path: Path) -> Iterator[Path]:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_series_folder(out_dir: Path, name: str, files: Mapping[str, bytes]) -> Path:
     """Write ``files`` into ``out_dir/name/`` so that the folder appears complete or not at all.
 
@@ -414,7 +407,7 @@ def write_series_folder(out_dir: Path, name: str, files: Mapping[str, bytes]) ->
                     handle.write(content)
                     handle.flush()
                     os.fsync(handle.fileno())
-            _fsync_dir(temporary)
+            fsync_folder(temporary)
             if final.exists():
                 old = out_dir / f".old-{name}-{pid}"
                 if old.exists():
@@ -428,7 +421,7 @@ def write_series_folder(out_dir: Path, name: str, files: Mapping[str, bytes]) ->
                 shutil.rmtree(old)
             else:
                 os.rename(temporary, final)
-        _fsync_dir(out_dir)
+        fsync_folder(out_dir)
     except OSError as exc:
         raise InputError(final, f"cannot write the outputs ({exc.strerror or exc})") from exc
     return final

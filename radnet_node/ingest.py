@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import deque
@@ -58,6 +57,7 @@ from radnet_node.catalog import (
     register_instances,
 )
 from radnet_node.config import NodeSection, TlsSection
+from radnet_node.durable import fsync_folder, make_folder_durably
 from radnet_node.errors import ConfigError, RadnetError
 
 #: the Verification SOP Class (C-ECHO)
@@ -308,7 +308,7 @@ class _Recorder:
                         for item in batch
                     ],
                 )
-        except RadnetError as exc:
+        except Exception as exc:  # noqa: BLE001 - the recorder outlives any failure; ingest refuses
             if self.error is None:
                 _log.error("cannot record received instances; retrying", error=str(exc))
             self.error = str(exc)
@@ -861,14 +861,8 @@ class _Incoming:
         self.temporary = state.spool_dir / f".incoming.{os.getpid()}.{next(state.counter)}.tmp"
         self.size = 0  # the file's: file meta and dataset
         self.error: tuple[int, str] | None = None
-        # little endian datasets are scanned as they arrive; others are read back from the file
-        self._scan_mode: bool | None = (
-            True
-            if syntax == ImplicitVRLittleEndian
-            else None
-            if syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
-            else False
-        )
+        self._scan_mode = _scan_mode(syntax)
+        self._placed = False
         self._head = bytearray()
         self._found: dict[str, bytes] | None = None
         self._handle: BinaryIO | None = None
@@ -882,7 +876,9 @@ class _Incoming:
         try:
             self._handle = open(self.temporary, "wb")  # noqa: SIM115 - closed in finish/discard
             self.size = self._handle.write(
-                _file_meta(request.affected_sop_class_uid, sop_uid, syntax, association.calling)
+                dicom_ul.file_meta_header(
+                    request.affected_sop_class_uid, sop_uid, syntax, association.calling
+                )
             )
         except OSError as exc:
             self._fail_write(exc)
@@ -929,11 +925,12 @@ class _Incoming:
         self.temporary.unlink(missing_ok=True)
 
     def finish(self) -> int:
-        """The whole dataset is in: check it, place it, hand it to the recorder; the status."""
+        """The whole dataset is in: check it, place it, hand it to the recorder; the status.
+        Unless it was placed, the temporary file is dropped."""
         try:
             return self._finish()
         finally:
-            if self._handle is not None:
+            if not self._placed:
                 self.discard()
 
     def _refuse(self, status: int, why: str, **ids: Any) -> int:
@@ -974,7 +971,6 @@ class _Incoming:
         try:
             header = self._header()
         except Exception as exc:  # noqa: BLE001 - pydicom reports malformed data in many types
-            self.discard()
             return self._refuse(
                 STATUS_CANNOT_UNDERSTAND,
                 f"the dataset cannot be parsed ({type(exc).__name__}: {exc})",
@@ -982,12 +978,10 @@ class _Incoming:
         sop_uid = self.request.affected_sop_instance_uid
         for name in _UID_ELEMENTS:
             if not is_safe_uid(header[name]):
-                self.discard()
                 return self._refuse(
                     STATUS_CANNOT_UNDERSTAND, f"{name} {header[name]!r} is missing or not a UID"
                 )
         if header["SOPInstanceUID"] != sop_uid:
-            self.discard()
             return self._refuse(
                 STATUS_CANNOT_UNDERSTAND,
                 f"the dataset's SOPInstanceUID {header['SOPInstanceUID']} differs from the "
@@ -997,12 +991,10 @@ class _Incoming:
         ids = {"study_instance_uid": study_uid, "series_instance_uid": series_uid}
         recorder = state.recorder
         if recorder.error is not None:
-            self.discard()
             return self._refuse(
                 STATUS_OUT_OF_RESOURCES, f"cannot record instances: {recorder.error}", **ids
             )
         if recorder.backlog >= _MAX_BACKLOG:
-            self.discard()
             return self._refuse(
                 STATUS_OUT_OF_RESOURCES,
                 f"{recorder.backlog} received instances wait for the audit database",
@@ -1010,7 +1002,6 @@ class _Incoming:
             )
         try:
             if not state.free_space.reserve(self.size, state.node.min_free_disk_mb):
-                self.discard()
                 return self._refuse(
                     STATUS_OUT_OF_RESOURCES,
                     f"free disk space in {state.spool_dir} is below "
@@ -1018,7 +1009,6 @@ class _Incoming:
                     **ids,
                 )
         except OSError as exc:
-            self.discard()
             return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot check free disk space: {exc}")
         final = spool_path(state.spool_dir, study_uid, series_uid, sop_uid)
         # at its place already: a resend of a stored instance (the first copy is kept), or a file
@@ -1027,10 +1017,8 @@ class _Incoming:
         try:
             if written:
                 _place(self.temporary, final, durable=state.node.fsync_spool)
-            else:
-                self.discard()
+                self._placed = True
         except OSError as exc:
-            self.discard()
             return self._refuse(
                 STATUS_OUT_OF_RESOURCES, f"cannot write {final}: {exc.strerror or exc}", **ids
             )
@@ -1066,10 +1054,8 @@ class _Incoming:
         if found is None:
             ds = dcmread(self.temporary, stop_before_pixels=True)
             return {name: _text(ds, name) for name in (*_UID_ELEMENTS, *_TEXT_ELEMENTS)}
-        encodings = convert_encodings(
-            [v.strip() for v in found.get("SpecificCharacterSet", b"").decode("ascii", "replace")
-             .split("\\")] or [""]
-        )  # fmt: skip
+        charsets = found.get("SpecificCharacterSet", b"").decode("ascii", "replace").split("\\")
+        encodings = convert_encodings([term.strip() for term in charsets])
         values: dict[str, str] = {}
         for name in _UID_ELEMENTS:
             values[name] = found.get(name, b"").rstrip(b"\x00 ").decode("ascii", "replace")
@@ -1084,42 +1070,18 @@ class _Incoming:
 _MAX_BACKLOG = 10_000
 
 
+def _scan_mode(syntax: UID) -> bool | None:
+    """How a dataset in ``syntax`` is scanned as it arrives: implicit VR (True) or explicit VR
+    little endian (False, compressed syntaxes included); None: read back from the spooled file
+    with pydicom (big endian, deflate)."""
+    if syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+        return None
+    return syntax == ImplicitVRLittleEndian
+
+
 def _text(ds: Any, keyword: str) -> str:
     value = ds.get(keyword, "")
     return "" if value is None else str(value).strip()
-
-
-def _file_meta(sop_class: str, sop_instance: str, syntax: UID, source_ae: str) -> bytes:
-    """Preamble, 'DICM' and the file meta information (PS3.10 7.1) of a spooled instance."""
-    elements = [
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", _uid_bytes(sop_class)),
-        _meta_element(0x0003, b"UI", _uid_bytes(sop_instance)),
-        _meta_element(0x0010, b"UI", _uid_bytes(str(syntax))),
-        _meta_element(0x0012, b"UI", _uid_bytes(dicom_ul.IMPLEMENTATION_CLASS_UID)),
-        _meta_element(0x0013, b"SH", _padded(dicom_ul.IMPLEMENTATION_VERSION_NAME.encode("ascii"))),
-    ]
-    if source_ae:
-        elements.append(_meta_element(0x0016, b"AE", _padded(source_ae.encode("ascii", "replace"))))
-    body = b"".join(elements)
-    return (
-        b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
-    )
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    if vr == b"OB":
-        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-def _uid_bytes(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _padded(raw: bytes) -> bytes:
-    return raw + b" " if len(raw) % 2 else raw
 
 
 def _place(temporary: Path, final: Path, *, durable: bool) -> None:
@@ -1132,30 +1094,9 @@ def _place(temporary: Path, final: Path, *, durable: bool) -> None:
         if not temporary.exists():
             raise
         if durable:
-            _make_folder_durably(final.parent)
+            make_folder_durably(final.parent)
         else:
             final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temporary, final)
     if durable:
-        _fsync_folder(final.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_folder_durably(folder: Path) -> None:
-    """Create ``folder`` and its missing parents, fsyncing the parent of each one created, so a
-    power loss cannot take a study or series folder (and the files in it) away after success."""
-    missing = []
-    current = folder
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        _fsync_folder(created.parent)
+        fsync_folder(final.parent)

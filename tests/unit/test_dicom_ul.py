@@ -7,13 +7,13 @@ import struct
 from io import BytesIO
 
 import pytest
+from node_support import associate_rq_pdu
 from pydicom import Dataset, dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.presentation import build_context
 
 from radnet_node import dicom_ul
@@ -137,22 +137,9 @@ def test_pdvs_split_a_p_data_body_and_refuse_a_bad_length() -> None:
 
 
 def test_negotiation_accepts_what_is_supported_and_refuses_the_rest() -> None:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "MODALITY"
-    primitive.called_ae_title = "RADNET"
-    ct = build_context(CTImageStorage, [ImplicitVRLittleEndian])
-    ct.context_id = 1
-    mr = build_context("1.2.840.10008.5.1.4.1.1.4", [ImplicitVRLittleEndian])
-    mr.context_id = 3
-    primitive.presentation_context_definition_list = [ct, mr]
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = 16384
-    primitive.user_information = [maximum]
-    request = A_ASSOCIATE_RQ()
-    request.from_primitive(primitive)
+    request = associate_rq_pdu([CTImageStorage, "1.2.840.10008.5.1.4.1.1.4"])  # CT, MR
     supported = [build_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-    negotiated = dicom_ul.negotiate(request.encode(), supported, max_pdu=131072)
+    negotiated = dicom_ul.negotiate(request, supported, max_pdu=131072)
     assert negotiated.calling_ae_title == "MODALITY"
     assert negotiated.called_ae_title == "RADNET"
     assert negotiated.accepted == {1: (CTImageStorage, ImplicitVRLittleEndian)}

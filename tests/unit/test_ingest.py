@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_support import reject_reason, send, wait_for, write_series
+from node_support import associate_rq_pdu, reject_reason, send, wait_for, write_series
 from pydicom import dcmwrite
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -23,14 +23,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
 
 from radnet_node.audit import Association, AuditDB, Base, Event, Instance, Series
 from radnet_node.config import NodeSection
+from radnet_node.dicom_ul import PduReader
 from radnet_node.ingest import (
     CT_STORAGE_CLASSES,
     STATUS_OUT_OF_RESOURCES,
@@ -334,36 +332,15 @@ def _instance_count(db: AuditDB) -> int:
 def _raw_association(port: int) -> socket.socket:
     """A TCP connection with an accepted association (Verification and CT Image Storage, context
     IDs 1 and 3), made by hand so that the test can then break the protocol."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "MODALITY"
-    primitive.called_ae_title = "RADNET"
-    contexts = []
-    for context_id, abstract in ((1, Verification), (3, CTImageStorage)):
-        context = build_context(abstract, [ImplicitVRLittleEndian])
-        context.context_id = context_id
-        contexts.append(context)
-    primitive.presentation_context_definition_list = contexts
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = 16384
-    primitive.user_information = [maximum]
-    request = A_ASSOCIATE_RQ()
-    request.from_primitive(primitive)
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-    sock.sendall(request.encode())
+    sock.sendall(associate_rq_pdu([Verification, CTImageStorage]))
     assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
     return sock
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    header = b""
-    while len(header) < 6:
-        header += sock.recv(6 - len(header))
-    length = struct.unpack(">I", header[2:])[0]
-    body = b""
-    while len(body) < length:
-        body += sock.recv(length - len(body))
-    return header[0], body
+    pdu_type, body = PduReader(sock, 1 << 20).read()
+    return pdu_type, bytes(body)
 
 
 def test_a_broken_protocol_aborts_the_association_with_the_reason_audited(
