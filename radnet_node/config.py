@@ -106,7 +106,7 @@ class NodeSection(_Section):
     accept_all_storage_classes: bool = True
     max_pdu_bytes: Annotated[int, Field(ge=0, strict=True)] = 131072
     # fsync every spooled file (and its folder) before answering success: survives a power loss,
-    # at 40-60 % of the speed (benchmarks/bench_ingest.py); without it a kill -9 loses nothing
+    # at about half the speed (benchmarks/bench_ingest.py); without it a kill -9 loses nothing
     # either (the kernel holds the written bytes), only a power loss before they are written back
     fsync_spool: bool = False
     name: str = Field(default="radnet-node", min_length=1)
