@@ -21,8 +21,10 @@ uses only slices whose mask is known. Slices with unknown labels do not enter th
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -736,8 +738,28 @@ def validate(
     )
 
 
-def _milestones(config: TrainConfig) -> list[int]:
-    epochs = config.train.epochs
+def epochs_within(
+    seconds_left: float, *, done: int, seconds_per_epoch: float, final_validation_s: float
+) -> int:
+    """How many epochs a run that has ``done`` epochs can have in all within ``seconds_left``,
+    keeping time for one last validation (never fewer than ``done``)."""
+    if seconds_per_epoch <= 0.0:
+        return sys.maxsize
+    spare = seconds_left - final_validation_s
+    return done + max(0, math.floor(spare / seconds_per_epoch))
+
+
+def _shrunk_milestones(old: list[int], new: list[int], passed: int) -> list[int]:
+    """The drops of a schedule re-fitted to fewer epochs after ``passed`` epochs: drops already
+    taken stay, and a drop not yet taken is never moved into the past."""
+    taken = sum(1 for m in old if m <= passed)
+    return old[:taken] + [max(m, passed + 1) for m in new[taken:]]
+
+
+def _milestones(config: TrainConfig, epochs: int | None = None) -> list[int]:
+    """Epochs after which the learning rate drops, for a run of ``epochs`` (default: the
+    configured number)."""
+    epochs = config.train.epochs if epochs is None else epochs
     return sorted({round(m * epochs) for m in config.optim.milestones} - {0})
 
 
@@ -763,6 +785,7 @@ def train(
     dataset: CaseDataset | None = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    time_limit_s: float | None = None,
 ) -> TrainResult:
     """Train (or resume) one run into ``run_dir``.
 
@@ -781,6 +804,11 @@ def train(
     stop_after_epoch : int or None
         End this session after that epoch, leaving a run to continue with ``resume`` (for machines
         that cannot hold a whole run at once); the schedule still spans ``train.epochs``.
+    time_limit_s : float or None
+        Wall-clock seconds this call may take, loading included (a machine lent for a fixed
+        time). After each epoch the run measures what an epoch costs; when fewer epochs than
+        planned fit in the time left, it ends early and the step schedule shrinks to the epochs
+        that fit (the last one is validated). At least one epoch always runs.
 
     Returns
     -------
@@ -792,6 +820,7 @@ def train(
         ConfigError for a bad configuration or an existing run without ``resume``; DatasetError when
         no usable training or validation case is left; RadnetError for an unreadable checkpoint.
     """
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -910,7 +939,11 @@ def train(
     crop_epochs = (
         round(config.train.crop_fraction * config.train.epochs) if config.train.crop_size else 0
     )
-    for epoch in range(start_epoch, end_epoch):
+    loop_started = time.monotonic()
+    val_seconds = 0.0  # the last validation's cost (0 until one ran)
+    for epoch in itertools.count(start_epoch):
+        if epoch >= end_epoch:
+            break
         epoch_started = time.monotonic()
         # the sampler's and augmentation's randomness depends only on (seed, epoch): resumable
         rng = np.random.default_rng([config.train.seed, epoch])
@@ -973,9 +1006,37 @@ def train(
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_seconds = time.monotonic() - epoch_started
+        if deadline is not None:
+            fitted = epochs_within(
+                deadline - time.monotonic(),
+                done=epoch + 1,
+                seconds_per_epoch=(time.monotonic() - loop_started) / (epoch + 1 - start_epoch)
+                + val_seconds / config.train.val_every,
+                final_validation_s=val_seconds,
+            )
+            if fitted < end_epoch:
+                end_epoch = fitted
+                scheduler.milestones = collections.Counter(
+                    _shrunk_milestones(
+                        sorted(scheduler.milestones.elements()),
+                        _milestones(config, epochs=end_epoch),
+                        scheduler.last_epoch,
+                    )
+                )
+                tqdm.write(
+                    f"radnet-train: time limit: ending after epoch {end_epoch} of "
+                    f"{config.train.epochs}, step schedule {sorted(scheduler.milestones)}",
+                    file=sys.stderr,
+                )
         # validation costs a full inference pass over the 30 % split; val_every > 1 spares it
-        validated = (epoch + 1) % config.train.val_every == 0 or epoch + 1 == config.train.epochs
+        validated = (
+            (epoch + 1) % config.train.val_every == 0
+            or epoch + 1 == config.train.epochs
+            or epoch + 1 == end_epoch
+        )
         validation = validate(model, val_cases, runtime, config) if validated else None
+        if validation is not None:
+            val_seconds = time.monotonic() - epoch_started - train_seconds
         improved = False
         if validation is not None and selection_key(validation) > best_key:
             improved = True
@@ -1124,6 +1185,14 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
     stop_after_epoch: Annotated[
         int | None, typer.Option(help="End this session after epoch N; continue with --resume")
     ] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="Seconds this run may take, loading included; it ends earlier with the step "
+            "schedule shrunk to the epochs that fit",
+        ),
+    ] = None,
     init_from: Annotated[
         Path | None,
         typer.Option(help="Start from these weights (checkpoint or exported) to fine-tune"),
@@ -1191,7 +1260,12 @@ def _cli(  # noqa: PLR0917 (typer maps parameters to options)
                     "command line",
                 )
         result = train(
-            config, out, resume=resume, progress=not quiet, stop_after_epoch=stop_after_epoch
+            config,
+            out,
+            resume=resume,
+            progress=not quiet,
+            stop_after_epoch=stop_after_epoch,
+            time_limit_s=time_limit,
         )
     except (RadnetError, ValueError) as error:
         typer.echo(f"radnet-train: error: {error}", err=True)

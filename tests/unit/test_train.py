@@ -25,10 +25,12 @@ from training.train import (
     _cli,
     _milestones,
     _optimizer,
+    _shrunk_milestones,
     augment,
     build_windows,
     compute_loss,
     crop_batch,
+    epochs_within,
     load_cases,
     load_checkpoint,
     model_config_for,
@@ -291,6 +293,37 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(
     full_state = load_checkpoint(full / "checkpoints" / "last.pt")["model_state"]
     parted_state = load_checkpoint(parted / "checkpoints" / "last.pt")["model_state"]
     assert all(torch.equal(full_state[k], parted_state[k]) for k in full_state)
+
+
+def test_a_time_limit_ends_the_run_early_with_its_last_epoch_validated(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    # a limit already spent: the one epoch that always runs is also the last, and is validated
+    config = tiny_config(tiny_data, epochs=6, val_every=4)
+    result = train(config, tmp_path / "run", progress=False, time_limit_s=1e-6)
+    history = _history(tmp_path / "run")
+    assert [h["epoch"] for h in history] == [1]
+    assert history[0]["val"] is not None
+    assert result.best_epoch == 1
+    assert result.summary["epochs_done"] == 1 and result.summary["finished"] is False
+    # without a limit the same config runs all six epochs
+    full = train(config, tmp_path / "full", progress=False)
+    assert [h["epoch"] for h in _history(tmp_path / "full")] == [1, 2, 3, 4, 5, 6]
+    assert full.summary["finished"] is True
+
+
+def test_epochs_within_keeps_time_for_the_last_validation() -> None:
+    assert epochs_within(100.0, done=2, seconds_per_epoch=10.0, final_validation_s=15.0) == 10
+    assert epochs_within(5.0, done=3, seconds_per_epoch=10.0, final_validation_s=0.0) == 3
+    assert epochs_within(-50.0, done=1, seconds_per_epoch=10.0, final_validation_s=0.0) == 1
+
+
+def test_a_shrunk_schedule_keeps_drops_taken_and_never_moves_one_into_the_past() -> None:
+    # 60 planned epochs (drops at 20, 40), refitted to 30 after epoch 25: 20 was taken, 40 -> 20
+    # would be in the past, so the second drop comes at the next epoch
+    assert _shrunk_milestones([20, 40], [10, 20], passed=25) == [20, 26]
+    # refitted after epoch 2: both drops still ahead, scaled to the new length
+    assert _shrunk_milestones([20, 40], [10, 20], passed=2) == [10, 20]
 
 
 @pytest.fixture(scope="module")
