@@ -941,6 +941,7 @@ def train(
     )
     loop_started = time.monotonic()
     val_seconds = 0.0  # the last validation's cost (0 until one ran)
+    val_total = 0.0  # all validations' cost in this session
     for epoch in itertools.count(start_epoch):
         if epoch >= end_epoch:
             break
@@ -1010,7 +1011,8 @@ def train(
             fitted = epochs_within(
                 deadline - time.monotonic(),
                 done=epoch + 1,
-                seconds_per_epoch=(time.monotonic() - loop_started) / (epoch + 1 - start_epoch)
+                seconds_per_epoch=(time.monotonic() - loop_started - val_total)
+                / (epoch + 1 - start_epoch)
                 + val_seconds / config.train.val_every,
                 final_validation_s=val_seconds,
             )
@@ -1037,6 +1039,7 @@ def train(
         validation = validate(model, val_cases, runtime, config) if validated else None
         if validation is not None:
             val_seconds = time.monotonic() - epoch_started - train_seconds
+            val_total += val_seconds
         improved = False
         if validation is not None and selection_key(validation) > best_key:
             improved = True
