@@ -12,6 +12,7 @@ speed (``benchmarks/bench_ingest.py``); blocking reads here wait for the peer, n
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import uuid
 from collections.abc import Iterator, Sequence
@@ -89,11 +90,33 @@ class NeedMoreData(Exception):
 # PDU framing
 
 
+def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking, with reads and writes that fail after ``seconds`` without
+    progress, enforced by the kernel (SO_RCVTIMEO / SO_SNDTIMEO).
+
+    Python's own socket timeout polls before every call: one more system call per read on the
+    data path. A call that runs out raises BlockingIOError (ssl.SSLWantReadError or
+    SSLWantWriteError under TLS); ``PduReader`` turns a read's into TimeoutError.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+#: what a socket call raises when the kernel's timeout (set_kernel_timeouts) runs out
+KERNEL_TIMEOUTS = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
     received = 0
     total = len(view)
     while received < total:
-        count = sock.recv_into(view[received:])
+        try:
+            count = sock.recv_into(view[received:])
+        except KERNEL_TIMEOUTS as exc:
+            raise TimeoutError("nothing received within the network timeout") from exc
         if count == 0:
             raise EOFError("the peer closed the connection")
         received += count

@@ -612,7 +612,7 @@ class _Association:
                 raise dicom_ul.ProtocolError(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
             if not self._associate(self.reader.header + bytes(body)):
                 return
-            self.sock.settimeout(None)  # EXPERIMENT
+            dicom_ul.set_kernel_timeouts(self.sock, self.scp.NETWORK_TIMEOUT_S)
             command = bytearray()
             while True:
                 pdu_type, body = self.reader.read()
@@ -649,8 +649,8 @@ class _Association:
             how, why = "aborted", f"protocol error: {exc}"
             with contextlib.suppress(OSError):
                 self.sock.sendall(dicom_ul.abort_pdu())
-        except TimeoutError:
-            how, why = "aborted", "the peer was silent too long"
+        except (TimeoutError, *dicom_ul.KERNEL_TIMEOUTS):
+            how, why = "aborted", f"no progress for {self.scp.NETWORK_TIMEOUT_S:g} s"
             with contextlib.suppress(OSError):
                 self.sock.sendall(dicom_ul.abort_pdu())
         except EOFError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -352,6 +353,41 @@ def test_a_broken_protocol_aborts_the_association_with_the_reason_audited(
         assert _read_pdu(sock)[0] == 0x07  # A-ABORT
     closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
     assert "aborted (protocol error: P-DATA on presentation context 99" in closed[0].message
+
+
+def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    with _running(_node(tmp_path), db) as scp:
+        scp.NETWORK_TIMEOUT_S = 0.5
+        with _raw_association(scp.address[1]) as sock:
+            sop_uid = b"1.2.826.0.1.3680043.8.498.1\x00"
+            command = b"".join(
+                struct.pack("<HHI", 0, element, len(value)) + value
+                for element, value in (
+                    (0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"),  # CT Image Storage
+                    (0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+                    (0x0110, struct.pack("<H", 1)),
+                    (0x0700, struct.pack("<H", 0)),
+                    (0x0800, struct.pack("<H", 0x0000)),  # a data set follows
+                    (0x1000, sop_uid),
+                )
+            )
+            pdv = struct.pack(">IBB", len(command) + 2, 3, 0x03) + command
+            sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+            # the first bytes of the data set (not its last fragment), then nothing
+            part = struct.pack("<HHI", 0x0008, 0x0016, 26) + b"1.2.840.10008.5.1.4.1.1.2\x00"
+            pdv = struct.pack(">IBB", len(part) + 2, 3, 0x00) + part
+            sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+            started = time.monotonic()
+            assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+            assert time.monotonic() - started < 10
+        closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+        assert "aborted (no progress for 0.5 s)" in closed[0].message
+        # the unfinished instance was never answered: no file of it is kept, not even a temporary
+        wait_for(
+            lambda: not [p for p in scp.spool_dir.rglob("*") if p.is_file()], 10, "empty spool"
+        )
 
 
 def test_a_service_the_node_does_not_offer_is_refused_and_the_association_goes_on(
