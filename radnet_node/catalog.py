@@ -62,6 +62,13 @@ def is_safe_uid(value: str) -> bool:
     return len(value) <= 64 and bool(_UID.match(value))
 
 
+class _InstanceEventIds(TypedDict):
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    accession_number: str | None
+
+
 @dataclass(frozen=True)
 class InstanceInfo:
     """What the catalog records of one received instance (read from its header, no pixels)."""
@@ -78,7 +85,7 @@ class InstanceInfo:
     series_number: int | None = None
     series_description: str = ""
 
-    def event_ids(self) -> dict[str, str | None]:
+    def event_ids(self) -> _InstanceEventIds:
         """The identifiers an audit event about this instance carries."""
         return {
             "study_instance_uid": self.study_instance_uid,

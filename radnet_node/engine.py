@@ -276,7 +276,7 @@ class Engine:
         self.channels_last = True if settings.channels_last is None else settings.channels_last
         model = model.to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         model.eval()
         self._model = model
         self.chunk_slices = settings.chunk_slices or (

@@ -27,21 +27,21 @@ class ModelSection(_Section):
     """Network: variant and the RadnetConfig hyper-parameters (see radnet_node.model)."""
 
     variant: Literal["densenet", "densenet_a", "radnet"] = "radnet"
-    growth_rate: int = Field(12, ge=1)
-    layers_per_block: int = Field(12, ge=1)
-    stem_channels: int = Field(16, ge=1)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    lstm_hidden: int = Field(128, ge=1)
+    growth_rate: int = Field(default=12, ge=1)
+    layers_per_block: int = Field(default=12, ge=1)
+    stem_channels: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    lstm_hidden: int = Field(default=128, ge=1)
 
 
 class PreprocessSection(_Section):
     """Model input geometry and window (radnet_node.preprocess.PreprocessSpec)."""
 
     window_level_hu: float = 40.0
-    window_width_hu: float = Field(80.0, gt=0.0)
-    pixel_spacing_mm: float = Field(1.0, gt=0.0)
-    field_of_view_mm: float = Field(250.0, gt=0.0)
-    min_slices: int = Field(5, ge=1)
+    window_width_hu: float = Field(default=80.0, gt=0.0)
+    pixel_spacing_mm: float = Field(default=1.0, gt=0.0)
+    field_of_view_mm: float = Field(default=250.0, gt=0.0)
+    min_slices: int = Field(default=5, ge=1)
     # optional shoulder: above the knee the window rises more slowly, reaching 1 at the ceiling
     window_knee_hu: float | None = None
     window_ceiling_hu: float | None = None
@@ -58,8 +58,8 @@ class DataSection(_Section):
 
     specs: tuple[str, ...] = ()
     cache_dir: str | None = None
-    max_cases: int | None = Field(None, ge=2)
-    train_fraction: float = Field(0.7, gt=0.0, lt=1.0)
+    max_cases: int | None = Field(default=None, ge=2)
+    train_fraction: float = Field(default=0.7, gt=0.0, lt=1.0)
     # split.json of an earlier run: its cases stay on their side, only new cases are split
     keep_split: str | None = None
 
@@ -79,13 +79,13 @@ class OptimSection(_Section):
     """
 
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    lr: float = Field(default=0.01, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
     nesterov: bool = False
     milestones: tuple[float, ...] = (1 / 3, 2 / 3)
-    gamma: float = Field(0.1, gt=0.0, le=1.0)
-    grad_clip_norm: float | None = Field(None, gt=0.0)
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    grad_clip_norm: float | None = Field(default=None, gt=0.0)
 
     @model_validator(mode="after")
     def _milestones_are_fractions(self) -> OptimSection:
@@ -99,18 +99,18 @@ class OptimSection(_Section):
 class LossSection(_Section):
     """Main slice BCE plus the weighted auxiliary segmentation losses."""
 
-    main_weight: float = Field(1.0, gt=0.0)
+    main_weight: float = Field(default=1.0, gt=0.0)
     aux_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
     aux_dice: bool = True
     # A slice whose mask covers 1 to min_blood_pixels - 1 model pixels (mm^2 at 1 mm) is left out
     # of the slice loss (label unknown): a speck of partial-volume blood the image cannot show.
     # 0 = off.
-    min_blood_pixels: int = Field(0, ge=0)
+    min_blood_pixels: int = Field(default=0, ge=0)
     # A positive slice whose known mask covers fewer than small_blood_pixels model pixels (mm^2 at
     # 1 mm) counts small_blood_weight times in the slice loss: small bleeds are most of the misses
     # of the shipped weights. 0 (or a weight of 1) = off.
-    small_blood_pixels: int = Field(0, ge=0)
-    small_blood_weight: float = Field(1.0, gt=0.0)
+    small_blood_pixels: int = Field(default=0, ge=0)
+    small_blood_weight: float = Field(default=1.0, gt=0.0)
 
     @model_validator(mode="after")
     def _weights_non_negative(self) -> LossSection:
@@ -122,37 +122,37 @@ class LossSection(_Section):
 class AugmentSection(_Section):
     """Augmentation applied to every sampled sequence, and the class balancing of the sampler."""
 
-    rotation_deg: float = Field(15.0, ge=0.0, le=180.0)
-    hflip_probability: float = Field(0.5, ge=0.0, le=1.0)
-    positive_sequence_fraction: float | None = Field(0.5, gt=0.0, lt=1.0)
+    rotation_deg: float = Field(default=15.0, ge=0.0, le=180.0)
+    hflip_probability: float = Field(default=0.5, ge=0.0, le=1.0)
+    positive_sequence_fraction: float | None = Field(default=0.5, gt=0.0, lt=1.0)
 
 
 class TrainSection(_Section):
     """Loop, sampling, evaluation and the compute settings."""
 
-    epochs: int = Field(60, ge=1)
-    sequence_length: int = Field(8, ge=1)
-    batch_size: int = Field(1, ge=1)
-    epoch_size: int | None = Field(None, ge=1)
+    epochs: int = Field(default=60, ge=1)
+    sequence_length: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+    epoch_size: int | None = Field(default=None, ge=1)
     seed: int = 0
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    min_consecutive: int = Field(3, ge=1)
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    min_consecutive: int = Field(default=3, ge=1)
     # the positive run must also span this many mm (postprocess.slices_needed); None: slices only
-    min_extent_mm: float | None = Field(None, gt=0.0)
-    eval_chunk: int = Field(4, ge=1)
-    val_every: int = Field(1, ge=1)
+    min_extent_mm: float | None = Field(default=None, gt=0.0)
+    eval_chunk: int = Field(default=4, ge=1)
+    val_every: int = Field(default=1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(default=None, ge=1)
     # processes that decode and preprocess the cases before training (cache misses cost a DICOM
     # decode and a resampling each); 1 = in the training process
-    load_workers: int = Field(1, ge=1)
+    load_workers: int = Field(default=1, ge=1)
     image_dtype: Literal["float32", "float16"] = "float16"
     # Train the first crop_fraction of the epochs on crop_size x crop_size px crops (0 = never):
     # cheaper steps and a larger share of blood in the pooled features; see train.crop_batch.
-    crop_size: int = Field(0, ge=0)
-    crop_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    crop_size: int = Field(default=0, ge=0)
+    crop_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     # Start from these weights instead of He initialisation (a fine-tuning stage): a radnet-train
     # checkpoint (.pt with its saved state) or exported weights with their model card. The
     # architecture must match exactly; optimizer and schedule start fresh.

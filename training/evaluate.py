@@ -135,7 +135,7 @@ def evaluate_cases(
     """
     model = model.to(runtime.device)
     if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.eval()
     results: list[CaseResult] = []
     skipped: list[tuple[str, str]] = []
@@ -558,7 +558,13 @@ def evaluate(  # noqa: PLR0917 (typer maps parameters to options)
         if split_file is not None and split != "val":
             raise ConfigError("--split-file names the cases itself: leave out --split")
         other_split = _read_split_file(split_file) if split_file is not None else None
-        if other_split is not None and data and other_split[1] and list(data) != other_split[1]:
+        if (
+            other_split is not None
+            and split_file is not None
+            and data
+            and other_split[1]
+            and list(data) != other_split[1]
+        ):
             typer.echo(
                 f"radnet-eval: warning: --data differs from the data of {split_file.parent} "
                 "(case ids depend on the specs and their order): " + ", ".join(other_split[1]),

@@ -8,7 +8,9 @@ Mimics (calcifications, a calcified meningioma) are rendered the same way but ar
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -175,6 +177,11 @@ def _crop_of(array: np.ndarray, sl: tuple[slice, slice, slice]) -> np.ndarray:
     return array[sl].astype(np.float32)
 
 
+def _mni_point(values: Iterable[float]) -> tuple[float, float, float]:
+    """A point's three MNI coordinates (mm) as a tuple of floats."""
+    return cast(tuple[float, float, float], tuple(float(v) for v in values))
+
+
 # ---------------------------------------------------------------- the five subtypes
 
 
@@ -215,8 +222,8 @@ def intraparenchymal(
     mass = None
     if diameter > 28:
         mass = MassEffect(
-            tuple(float(v) for v in centre),
-            float(rng.uniform(0.15, 0.35) * radius),  # type: ignore[arg-type]
+            _mni_point(centre),
+            float(rng.uniform(0.15, 0.35) * radius),
             float(2.5 * radius + 15.0),
         )
     return LesionField(
@@ -227,8 +234,8 @@ def intraparenchymal(
         oedema=oedema,
         oedema_hu=float(rng.uniform(14, 24)),
         mass_effect=mass,
-        centre_mni=tuple(float(v) for v in centre),
-    )  # type: ignore[arg-type]
+        centre_mni=_mni_point(centre),
+    )
 
 
 def _extra_axial(atlas: HeadAtlas, rng: np.random.Generator, subtype: str) -> LesionField:
@@ -263,10 +270,8 @@ def _extra_axial(atlas: HeadAtlas, rng: np.random.Generator, subtype: str) -> Le
     ).astype(np.float32)
     centre = surface + normal * thickness * 0.5
     mass = (
-        MassEffect(tuple(float(v) for v in surface), float(push), float(cap + 2.0 * thickness))
-        if push
-        else None
-    )  # type: ignore[arg-type]
+        MassEffect(_mni_point(surface), float(push), float(cap + 2.0 * thickness)) if push else None
+    )
     return LesionField(
         subtype,
         lo,
@@ -274,8 +279,8 @@ def _extra_axial(atlas: HeadAtlas, rng: np.random.Generator, subtype: str) -> Le
         hu,
         effacement=efface * 0.8,
         mass_effect=mass,
-        centre_mni=tuple(float(v) for v in centre),
-    )  # type: ignore[arg-type]
+        centre_mni=_mni_point(centre),
+    )
 
 
 def subdural(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray) -> LesionField:
@@ -319,8 +324,8 @@ def subarachnoid(atlas: HeadAtlas, rng: np.random.Generator, gravity: np.ndarray
         lo,
         fraction.astype(np.float32),
         hu,
-        centre_mni=tuple(float(v) for v in centre),
-    )  # type: ignore[arg-type]
+        centre_mni=_mni_point(centre),
+    )
 
 
 def intraventricular(
@@ -351,9 +356,7 @@ def intraventricular(
     layer = np.clip(dep - np.float32(level) + 0.5, 0.0, 1.0)
     fraction = (vent * layer).astype(np.float32)
     hu = _blood_hu(fraction.shape, rng, 60.0, 85.0)
-    return LesionField(
-        "intraventricular", lo, fraction, hu, centre_mni=tuple(float(v) for v in centre)
-    )  # type: ignore[arg-type]
+    return LesionField("intraventricular", lo, fraction, hu, centre_mni=_mni_point(centre))
 
 
 MAKERS = {

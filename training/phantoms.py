@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
 import pydicom
 import torch
 import torch.nn.functional as F
@@ -563,7 +564,7 @@ def _lesion_records(
     hu_noise_free: np.ndarray,
     geometry: SeriesGeometry,
     subtypes: Sequence[str],
-    fallback_centres: Sequence[np.ndarray],
+    fallback_centres: Sequence[npt.ArrayLike],
 ) -> tuple[LesionRecord, ...]:
     spacing = np.diff(np.asarray(geometry.table_positions_mm))
     slice_step = (
@@ -784,9 +785,10 @@ def generate_case(
         if lesions:
             # a pixel dominated by bone partial volume (skull base, inner table) reads as bone
             fractions *= (hu_up < _BONE_DOMINATED_HU)[None]
-        subtypes = [les.subtype for les in lesions]
+        lesion_subtypes = [les.subtype for les in lesions]
+        subtypes = tuple(lesion_subtypes)  # a further attempt draws lesions of these subtypes
         mask, labels, slice_subtypes, per_lesion = _mask_summary(
-            fractions, geometry, options, subtypes
+            fractions, geometry, options, lesion_subtypes
         )
         if not positive or any(labels):
             break
@@ -811,7 +813,7 @@ def generate_case(
         per_lesion,
         hu_noise_free,
         geometry,
-        subtypes,
+        lesion_subtypes,
         [case_pose.to_patient(np.asarray(les.centre_mni)) for les in lesions],
     )
     case_id = f"ph{seed}-{index:05d}"
@@ -1143,6 +1145,9 @@ def generate_background_case(
         gantry_tilt_deg=round(background.tilt_deg, 4),
         first_pixel_xy_mm=(background.position_mm[0], background.position_mm[1]),
     )
+    fractions: list[np.ndarray]
+    blood: list[float]
+    subtypes: list[str]
     fractions, blood, subtypes = [], [], []
     if positive:
         for _attempt in range(10):

@@ -469,14 +469,14 @@ def compute_loss(
     aux_total = zero
     if aux_logits is not None and batch.mask_known.any():
         target = batch.masks[batch.mask_known]
-        for weight, head in zip(config.loss.aux_weights, aux_logits, strict=True):
-            if weight == 0.0:
+        for aux_weight, head in zip(config.loss.aux_weights, aux_logits, strict=True):
+            if aux_weight == 0.0:
                 continue
             logits = head.float()[batch.mask_known]
             head_loss = F.binary_cross_entropy_with_logits(logits, target)
             if config.loss.aux_dice:
                 head_loss = head_loss + soft_dice_loss(logits, target)
-            aux_total = aux_total + weight * head_loss
+            aux_total = aux_total + aux_weight * head_loss
         total = total + aux_total
     parts["aux"] = float(aux_total.detach())
     parts["loss"] = float(total.detach())
@@ -882,7 +882,7 @@ def train(
 
     model = RADnet(model_config_for(config)).to(runtime.device)
     if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if config.train.trainable == "head":
         head_only(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
