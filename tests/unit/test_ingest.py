@@ -260,10 +260,16 @@ def test_a_database_failure_keeps_what_was_answered_and_refuses_more_until_it_is
 def test_a_dataset_without_valid_uids_is_not_understood(
     tmp_path: Path, scp: IngestSCP, db: AuditDB
 ) -> None:
-    ds = pydicom.dcmread(write_series(tmp_path, "f", slices=1)[0])
+    first, second, third = write_series(tmp_path, "f", slices=3)
+    ds = pydicom.dcmread(second)
     ds.SeriesInstanceUID = "../../etc"
-    assert send(scp.address[1], [ds]) == [0xC000]
-    assert not list((tmp_path / "data").rglob("*.dcm"))
+    # between good ones on one association: each request after the first gets the temporary file
+    # the association opened ahead, and the refused one's is dropped
+    assert send(scp.address[1], [first, ds, third]) == [0x0000, 0xC000, 0x0000]
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*.dcm")) == sorted(
+        f"{pydicom.dcmread(f).SOPInstanceUID}.dcm" for f in (first, third)
+    )
+    assert not list((tmp_path / "data").rglob(".incoming*"))
     assert "SeriesInstanceUID '../../etc'" in _events(db, "instance.refused")[0].message
 
 
