@@ -13,13 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 
 from radnet_node.errors import RadnetError, WeightsError
 from radnet_node.model import RadnetConfig, build_model
 from radnet_node.postprocess import extent_setting
 from radnet_node.preprocess import PreprocessSpec
-from radnet_node.weights import export_weights, read_model_card
+from radnet_node.weights import export_weights, load_model, read_model_card
 from training.train import load_checkpoint
 
 LIMITATIONS = [
@@ -233,6 +234,54 @@ def build_card_fields(
     return {"training_data": training_data, "training": training, "metrics": metrics}
 
 
+def average_states(
+    own: Mapping[str, torch.Tensor], others: list[Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The uniform average of ``own`` and ``others`` (a "model soup" of weights fine-tuned from
+    one start): floating tensors are averaged in float32 and keep ``own``'s dtype; integer buffers
+    (batch-norm step counters) are ``own``'s.
+
+    Raises
+    ------
+    RadnetError
+        When a state has other keys or shapes than ``own``.
+    """
+    averaged: dict[str, torch.Tensor] = {}
+    for index, other in enumerate(others, start=1):
+        if set(other) != set(own):
+            raise RadnetError(
+                f"weights {index} to average with have other tensors than the run's "
+                f"({len(set(other) ^ set(own))} names differ)"
+            )
+    for key, value in own.items():
+        if not value.is_floating_point():
+            averaged[key] = value
+            continue
+        total = value.float()
+        for other in others:
+            if other[key].shape != value.shape:
+                raise RadnetError(
+                    f"{key}: shape {tuple(other[key].shape)} in weights to average with, "
+                    f"{tuple(value.shape)} in the run"
+                )
+            total = total + other[key].float()
+        averaged[key] = (total / (1 + len(others))).to(value.dtype)
+    return averaged
+
+
+def _averaging(paths: list[Path]) -> tuple[list[Mapping[str, torch.Tensor]], list[dict[str, Any]]]:
+    """States of exported weights to average with (each checked against its card) and what the
+    card records of them."""
+    states, records = [], []
+    for path in paths:
+        model, card = load_model(path)
+        states.append(model.state_dict())
+        records.append(
+            {"path": str(path), "name": card.name, "version": card.version, "sha256": card.sha256}
+        )
+    return states, records
+
+
 @app.command()
 def export(  # noqa: PLR0917 (typer maps parameters to options)
     run: Annotated[Path, typer.Option(help="radnet-train run directory")],
@@ -252,6 +301,13 @@ def export(  # noqa: PLR0917 (typer maps parameters to options)
             "min_positive_extent_mm; default: the run's [train] min_extent_mm; 0: none)"
         ),
     ] = None,
+    average_with: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Exported weights (with their card) to average the run's weights with, "
+            "uniformly; repeatable. For weights fine-tuned from these or from a common start"
+        ),
+    ] = None,
 ) -> None:
     """Export RUN/checkpoints/{best,last}.pt as OUT with its model card OUT.json."""
     try:
@@ -266,8 +322,20 @@ def export(  # noqa: PLR0917 (typer maps parameters to options)
         model = build_model(
             config.variant, **{k: v for k, v in config.to_dict().items() if k != "variant"}
         )
-        model.load_state_dict(checkpoint["model_state"], strict=True)
+        state = checkpoint["model_state"]
+        averaged_with: list[dict[str, Any]] = []
+        if average_with:
+            others, averaged_with = _averaging(list(average_with))
+            state = average_states(state, others)
+        model.load_state_dict(state, strict=True)
         fields = build_card_fields(run, checkpoint, evaluations)
+        if averaged_with:
+            training = fields["training"]
+            training["averaged_with"] = averaged_with
+            training["recipe"] += "; exported as the uniform average of its weights and " + (
+                ", ".join(f"{a['name']} {a['version']} (sha256 {a['sha256'][:12]})"
+                          for a in averaged_with)
+            )  # fmt: skip
         card = export_weights(
             model,
             out,

@@ -223,3 +223,60 @@ def test_a_runs_millimetre_rule_drives_validation_and_goes_into_the_card(tmp_pat
     )
     assert result.exit_code == 0, result.output
     assert load_model(tmp_path / "w" / "off.pt")[1].min_positive_extent_mm is None
+
+
+def test_export_can_average_the_run_with_exported_weights(tmp_path: Path) -> None:
+    # a "model soup": weights fine-tuned from exported weights, averaged with those weights
+    data = write_tiny_layout(tmp_path / "data", 6)
+    first = tmp_path / "first"
+    train(tiny_config(data, epochs=1), first, progress=False)
+    base = tmp_path / "base" / "radnet.pt"
+    export_run(first, base, "1.0.0")
+    second = tmp_path / "second"
+    train(tiny_config(data, epochs=1, init_from=str(base)), second, progress=False)
+    out = tmp_path / "soup.pt"
+    arguments = ["--run", str(second), "--out", str(out), "--version", "1.1.0"]
+
+    result = CliRunner().invoke(app, [*arguments, "--average-with", str(base)])
+
+    assert result.exit_code == 0, result.output
+    soup, card = load_model(out)
+    base_model, base_card = load_model(base)
+    run_state = load_checkpoint(second / "checkpoints" / "best.pt")["model_state"]
+    changed = 0
+    for key, value in soup.state_dict().items():
+        if value.is_floating_point():
+            expected = (run_state[key].float() + base_model.state_dict()[key].float()) / 2
+            assert torch.allclose(value, expected), key
+            changed += int(not torch.equal(value, run_state[key].float()))
+        else:
+            assert torch.equal(value, run_state[key]), key
+    assert changed > 0  # the run did move away from the base, so the average differs from both
+    assert card.training["averaged_with"] == [
+        {"path": str(base), "name": base_card.name, "version": "1.0.0", "sha256": base_card.sha256}
+    ]
+    assert f"uniform average of its weights and {base_card.name} 1.0.0" in card.training["recipe"]
+
+
+def test_export_refuses_to_average_with_weights_of_another_architecture(tmp_path: Path) -> None:
+    data = write_tiny_layout(tmp_path / "data", 4)
+    run = tmp_path / "run"
+    train(tiny_config(data, epochs=1), run, progress=False)
+    # the same tiny network without its auxiliary heads and LSTM: other tensor names
+    plain = tiny_config(data, epochs=1).to_dict()
+    plain = type(tiny_config(data)).model_validate(
+        {**plain, "model": {**plain["model"], "variant": "densenet"}}
+    )
+    other_run = tmp_path / "other"
+    train(plain, other_run, progress=False)
+    other = tmp_path / "other.pt"
+    export_run(other_run, other, "0.1.0")
+    out = tmp_path / "w.pt"
+
+    result = CliRunner().invoke(
+        app, ["--run", str(run), "--out", str(out), "--version", "1", "--average-with", str(other)]
+    )
+
+    assert result.exit_code == 2
+    assert "other tensors than the run's" in result.output
+    assert not out.exists()
