@@ -74,14 +74,27 @@ def _history_seconds(run_dir: Path) -> float:
     return total
 
 
-def _recipe(config: Mapping[str, Any]) -> str:
-    """One line describing a run's recipe, from its saved config (never typed by hand)."""
+def _recipe(config: Mapping[str, Any], drops: list[int] | None = None) -> str:
+    """One line describing a run's recipe, from its saved config (never typed by hand).
+
+    ``drops``: the epochs after which the run's scheduler actually lowered the rate, when a time
+    limit (``radnet-train --time-limit``) shrank the configured schedule.
+    """
     optim, train = config["optim"], config["train"]
+    schedule = (
+        f"lr x{optim['gamma']:g} at {', '.join(f'{m:.3g}' for m in optim['milestones'])} of "
+        f"{train['epochs']} epochs"
+    )
+    planned = sorted({round(m * train["epochs"]) for m in optim["milestones"]} - {0})
+    if drops is not None and drops != planned:
+        schedule += (
+            f" planned; a time limit shrank it to lr x{optim['gamma']:g} after epoch "
+            f"{', '.join(str(d) for d in drops)}"
+        )
     parts = [
         f"{optim['optimizer']} lr {optim['lr']:g}"
         + (f" momentum {optim['momentum']:g}" if optim["optimizer"] == "sgd" else ""),
-        f"lr x{optim['gamma']:g} at {', '.join(f'{m:.3g}' for m in optim['milestones'])} of "
-        f"{train['epochs']} epochs",
+        schedule,
     ]
     if train.get("crop_size"):
         parts.append(
@@ -91,6 +104,12 @@ def _recipe(config: Mapping[str, Any]) -> str:
         parts.append(f"trainable: {train['trainable']}")
     parts.append("from " + (train["init_from"] if train.get("init_from") else "He initialisation"))
     return ", ".join(parts)
+
+
+def _scheduler_drops(state: Mapping[str, Any]) -> list[int] | None:
+    """The epochs after which a checkpoint's scheduler lowers the learning rate (None: unknown)."""
+    milestones = state.get("scheduler_state", {}).get("milestones")
+    return None if milestones is None else sorted(int(m) for m in milestones)
 
 
 def _card_of_weights(path: Path) -> dict[str, Any] | None:
@@ -147,7 +166,7 @@ def _stage_chain(
         config, train = state["config"], state["config"]["train"]
         stage = {
             "run": str(folder),
-            "recipe": _recipe(config),
+            "recipe": _recipe(config, _scheduler_drops(state)),
             "epochs": int(state["epoch"]),
             "epoch_size_sequences": train.get("epoch_size"),
             "sequence_length": train["sequence_length"],

@@ -280,3 +280,17 @@ def test_export_refuses_to_average_with_weights_of_another_architecture(tmp_path
     assert result.exit_code == 2
     assert "other tensors than the run's" in result.output
     assert not out.exists()
+
+
+def test_card_recipe_says_when_a_time_limit_shrank_the_schedule(tmp_path: Path) -> None:
+    data = write_tiny_layout(tmp_path / "data", 4)
+    run = tmp_path / "run"
+    # six epochs planned (drops after 2 and 4); a spent time limit ends the run after the first
+    train(tiny_config(data, epochs=6), run, progress=False, time_limit_s=1e-6)
+    out = tmp_path / "w.pt"
+    export_run(run, out, "1")
+    _, card = load_model(out)
+    recipe = card.training["stages"][0]["recipe"]
+    assert "lr x0.1 at 0.333, 0.667 of 6 epochs planned" in recipe
+    assert "a time limit shrank it to lr x0.1 after epoch 2" in recipe
+    assert card.training["epochs"] == 1
