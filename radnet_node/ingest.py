@@ -615,6 +615,7 @@ class _Association:
         if spare is not None:
             with contextlib.suppress(OSError):
                 spare[1].close()
+            with contextlib.suppress(OSError):
                 spare[0].unlink()
 
     def _make_spare(self) -> None:
