@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,12 +93,17 @@ class NeedMoreData(Exception):
 
 def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     """Make ``sock`` blocking, with reads and writes that fail after ``seconds`` without
-    progress, enforced by the kernel (SO_RCVTIMEO / SO_SNDTIMEO).
+    progress, enforced by the kernel (SO_RCVTIMEO / SO_SNDTIMEO) on Linux and macOS.
 
     Python's own socket timeout polls before every call: one more system call per read on the
-    data path. A call that runs out raises BlockingIOError (ssl.SSLWantReadError or
-    SSLWantWriteError under TLS); ``PduReader`` turns a read's into TimeoutError.
+    data path. A call that runs out raises BlockingIOError; ``PduReader`` turns a read's into
+    TimeoutError. A TLS socket keeps Python's timeout (raising TimeoutError): its reads retry
+    inside the ssl module when the kernel's timeout runs out, so they would never end.
+    Elsewhere (Windows takes milliseconds in another type) Python's timeout is used too.
     """
+    if isinstance(sock, ssl.SSLSocket) or sys.platform not in ("linux", "darwin"):
+        sock.settimeout(seconds)
+        return
     sock.settimeout(None)
     whole = int(seconds)
     timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
@@ -106,7 +112,7 @@ def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
 
 
 #: what a socket call raises when the kernel's timeout (set_kernel_timeouts) runs out
-KERNEL_TIMEOUTS = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+KERNEL_TIMEOUTS = (BlockingIOError,)
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -376,7 +382,8 @@ def _element(element: int, value: bytes) -> bytes:
 
 
 def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
+    # a request's UID is echoed as it came; one that is not ASCII (refused) gets "?" for those
+    raw = uid.encode("ascii", "replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 

@@ -678,6 +678,8 @@ class _Association:
         except (TimeoutError, *dicom_ul.KERNEL_TIMEOUTS):
             how, why = "aborted", f"no progress for {self.scp.NETWORK_TIMEOUT_S:g} s"
             with contextlib.suppress(OSError):
+                # a peer that stopped reading must not hold this thread for another timeout
+                dicom_ul.set_kernel_timeouts(self.sock, 1.0)
                 self.sock.sendall(dicom_ul.abort_pdu())
         except EOFError:
             how = "closed"
@@ -899,13 +901,17 @@ class _Incoming:
         self._head = bytearray()
         self._found: dict[str, bytes] | None = None
         sop_uid = request.affected_sop_instance_uid
-        if not is_safe_uid(sop_uid):
-            self.error = (
-                STATUS_CANNOT_UNDERSTAND,
-                f"the request's AffectedSOPInstanceUID {sop_uid!r} is missing or not a UID",
-            )
-            self.discard()
-            return
+        for name, uid in (
+            ("AffectedSOPInstanceUID", sop_uid),
+            ("AffectedSOPClassUID", request.affected_sop_class_uid),
+        ):
+            if not is_safe_uid(uid):
+                self.error = (
+                    STATUS_CANNOT_UNDERSTAND,
+                    f"the request's {name} {uid!r} is missing or not a UID",
+                )
+                self.discard()
+                return
         try:
             if self._handle is None:
                 self._handle = open(self.temporary, "wb")  # noqa: SIM115 - closed in finish

@@ -7,6 +7,7 @@ resources)."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,12 @@ from pacs import (
 )
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+from sqlalchemy import select
 from tls import Pki
+
+from radnet_node.audit import AuditDB, Event
+from radnet_node.config import NodeSection
+from radnet_node.ingest import IngestSCP
 
 pytestmark = pytest.mark.integration
 
@@ -229,3 +235,39 @@ def test_node_rejects_associations_beyond_its_maximum_as_transient(
     assert refused.returncode != 0
     assert "Rejected Transient" in refused.stdout + refused.stderr, refused.stdout
     assert again
+
+
+def test_a_silent_peer_over_tls_is_aborted_after_the_network_timeout(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # The SCP in this process with a short timeout. Over TLS a read interrupted by the kernel's
+    # own timeout is retried inside the ssl module, so the node must use a socket timeout there.
+    db = AuditDB(f"sqlite:///{tmp_path / 'audit.sqlite'}")
+    node = NodeSection(
+        host="127.0.0.1", port=0, data_dir=tmp_path / "data", min_free_disk_mb=1,
+        tls=_node_tls(pki, require_client_certificate=False),
+    )  # fmt: skip
+    scp = IngestSCP(node, db)
+    scp.NETWORK_TIMEOUT_S = 0.5
+    scp.start()
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca.certificate))
+        context.check_hostname = False
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        association = ae.associate(
+            "127.0.0.1", scp.address[1], ae_title="RADNET", tls_args=(context, None)
+        )
+        assert association.is_established
+        # the client sends nothing more: the node aborts the association instead of waiting
+        wait_for(lambda: association.is_aborted, timeout_s=10, what="an A-ABORT from the node")
+    finally:
+        scp.stop()
+
+    def closed() -> list[str]:
+        with db.session() as session:
+            query = select(Event.message).where(Event.kind == "association.closed")
+            return list(session.scalars(query))
+
+    message = wait_for(closed, timeout_s=10, what="the association's closed row")
+    assert "aborted (no progress for 0.5 s)" in message[0]

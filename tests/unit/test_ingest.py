@@ -396,6 +396,37 @@ def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept
         )
 
 
+def test_a_c_store_whose_sop_class_uid_is_not_a_uid_is_refused_and_nothing_is_kept(
+    scp: IngestSCP, db: AuditDB
+) -> None:
+    with _raw_association(scp.address[1]) as sock:
+        command = b"".join(
+            struct.pack("<HHI", 0, element, len(value)) + value
+            for element, value in (
+                (0x0002, b"1.2.840.\xff\x00"),  # not a UID (nor ASCII)
+                (0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+                (0x0110, struct.pack("<H", 5)),
+                (0x0700, struct.pack("<H", 0)),
+                (0x0800, struct.pack("<H", 0x0000)),
+                (0x1000, b"1.2.826.0.1.3680043.8.498.2\x00"),
+            )
+        )
+        pdv = struct.pack(">IBB", len(command) + 2, 3, 0x03) + command
+        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        part = struct.pack("<HHI", 0x0008, 0x0016, 26) + b"1.2.840.10008.5.1.4.1.1.2\x00"
+        pdv = struct.pack(">IBB", len(part) + 2, 3, 0x02) + part  # the whole (tiny) data set
+        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        pdu_type, body = _read_pdu(sock)
+        assert pdu_type == 0x04
+        response = pydicom.dcmread(BytesIO(body[6:]), force=True)
+        assert response.MessageIDBeingRespondedTo == 5
+        assert response.Status == 0xC000
+        sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
+        assert _read_pdu(sock)[0] == 0x06
+    assert "AffectedSOPClassUID" in _events(db, "instance.refused")[0].message
+    assert not [p for p in scp.spool_dir.rglob("*") if p.is_file()]
+
+
 def test_a_service_the_node_does_not_offer_is_refused_and_the_association_goes_on(
     scp: IngestSCP,
 ) -> None:
