@@ -7,6 +7,7 @@ held-out metrics of ``radnet-eval`` runs, so that nothing in it is typed by hand
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 from collections.abc import Mapping
@@ -74,22 +75,24 @@ def _history_seconds(run_dir: Path) -> float:
     return total
 
 
-def _recipe(config: Mapping[str, Any], drops: list[int] | None = None) -> str:
+def _recipe(
+    config: Mapping[str, Any], drops: list[int] | None = None, *, time_limited: bool = False
+) -> str:
     """One line describing a run's recipe, from its saved config (never typed by hand).
 
-    ``drops``: the epochs after which the run's scheduler actually lowered the rate, when a time
-    limit (``radnet-train --time-limit``) shrank the configured schedule.
+    ``drops``: the epochs after which the run's scheduler lowers the rate; ``time_limited``: a
+    time limit (``radnet-train --time-limit``) ended the run and shrank its schedule to them.
     """
     optim, train = config["optim"], config["train"]
     schedule = (
         f"lr x{optim['gamma']:g} at {', '.join(f'{m:.3g}' for m in optim['milestones'])} of "
         f"{train['epochs']} epochs"
     )
-    planned = sorted({round(m * train["epochs"]) for m in optim["milestones"]} - {0})
-    if drops is not None and drops != planned:
-        schedule += (
-            f" planned; a time limit shrank it to lr x{optim['gamma']:g} after epoch "
-            f"{', '.join(str(d) for d in drops)}"
+    if time_limited and drops is not None:
+        schedule += "; a time limit ended the run early, " + (
+            f"with lr x{optim['gamma']:g} after epoch {', '.join(str(d) for d in drops)}"
+            if drops
+            else "before its first drop"
         )
     parts = [
         f"{optim['optimizer']} lr {optim['lr']:g}"
@@ -109,7 +112,10 @@ def _recipe(config: Mapping[str, Any], drops: list[int] | None = None) -> str:
 def _scheduler_drops(state: Mapping[str, Any]) -> list[int] | None:
     """The epochs after which a checkpoint's scheduler lowers the learning rate (None: unknown)."""
     milestones = state.get("scheduler_state", {}).get("milestones")
-    return None if milestones is None else sorted(int(m) for m in milestones)
+    if milestones is None:
+        return None
+    # a Counter: a milestone counted twice is two drops at once
+    return sorted(int(m) for m in collections.Counter(milestones).elements())
 
 
 def _card_of_weights(path: Path) -> dict[str, Any] | None:
@@ -166,7 +172,11 @@ def _stage_chain(
         config, train = state["config"], state["config"]["train"]
         stage = {
             "run": str(folder),
-            "recipe": _recipe(config, _scheduler_drops(state)),
+            "recipe": _recipe(
+                config,
+                _scheduler_drops(state),
+                time_limited=bool(state.get("ended_by_time_limit")),
+            ),
             "epochs": int(state["epoch"]),
             "epoch_size_sequences": train.get("epoch_size"),
             "sequence_length": train["sequence_length"],
@@ -288,12 +298,23 @@ def average_states(
     return averaged
 
 
-def _averaging(paths: list[Path]) -> tuple[list[Mapping[str, torch.Tensor]], list[dict[str, Any]]]:
-    """States of exported weights to average with (each checked against its card) and what the
-    card records of them."""
+def _averaging(
+    paths: list[Path], checkpoint: Mapping[str, Any]
+) -> tuple[list[Mapping[str, torch.Tensor]], list[dict[str, Any]]]:
+    """States of exported weights to average with (each checked against its card, and against
+    the run's architecture and preprocessing) and what the card records of them."""
     states, records = [], []
     for path in paths:
         model, card = load_model(path)
+        for what, theirs, ours in (
+            ("model", card.radnet_config.to_dict(), checkpoint["model_config"]),
+            ("preprocessing", dict(card.preprocess), dict(checkpoint["preprocess"])),
+        ):
+            if theirs != ours:
+                raise RadnetError(
+                    f"{path}: its {what} differs from the run's; only weights of one "
+                    "architecture and one preprocessing can be averaged"
+                )
         states.append(model.state_dict())
         records.append(
             {"path": str(path), "name": card.name, "version": card.version, "sha256": card.sha256}
@@ -344,13 +365,18 @@ def export(  # noqa: PLR0917 (typer maps parameters to options)
         state = checkpoint["model_state"]
         averaged_with: list[dict[str, Any]] = []
         if average_with:
-            others, averaged_with = _averaging(list(average_with))
+            others, averaged_with = _averaging(list(average_with), checkpoint)
             state = average_states(state, others)
         model.load_state_dict(state, strict=True)
         fields = build_card_fields(run, checkpoint, evaluations)
         if averaged_with:
             training = fields["training"]
             training["averaged_with"] = averaged_with
+            training["stages"][-1]["averaged_with"] = averaged_with
+            # the run's own validation describes its weights before the average
+            fields["metrics"]["validation_best_epoch_before_averaging"] = fields["metrics"].pop(
+                "validation_best_epoch"
+            )
             training["recipe"] += "; exported as the uniform average of its weights and " + (
                 ", ".join(f"{a['name']} {a['version']} (sha256 {a['sha256'][:12]})"
                           for a in averaged_with)

@@ -749,11 +749,12 @@ def epochs_within(
     return done + max(0, math.floor(spare / seconds_per_epoch))
 
 
-def _shrunk_milestones(old: list[int], new: list[int], passed: int) -> list[int]:
-    """The drops of a schedule re-fitted to fewer epochs after ``passed`` epochs: drops already
-    taken stay, and a drop not yet taken is never moved into the past."""
+def _shrunk_milestones(old: list[int], new: list[int], passed: int, end: int) -> list[int]:
+    """The drops of a schedule re-fitted to ``end`` epochs after ``passed`` epochs: drops already
+    taken stay, a drop not yet taken is never moved into the past, and none is left at or after
+    the new end (where no epoch would use it)."""
     taken = sum(1 for m in old if m <= passed)
-    return old[:taken] + [max(m, passed + 1) for m in new[taken:]]
+    return old[:taken] + [m for m in (max(m, passed + 1) for m in new[taken:]) if m < end]
 
 
 def _milestones(config: TrainConfig, epochs: int | None = None) -> list[int]:
@@ -808,7 +809,9 @@ def train(
         Wall-clock seconds this call may take, loading included (a machine lent for a fixed
         time). After each epoch the run measures what an epoch costs; when fewer epochs than
         planned fit in the time left, it ends early and the step schedule shrinks to the epochs
-        that fit (the last one is validated). At least one epoch always runs.
+        that fit (the last one is validated; so is the first, to learn what a validation costs).
+        At least one epoch always runs. A run ended this way cannot be resumed (its schedule no
+        longer spans ``train.epochs``); a new run can start from it (``train.init_from``).
 
     Returns
     -------
@@ -827,6 +830,12 @@ def train(
     state: dict[str, Any] | None = None
     if resume:
         state = load_checkpoint(last_path)
+        if state.get("ended_by_time_limit"):
+            raise ConfigError(
+                f"{last_path}: this run was ended by --time-limit after epoch {state['epoch']}, "
+                "its step schedule shrunk to fit, so it cannot be resumed to its planned epochs; "
+                "start a new run from it with --init-from"
+            )
         config = _resume_config(
             validate_config(state["config"], f"{last_path} (saved config)"), config
         )
@@ -942,6 +951,7 @@ def train(
     loop_started = time.monotonic()
     val_seconds = 0.0  # the last validation's cost (0 until one ran)
     val_total = 0.0  # all validations' cost in this session
+    shrunk = False  # the time limit ended the run before train.epochs
     for epoch in itertools.count(start_epoch):
         if epoch >= end_epoch:
             break
@@ -1017,12 +1027,13 @@ def train(
                 final_validation_s=val_seconds,
             )
             if fitted < end_epoch:
-                end_epoch = fitted
+                end_epoch, shrunk = fitted, True
                 scheduler.milestones = collections.Counter(
                     _shrunk_milestones(
                         sorted(scheduler.milestones.elements()),
                         _milestones(config, epochs=end_epoch),
                         scheduler.last_epoch,
+                        end_epoch,
                     )
                 )
                 tqdm.write(
@@ -1034,7 +1045,10 @@ def train(
         validated = (
             (epoch + 1) % config.train.val_every == 0
             or epoch + 1 == config.train.epochs
-            or epoch + 1 == end_epoch
+            or (shrunk and epoch + 1 == end_epoch)
+            # under a time limit the first epoch is validated too: what a validation costs is
+            # part of every estimate after it
+            or (deadline is not None and epoch == start_epoch)
         )
         validation = validate(model, val_cases, runtime, config) if validated else None
         if validation is not None:
@@ -1082,6 +1096,7 @@ def train(
             "threshold": config.train.threshold,
             "min_consecutive": config.train.min_consecutive,
             "min_extent_mm": config.train.min_extent_mm,
+            "ended_by_time_limit": shrunk and epoch + 1 == end_epoch,
         }
         atomic_torch_save(checkpoint, last_path)
         if improved:
@@ -1100,6 +1115,7 @@ def train(
         "epochs": config.train.epochs,
         "epochs_done": end_epoch,
         "finished": end_epoch >= config.train.epochs,
+        "ended_by_time_limit": shrunk,
         "best_epoch": best_epoch,
         "best_validation": {k: v for k, v in best_validation.items() if k != "cases"},
         "train_cases": len(train_cases),

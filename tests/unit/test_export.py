@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from test_train import tiny_config
@@ -255,31 +256,47 @@ def test_export_can_average_the_run_with_exported_weights(tmp_path: Path) -> Non
     assert card.training["averaged_with"] == [
         {"path": str(base), "name": base_card.name, "version": "1.0.0", "sha256": base_card.sha256}
     ]
+    assert card.training["stages"][-1]["averaged_with"] == card.training["averaged_with"]
+    assert "validation_best_epoch" not in card.metrics
+    assert "validation_best_epoch_before_averaging" in card.metrics
     assert f"uniform average of its weights and {base_card.name} 1.0.0" in card.training["recipe"]
 
 
-def test_export_refuses_to_average_with_weights_of_another_architecture(tmp_path: Path) -> None:
+def _variant_of(config: Any, section: str, **changes: Any) -> Any:
+    """``config`` with some keys of one section changed."""
+    data = config.to_dict()
+    return type(config).model_validate({**data, section: {**data[section], **changes}})
+
+
+def test_export_averages_only_weights_of_the_same_architecture_and_preprocessing(
+    tmp_path: Path,
+) -> None:
     data = write_tiny_layout(tmp_path / "data", 4)
     run = tmp_path / "run"
     train(tiny_config(data, epochs=1), run, progress=False)
-    # the same tiny network without its auxiliary heads and LSTM: other tensor names
-    plain = tiny_config(data, epochs=1).to_dict()
-    plain = type(tiny_config(data)).model_validate(
-        {**plain, "model": {**plain["model"], "variant": "densenet"}}
-    )
-    other_run = tmp_path / "other"
-    train(plain, other_run, progress=False)
-    other = tmp_path / "other.pt"
-    export_run(other_run, other, "0.1.0")
-    out = tmp_path / "w.pt"
+    others = {
+        # the same tiny network without its auxiliary heads and LSTM: other tensors
+        "model": _variant_of(tiny_config(data, epochs=1), "model", variant="densenet"),
+        # the same network trained on another window: the same tensors, other inputs
+        "preprocessing": _variant_of(
+            tiny_config(data, epochs=1), "preprocess", window_level_hu=60.0
+        ),
+    }
+    for what, config in others.items():
+        other_run = tmp_path / f"other-{what}"
+        train(config, other_run, progress=False)
+        other = tmp_path / f"{what}.pt"
+        export_run(other_run, other, "0.1.0")
+        out = tmp_path / f"w-{what}.pt"
 
-    result = CliRunner().invoke(
-        app, ["--run", str(run), "--out", str(out), "--version", "1", "--average-with", str(other)]
-    )
+        result = CliRunner().invoke(
+            app,
+            ["--run", str(run), "--out", str(out), "--version", "1", "--average-with", str(other)],
+        )
 
-    assert result.exit_code == 2
-    assert "other tensors than the run's" in result.output
-    assert not out.exists()
+        assert result.exit_code == 2, what
+        assert f"its {what} differs from the run's" in result.output
+        assert not out.exists()
 
 
 def test_card_recipe_says_when_a_time_limit_shrank_the_schedule(tmp_path: Path) -> None:
@@ -291,6 +308,6 @@ def test_card_recipe_says_when_a_time_limit_shrank_the_schedule(tmp_path: Path) 
     export_run(run, out, "1")
     _, card = load_model(out)
     recipe = card.training["stages"][0]["recipe"]
-    assert "lr x0.1 at 0.333, 0.667 of 6 epochs planned" in recipe
-    assert "a time limit shrank it to lr x0.1 after epoch 2" in recipe
+    assert "lr x0.1 at 0.333, 0.667 of 6 epochs; a time limit ended the run early" in recipe
+    assert "before its first drop" in recipe
     assert card.training["epochs"] == 1

@@ -306,6 +306,11 @@ def test_a_time_limit_ends_the_run_early_with_its_last_epoch_validated(
     assert history[0]["val"] is not None
     assert result.best_epoch == 1
     assert result.summary["epochs_done"] == 1 and result.summary["finished"] is False
+    assert result.summary["ended_by_time_limit"] is True
+    # its schedule was shrunk: resuming it to the planned six epochs is refused
+    with pytest.raises(ConfigError, match="ended by --time-limit after epoch 1"):
+        train(config, tmp_path / "run", resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["ended_by_time_limit"]
     # without a limit the same config runs all six epochs
     full = train(config, tmp_path / "full", progress=False)
     assert [h["epoch"] for h in _history(tmp_path / "full")] == [1, 2, 3, 4, 5, 6]
@@ -321,9 +326,25 @@ def test_epochs_within_keeps_time_for_the_last_validation() -> None:
 def test_a_shrunk_schedule_keeps_drops_taken_and_never_moves_one_into_the_past() -> None:
     # 60 planned epochs (drops at 20, 40), refitted to 30 after epoch 25: 20 was taken, 40 -> 20
     # would be in the past, so the second drop comes at the next epoch
-    assert _shrunk_milestones([20, 40], [10, 20], passed=25) == [20, 26]
+    assert _shrunk_milestones([20, 40], [10, 20], passed=25, end=30) == [20, 26]
     # refitted after epoch 2: both drops still ahead, scaled to the new length
-    assert _shrunk_milestones([20, 40], [10, 20], passed=2) == [10, 20]
+    assert _shrunk_milestones([20, 40], [10, 20], passed=2, end=30) == [10, 20]
+    # ending at the current epoch leaves no drop after the end
+    assert _shrunk_milestones([2, 4], [1], passed=1, end=1) == []
+
+
+def test_a_session_stopped_early_validates_the_same_epochs_as_an_uninterrupted_run(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_data, epochs=4, val_every=2)
+    train(config, tmp_path / "full", progress=False)
+    train(config, tmp_path / "parted", progress=False, stop_after_epoch=1)
+    train(config, tmp_path / "parted", resume=True, progress=False)
+    validated = {
+        run: [h["epoch"] for h in _history(tmp_path / run) if h["val"] is not None]
+        for run in ("full", "parted")
+    }
+    assert validated == {"full": [2, 4], "parted": [2, 4]}
 
 
 @pytest.fixture(scope="module")
