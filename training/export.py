@@ -303,13 +303,15 @@ def _averaging(
 ) -> tuple[list[Mapping[str, torch.Tensor]], list[dict[str, Any]]]:
     """States of exported weights to average with (each checked against its card, and against
     the run's architecture and preprocessing) and what the card records of them."""
-    states, records = [], []
+    states: list[Mapping[str, torch.Tensor]] = []
+    records: list[dict[str, Any]] = []
     for path in paths:
         model, card = load_model(path)
-        for what, theirs, ours in (
+        comparisons: tuple[tuple[str, Mapping[str, Any], Mapping[str, Any]], ...] = (
             ("model", card.radnet_config.to_dict(), checkpoint["model_config"]),
             ("preprocessing", dict(card.preprocess), dict(checkpoint["preprocess"])),
-        ):
+        )
+        for what, theirs, ours in comparisons:
             if theirs != ours:
                 raise RadnetError(
                     f"{path}: its {what} differs from the run's; only weights of one "
