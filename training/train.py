@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import math
@@ -952,8 +951,8 @@ def train(
     val_seconds = 0.0  # the last validation's cost (0 until one ran)
     val_total = 0.0  # all validations' cost in this session
     shrunk = False  # the time limit ended the run before train.epochs
-    for epoch in itertools.count(start_epoch):
-        if epoch >= end_epoch:
+    for epoch in range(start_epoch, end_epoch):
+        if epoch >= end_epoch:  # a time limit shrank the run
             break
         epoch_started = time.monotonic()
         # the sampler's and augmentation's randomness depends only on (seed, epoch): resumable

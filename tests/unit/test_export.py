@@ -24,6 +24,20 @@ def export_run(run: Path, out: Path, version: str) -> None:
     assert result.exit_code == 0, result.output
 
 
+def fine_tuned_from_export(
+    tmp_path: Path, data: Path, *, first_epochs: int = 1, version: str = "1"
+) -> tuple[Path, Path]:
+    """A run exported as weights (``shipped/radnet.pt``, card ``version``) and a second run
+    (``second``) of one epoch that starts from those weights; returns both."""
+    first = tmp_path / "first"
+    train(tiny_config(data, epochs=first_epochs), first, progress=False)
+    shipped = tmp_path / "shipped" / "radnet.pt"
+    export_run(first, shipped, version)
+    second = tmp_path / "second"
+    train(tiny_config(data, epochs=1, init_from=str(shipped)), second, progress=False)
+    return shipped, second
+
+
 def test_export_writes_weights_that_load_and_a_card_built_from_the_run(tmp_path: Path) -> None:
     data = write_tiny_layout(tmp_path / "data", 6)
     run = tmp_path / "run"
@@ -110,12 +124,8 @@ def test_card_of_weights_fine_tuned_from_exported_weights_keeps_their_history(
     tmp_path: Path,
 ) -> None:
     data = write_tiny_layout(tmp_path / "data", 6)
-    first = tmp_path / "first"
-    train(tiny_config(data, epochs=2), first, progress=False)
-    shipped = tmp_path / "shipped" / "radnet.pt"
-    export_run(first, shipped, "1")
-    second = tmp_path / "second"
-    train(tiny_config(data, epochs=1, init_from=str(shipped)), second, progress=False)
+    shipped, second = fine_tuned_from_export(tmp_path, data, first_epochs=2)
+    first = tmp_path / "first"  # the run exported as ``shipped``
     out = tmp_path / "w2.pt"
 
     result = CliRunner().invoke(app, ["--run", str(second), "--out", str(out), "--version", "2"])
@@ -183,11 +193,7 @@ def test_card_that_lists_the_run_itself_is_not_its_history(tmp_path: Path) -> No
     # a run from before checkpoints kept init_sha256, whose initial weights file was later
     # overwritten by its own export: the card there describes this run, not where it started
     data = write_tiny_layout(tmp_path / "data", 6)
-    first, second = tmp_path / "first", tmp_path / "second"
-    shipped = tmp_path / "shipped" / "radnet.pt"
-    train(tiny_config(data, epochs=1), first, progress=False)
-    export_run(first, shipped, "1")
-    train(tiny_config(data, epochs=1, init_from=str(shipped)), second, progress=False)
+    shipped, second = fine_tuned_from_export(tmp_path, data)
     for name in ("best.pt", "last.pt"):
         path = second / "checkpoints" / name
         state = torch.load(path, weights_only=False)
@@ -229,12 +235,7 @@ def test_a_runs_millimetre_rule_drives_validation_and_goes_into_the_card(tmp_pat
 def test_export_can_average_the_run_with_exported_weights(tmp_path: Path) -> None:
     # a "model soup": weights fine-tuned from exported weights, averaged with those weights
     data = write_tiny_layout(tmp_path / "data", 6)
-    first = tmp_path / "first"
-    train(tiny_config(data, epochs=1), first, progress=False)
-    base = tmp_path / "base" / "radnet.pt"
-    export_run(first, base, "1.0.0")
-    second = tmp_path / "second"
-    train(tiny_config(data, epochs=1, init_from=str(base)), second, progress=False)
+    base, second = fine_tuned_from_export(tmp_path, data, version="1.0.0")
     out = tmp_path / "soup.pt"
     arguments = ["--run", str(second), "--out", str(out), "--version", "1.1.0"]
 
