@@ -1095,7 +1095,8 @@ def train(
             "threshold": config.train.threshold,
             "min_consecutive": config.train.min_consecutive,
             "min_extent_mm": config.train.min_extent_mm,
-            "ended_by_time_limit": shrunk and epoch + 1 == end_epoch,
+            # from the shrink on, the saved schedule no longer spans train.epochs: no resume
+            "ended_by_time_limit": shrunk,
         }
         atomic_torch_save(checkpoint, last_path)
         if improved:
