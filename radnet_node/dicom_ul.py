@@ -115,12 +115,12 @@ def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
 KERNEL_TIMEOUTS = (BlockingIOError,)
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+def _recv_exact(sock: socket.socket, view: memoryview, flags: int = 0) -> None:
     received = 0
     total = len(view)
     while received < total:
         try:
-            count = sock.recv_into(view[received:])
+            count = sock.recv_into(view[received:], 0, flags)
         except KERNEL_TIMEOUTS as exc:
             raise TimeoutError("nothing received within the network timeout") from exc
         if count == 0:
@@ -135,6 +135,10 @@ class PduReader:
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self.sock = sock
         self.limit = limit
+        # a plain socket's read waits in the kernel for the whole PDU (one call, not one per
+        # arriving segment); it still returns what came when the network timeout runs out, so a
+        # slow peer that keeps sending is not cut off. The ssl module takes no flags.
+        self._flags = 0 if isinstance(sock, ssl.SSLSocket) else getattr(socket, "MSG_WAITALL", 0)
         self._header = bytearray(6)
         self._buffer = bytearray(max(65536, min(limit, 1 << 20)))
 
@@ -150,7 +154,7 @@ class PduReader:
         OSError
             The socket failed or timed out.
         """
-        _recv_exact(self.sock, memoryview(self._header))
+        _recv_exact(self.sock, memoryview(self._header), self._flags)
         pdu_type = self._header[0]
         (length,) = struct.unpack_from(">I", self._header, 2)
         if pdu_type not in _KNOWN_PDU_TYPES:
@@ -160,7 +164,7 @@ class PduReader:
         if length > len(self._buffer):
             self._buffer = bytearray(length)
         body = memoryview(self._buffer)[:length]
-        _recv_exact(self.sock, body)
+        _recv_exact(self.sock, body, self._flags)
         return pdu_type, body
 
     @property

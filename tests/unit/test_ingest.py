@@ -4,6 +4,8 @@ transfer syntaxes; every refusal has an audit row."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import struct
 import time
@@ -16,6 +18,8 @@ import pydicom
 import pytest
 from node_support import associate_rq_pdu, reject_reason, send, wait_for, write_series
 from pydicom import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
@@ -36,6 +40,7 @@ from radnet_node.ingest import (
     IngestSCP,
     _FreeSpace,
     _place,
+    _write_all,
     spool_path,
 )
 
@@ -367,20 +372,7 @@ def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept
     with _running(_node(tmp_path), db) as scp:
         scp.NETWORK_TIMEOUT_S = 0.5
         with _raw_association(scp.address[1]) as sock:
-            sop_uid = b"1.2.826.0.1.3680043.8.498.1\x00"
-            command = b"".join(
-                struct.pack("<HHI", 0, element, len(value)) + value
-                for element, value in (
-                    (0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"),  # CT Image Storage
-                    (0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
-                    (0x0110, struct.pack("<H", 1)),
-                    (0x0700, struct.pack("<H", 0)),
-                    (0x0800, struct.pack("<H", 0x0000)),  # a data set follows
-                    (0x1000, sop_uid),
-                )
-            )
-            pdv = struct.pack(">IBB", len(command) + 2, 3, 0x03) + command
-            sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+            sock.sendall(_c_store_rq("1.2.826.0.1.3680043.8.498.1"))
             # the first bytes of the data set (not its last fragment), then nothing
             part = struct.pack("<HHI", 0x0008, 0x0016, 26) + b"1.2.840.10008.5.1.4.1.1.2\x00"
             pdv = struct.pack(">IBB", len(part) + 2, 3, 0x00) + part
@@ -391,6 +383,78 @@ def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept
         closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
         assert "aborted (no progress for 0.5 s)" in closed[0].message
         # the unfinished instance was never answered: no file of it is kept, not even a temporary
+        wait_for(
+            lambda: not [p for p in scp.spool_dir.rglob("*") if p.is_file()], 10, "empty spool"
+        )
+
+
+def _c_store_rq(sop_uid: str, message_id: int = 1) -> bytes:
+    """A P-DATA-TF holding a whole C-STORE-RQ command for CT Image Storage (context 3)."""
+    uid = sop_uid.encode() + b"\x00" * (len(sop_uid) % 2)
+    command = b"".join(
+        struct.pack("<HHI", 0, element, len(value)) + value
+        for element, value in (
+            (0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"),  # CT Image Storage
+            (0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+            (0x0110, struct.pack("<H", message_id)),
+            (0x0700, struct.pack("<H", 0)),
+            (0x0800, struct.pack("<H", 0x0000)),  # a data set follows
+            (0x1000, uid),
+        )
+    )
+    pdv = struct.pack(">IBB", len(command) + 2, 3, 0x03) + command
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def _implicit_dataset(tmp_path: Path) -> tuple[pydicom.Dataset, bytes]:
+    """A one-slice CT instance and its data set encoded in Implicit VR Little Endian."""
+    ds = pydicom.dcmread(write_series(tmp_path, "s", slices=1)[0])
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, True
+    write_dataset(out, ds)
+    return ds, out.getvalue()
+
+
+def test_a_slow_peer_that_keeps_sending_is_not_cut_off(tmp_path: Path, db: AuditDB) -> None:
+    # one PDU that takes longer than the network timeout to arrive, each pause shorter than it:
+    # the timeout is about progress, not about how long a PDU takes
+    ds, data = _implicit_dataset(tmp_path)
+    with _running(_node(tmp_path), db) as scp:
+        scp.NETWORK_TIMEOUT_S = 0.6
+        with _raw_association(scp.address[1]) as sock:
+            sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+            pdv = struct.pack(">IBB", len(data) + 2, 3, 0x02) + data
+            pdu = struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+            pieces = 5
+            step = len(pdu) // pieces + 1
+            for start in range(0, len(pdu), step):
+                sock.sendall(pdu[start : start + step])
+                time.sleep(0.25)  # 5 x 0.25 s: the PDU takes twice the timeout
+            pdu_type, body = _read_pdu(sock)
+            assert pdu_type == 0x04
+            assert pydicom.dcmread(BytesIO(body[6:]), force=True).Status == 0x0000
+            sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
+            assert _read_pdu(sock)[0] == 0x06
+        spooled = pydicom.dcmread(spool_path(scp.spool_dir, *_uids_of(ds)))
+        assert spooled.PixelData == ds.PixelData
+
+
+def test_a_peer_silent_in_the_middle_of_a_pdu_is_aborted_and_nothing_is_kept(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    ds, data = _implicit_dataset(tmp_path)
+    with _running(_node(tmp_path), db) as scp:
+        scp.NETWORK_TIMEOUT_S = 0.5
+        with _raw_association(scp.address[1]) as sock:
+            sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+            pdv = struct.pack(">IBB", len(data) + 2, 3, 0x02) + data
+            pdu = struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+            sock.sendall(pdu[: len(pdu) // 2])  # half of the PDU, then nothing
+            started = time.monotonic()
+            assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+            assert time.monotonic() - started < 10
+        closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+        assert "aborted (no progress for 0.5 s)" in closed[0].message
         wait_for(
             lambda: not [p for p in scp.spool_dir.rglob("*") if p.is_file()], 10, "empty spool"
         )
@@ -452,3 +516,29 @@ def test_a_service_the_node_does_not_offer_is_refused_and_the_association_goes_o
             assert response.Status == (0x0211 if field_ == 0x0020 else 0x0000)
         sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
         assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+
+
+def test_the_file_meta_and_the_first_fragment_go_in_one_write_in_order(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert _write_all(fd, b"meta", memoryview(b"-fragment")) == 13
+        assert _write_all(fd, b"", memoryview(b"-next")) == 5
+        assert _write_all(fd, b"-last") == 5
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"meta-fragment-next-last"
+
+
+def test_a_write_cut_short_raises_and_what_was_written_is_in_order() -> None:
+    # a pipe nobody reads takes only its capacity, like a disk that fills up mid-write
+    read_end, write_end = os.pipe()
+    try:
+        capacity = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # its smallest
+        os.set_blocking(write_end, False)
+        first, second = b"m" * 100, bytes(range(256)) * 64
+        with pytest.raises(OSError):
+            _write_all(write_end, first, memoryview(second))
+        assert os.read(read_end, 1 << 20) == (first + second)[:capacity]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
