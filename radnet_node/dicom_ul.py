@@ -471,6 +471,7 @@ _LONG_VRS = {
     b"UV",
 }
 _UNDEFINED = 0xFFFFFFFF
+_LONG_LENGTH = struct.Struct("<I")
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
@@ -559,11 +560,33 @@ def scan_header(data: memoryview, *, implicit: bool, complete: bool = False) -> 
         raise
 
 
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, short length
+_IMPLICIT_HEADER = struct.Struct("<HHI")  # group, element, length
+
+
 def _scan(data: memoryview, implicit: bool, complete: bool) -> HeaderScan:
+    # the element headers are read inline (one unpack each): this runs for every instance
     values: dict[str, bytes] = {}
     position = 0
-    while position < len(data):
-        tag, offset, length, sequence = _element_at(data, position, implicit)
+    end = len(data)
+    while position + 8 <= end:
+        if implicit:
+            group, element, length = _IMPLICIT_HEADER.unpack_from(data, position)
+            offset, sequence = position + 8, length == _UNDEFINED
+        else:
+            group, element, vr, length = _EXPLICIT_HEADER.unpack_from(data, position)
+            offset, sequence = position + 8, False
+            if group == 0xFFFE:  # an item or delimiter (no VR): invalid here, reported below
+                _, offset, length, sequence = _element_at(data, position, implicit)
+            elif vr in _LONG_VRS:
+                if position + 12 > end:
+                    raise NeedMoreData
+                (length,) = _LONG_LENGTH.unpack_from(data, position + 8)
+                offset = position + 12
+                sequence = vr in (b"SQ", b"UN") and length == _UNDEFINED
+            elif not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise ProtocolError(f"element ({group:04X},{element:04X}) has no valid VR")
+        tag = (group << 16) | element
         if tag > _LAST_WANTED:
             return HeaderScan(values)
         if sequence:
@@ -573,10 +596,12 @@ def _scan(data: memoryview, implicit: bool, complete: bool) -> HeaderScan:
             raise ProtocolError(f"element {tag:08X} of undefined length is not a sequence")
         name = _WANTED.get(tag)
         if name is not None:
-            if offset + length > len(data):
+            if offset + length > end:
                 raise NeedMoreData
             values[name] = bytes(data[offset : offset + length])
         position = offset + length
+    if position < end:  # an element header cut off
+        raise NeedMoreData
     if complete:
         return HeaderScan(values)
     raise NeedMoreData

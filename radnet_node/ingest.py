@@ -661,7 +661,11 @@ class _Association:
                                 raise dicom_ul.ProtocolError("a dataset without its command")
                             incoming.write(fragment)
                             if control & 0x02:
-                                self._answer(incoming.request, incoming.finish(), context_id)
+                                status = incoming.finish()
+                                try:
+                                    self._answer(incoming.request, status, context_id)
+                                finally:
+                                    incoming.record()
                                 incoming = None
                                 self._make_spare()
                 elif pdu_type == dicom_ul.RELEASE_RQ:
@@ -865,6 +869,9 @@ class _Discard:
     def finish(self) -> int:
         return dicom_ul.STATUS_UNRECOGNIZED_OPERATION
 
+    def record(self) -> None:
+        pass
+
     def discard(self) -> None:
         pass
 
@@ -905,6 +912,9 @@ class _Incoming:
         self._placed = False
         self._head = bytearray()
         self._found: dict[str, bytes] | None = None
+        # set once the instance is at its place: what record() hands to the recorder
+        self._to_record: tuple[dict[str, str], Path, bool] | None = None
+        self._found_text: dict[str, str] = {}
         sop_uid = request.affected_sop_instance_uid
         for name, uid in (
             ("AffectedSOPInstanceUID", sop_uid),
@@ -1065,6 +1075,24 @@ class _Incoming:
             return self._refuse(
                 STATUS_OUT_OF_RESOURCES, f"cannot write {final}: {exc.strerror or exc}", **ids
             )
+        self._to_record = (header, final, written)
+        return STATUS_SUCCESS
+
+    def record(self) -> None:
+        """Hand a stored instance to the recorder (nothing for a refused one). Called once the
+        peer has its answer: the file is at its place already, so the catalog row needs none of
+        the time between the request and the answer (a kill before the row: recovery registers
+        the file at the next start)."""
+        if self._to_record is None:
+            return
+        header, final, written = self._to_record
+        self._to_record = None
+        header.update(self._texts())
+        sop_uid, study_uid, series_uid = (
+            header["SOPInstanceUID"],
+            header["StudyInstanceUID"],
+            header["SeriesInstanceUID"],
+        )
         number_text = header["SeriesNumber"]
         try:
             series_number: int | None = int(float(number_text)) if number_text else None
@@ -1083,29 +1111,44 @@ class _Incoming:
             series_number=series_number,
             series_description=header["SeriesDescription"],
         )
-        recorder.put(_Received(info, self.association.info, self.received_at, written))
-        return STATUS_SUCCESS
+        self.state.recorder.put(_Received(info, self.association.info, self.received_at, written))
 
     def _header(self) -> dict[str, str]:
-        """The header elements as text: from the scan, or from the spooled file with pydicom."""
-        found = self._found
-        if found is None and self._scan_mode is not None:
+        """The UIDs as text: from the scan, or from the spooled file with pydicom (which gives
+        the text elements too, kept for :meth:`_texts`)."""
+        if self._found is None and self._scan_mode is not None:
             # the whole dataset was shorter than what the scan needed
-            found = dicom_ul.scan_header(
+            self._found = dicom_ul.scan_header(
                 memoryview(self._head), implicit=self._scan_mode, complete=True
             ).values
+        found = self._found
         if found is None:
             ds = dcmread(self.temporary, stop_before_pixels=True)
-            return {name: _text(ds, name) for name in (*_UID_ELEMENTS, *_TEXT_ELEMENTS)}
+            self._found_text = {name: _text(ds, name) for name in _TEXT_ELEMENTS}
+            return {name: _text(ds, name) for name in _UID_ELEMENTS}
+        return {
+            name: found.get(name, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+            for name in _UID_ELEMENTS
+        }
+
+    def _texts(self) -> dict[str, str]:
+        """The text elements the catalog records, decoded in the dataset's character set."""
+        found = self._found
+        if found is None:
+            return self._found_text
         charsets = found.get("SpecificCharacterSet", b"").decode("ascii", "replace").split("\\")
-        encodings = convert_encodings([term.strip() for term in charsets])
         values: dict[str, str] = {}
-        for name in _UID_ELEMENTS:
-            values[name] = found.get(name, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+        try:
+            encodings = convert_encodings([term.strip() for term in charsets])
+        except (LookupError, ValueError):  # the instance is answered already: never lose it
+            encodings = None
         for name in _TEXT_ELEMENTS:
             raw = found.get(name, b"")
-            text = decode_bytes(raw, encodings, set()) if raw else ""
-            values[name] = text.strip("\x00 ")
+            try:
+                text = decode_bytes(raw, encodings, set()) if raw and encodings else ""
+            except (LookupError, ValueError):
+                text = ""
+            values[name] = (text or raw.decode("ascii", "replace")).strip("\x00 ")
         return values
 
 

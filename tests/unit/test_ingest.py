@@ -542,3 +542,48 @@ def test_a_write_cut_short_raises_and_what_was_written_is_in_order() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+@pytest.mark.filterwarnings("ignore:Unknown encoding 'ISO_IR 999'")
+@pytest.mark.parametrize(
+    ("charset", "description", "expected"),
+    [
+        ("ISO_IR 192", "Schädel nativ – 頭部".encode(), "Schädel nativ – 頭部"),
+        ("ISO_IR 100", "Schädel nativ".encode("latin-1"), "Schädel nativ"),
+        # a character set nobody knows: the instance is stored, its text read leniently
+        ("ISO_IR 999", "Schädel".encode("latin-1"), "Schädel"),
+    ],
+)
+def test_text_elements_reach_the_catalog_in_the_dataset_s_character_set(
+    tmp_path: Path,
+    scp: IngestSCP,
+    db: AuditDB,
+    *,
+    charset: str,
+    description: bytes,
+    expected: str,
+) -> None:
+    ds = pydicom.dcmread(write_series(tmp_path, "s", slices=1)[0])
+    ds.SpecificCharacterSet = charset
+    ds["SeriesDescription"] = pydicom.DataElement(0x0008103E, "LO", description)
+    assert send(scp.address[1], [ds]) == [0x0000]
+    wait_for(lambda: _instance_count(db) == 1, 10, "the instance row")
+    with db.session() as session:
+        series = session.scalars(select(Series)).one()
+    assert series.series_description == expected
+
+
+def test_an_instance_whose_peer_leaves_without_waiting_for_the_answer_is_recorded(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    # the peer closes the connection right after the last fragment (no release): the instance
+    # is at its place and gets its row whether or not the answer could still be sent
+    ds, data = _implicit_dataset(tmp_path)
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+        pdv = struct.pack(">IBB", len(data) + 2, 3, 0x02) + data
+        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+    wait_for(lambda: _instance_count(db) == 1, 10, "the instance row")
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "1 instance(s) stored" in closed[0].message
+    assert spool_path(scp.spool_dir, *_uids_of(ds)).is_file()
