@@ -23,6 +23,7 @@ __all__ = [
     "contributing_equipment",
     "copy_patient_study",
     "device_uid_for",
+    "highdicom_character_set",
     "metadata_only",
     "seg_algorithm",
     "set_body_part",
@@ -183,6 +184,30 @@ def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Da
     if single_frame and slice_thickness_mm is not None and not ds.get("SliceThickness"):
         copy.SliceThickness = f"{slice_thickness_mm:.6g}"
     return copy
+
+
+_KNOWN_CHARACTER_SETS = frozenset(value.value for value in hd.SpecificCharacterSetValues)
+
+
+def highdicom_character_set(source: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set in the form highdicom's constructors accept.
+
+    highdicom checks the value against its list and refuses an empty value 1, which the standard
+    allows with code extensions (``\\ISO 2022 IR 87``: value 1 is then ISO 2022 IR 6, PS3.3
+    C.12.1.1.2); it is spelled out here. A value highdicom does not know is not given to it
+    (None): the objects' own text is ASCII, and :func:`copy_patient_study` sets the source's value
+    verbatim afterwards either way, so the copied names keep the encoding they came in.
+    """
+    value = source.get("SpecificCharacterSet")
+    if not value:
+        return None
+    terms = [value] if isinstance(value, str) else [str(term) for term in value]
+    if len(terms) > 1 and not terms[0]:
+        terms[0] = "ISO 2022 IR 6"
+    terms = [term.strip() for term in terms]
+    if not all(term in _KNOWN_CHARACTER_SETS for term in terms):
+        return None
+    return terms[0] if len(terms) == 1 else terms
 
 
 def copy_patient_study(target: Dataset, source: Dataset) -> None:

@@ -14,6 +14,7 @@ from radnet_node.dicom_out import codes
 from radnet_node.dicom_out.common import (
     contributing_equipment,
     copy_patient_study,
+    highdicom_character_set,
     metadata_only,
     seg_algorithm,
     set_body_part,
@@ -205,6 +206,7 @@ def build_seg(
             omit_empty_frames=not empty,
             contributing_equipment=contributing_equipment(identity, result),
             institution_name=identity.institution_name,
+            specific_character_set=highdicom_character_set(source_images[0]),
         )
     except ValueError as exc:
         raise SeriesError(result.series_instance_uid, f"cannot build the SEG: {exc}") from exc

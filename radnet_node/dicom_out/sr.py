@@ -14,6 +14,7 @@ from radnet_node.dicom_out import codes
 from radnet_node.dicom_out.common import (
     contributing_equipment,
     copy_patient_study,
+    highdicom_character_set,
     metadata_only,
     set_equipment,
     source_datasets,
@@ -137,6 +138,7 @@ def build_sr(
             institution_name=identity.institution_name,
             contributing_equipment=contributing_equipment(identity, result),
             series_description=SR_SERIES_DESCRIPTION,
+            specific_character_set=highdicom_character_set(headers[0]),
             previous_versions=None if previous_sr is None else [metadata_only(previous_sr)],
         )
     except ValueError as exc:

@@ -30,7 +30,8 @@ MODEL = ModelInfo(name="RADnet", version="1.2.0", variant="full", sha256="012345
 IDENTITY = NodeIdentity(institution_name="Test Hospital", station_name="RADNET1")
 SPACING = (3.5, 3.5)
 LCE_FILE = Path("derived-transcoded") / "Philips_S21610_LegacyConvertedEnhancedCT.dcm"
-CASES = ("positive", "negative", "tilted", "multiframe")
+# "japanese": a positive case whose patient name is in ISO 2022 IR 87 (value 1 empty)
+CASES = ("positive", "negative", "tilted", "multiframe", "japanese")
 TOOL_TIMEOUT_S = 120
 
 
@@ -120,6 +121,10 @@ def written(
         positive_slices = [] if case == "negative" else [2, 3, 4]
         result = _result(instances, positive_slices, (slice(28, 36), slice(26, 40)))
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in instances]
+    if case == "japanese":
+        for ds in headers:
+            ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+            ds.PatientName = "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce"
     sources = {str(ds.SOPInstanceUID): ds for ds in headers}
     key_slice_hu = (
         read_hu_slices(instances, SPEC).hu[result.key_slice_index] if result.ct_positive else None

@@ -316,6 +316,33 @@ def test_one_component_patient_names_are_not_judged_in_warnings(regular_series: 
     assert [str(w.message) for w in caught if "HEAD" in str(w.message)] == []
 
 
+@pytest.mark.filterwarnings("ignore:Unknown encoding")
+@pytest.mark.parametrize(
+    ("character_set", "patient_name"),
+    [
+        # code extensions with an empty value 1 (= ISO 2022 IR 6): the usual Japanese form
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce"),
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=\ud64d^\uae38\ub3d9"),
+        ("ISO_IR 192", "M\u00fcller^J\u00fcrgen"),
+        # a value no library knows: kept as it came, the objects still build
+        ("ISO_IR 999", "Doe^John"),
+    ],
+)
+def test_patient_names_keep_the_source_s_character_set(
+    regular_series: list[Path], character_set: str | list[str], patient_name: str
+) -> None:
+    result = make_result(regular_series, [2, 3, 4])
+    sources = headers(regular_series)
+    for ds in sources.values():
+        ds.SpecificCharacterSet = character_set
+        ds.PatientName = patient_name
+    outputs = build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result))
+    for kind in ("sr", "seg", "key_image"):
+        ds = reread(getattr(outputs, kind))
+        assert ds.SpecificCharacterSet == character_set, kind
+        assert str(ds.PatientName) == patient_name, kind
+
+
 def test_positive_result_without_key_slice_is_refused(regular_series: list[Path]) -> None:
     result = make_result(regular_series, [2, 3, 4])
     with pytest.raises(SeriesError, match="key_slice_hu") as caught:
