@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from radnet_node.dicom_out import NodeIdentity, build_outputs
+from radnet_node.dicom_out import NodeIdentity, build_outputs, source_value_problems
 from radnet_node.durable import fsync_folder
 from radnet_node.engine import Engine, LoadedSeries
 from radnet_node.errors import InputError, RadnetError, SeriesError
@@ -222,6 +222,8 @@ class SeriesOutputs:
     output_uids: Mapping[str, str]  # output kind -> SOP Instance UID
     content_hash: str
     document: Mapping[str, Any]
+    #: faults of the source's patient and study values, which the outputs carry as they are
+    source_value_problems: tuple[str, ...] = ()
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -258,6 +260,7 @@ def build_series_outputs(
     sources = {str(ds.SOPInstanceUID): ds for ds in group.headers}
     key_hu = loaded.hu.hu[result.key_slice_index] if result.ct_positive else None
     dicom = build_outputs(result, sources, identity, key_slice_hu=key_hu, previous_sr=previous_sr)
+    problems = source_value_problems(group.first)
     datasets: dict[str, Dataset] = {"sr": dicom.sr, "seg": dicom.seg}
     if dicom.key_image is not None:
         datasets["key_image"] = dicom.key_image
@@ -277,9 +280,10 @@ def build_series_outputs(
         timings_ms=timings,
         series_description=str(group.first.get("SeriesDescription", "") or ""),
         runtime=runtime,
+        source_value_problems=problems,
     )
     files[OUTPUT_FILES["result"]] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
-    return SeriesOutputs(files, uids, content_hash(datasets), document)
+    return SeriesOutputs(files, uids, content_hash(datasets), document, tuple(problems))
 
 
 def result_document(
@@ -290,6 +294,7 @@ def result_document(
     timings_ms: Mapping[str, float],
     series_description: str = "",
     runtime: Mapping[str, Any] | None = None,
+    source_value_problems: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The ``result.json`` content of one series (schema version 1).
 
@@ -308,6 +313,9 @@ def result_document(
         The source series' description.
     runtime
         Device and precision the engine ran with.
+    source_value_problems
+        Faults of the source's patient and study values (copied into the DICOM outputs as they
+        are), by attribute.
 
     Returns
     -------
@@ -352,6 +360,7 @@ def result_document(
         "outputs": dict(outputs),
         "output_sop_instance_uids": dict(output_uids),
         "intended_use": INTENDED_USE,
+        "source_value_problems": list(source_value_problems),
     }
 
 

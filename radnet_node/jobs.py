@@ -311,6 +311,17 @@ class Worker:
                 summary += f"; its SR {outputs.output_uids['sr']} replaces SR {replaced}"
                 data["replaces_sr"] = replaced
             add_event(session, "job.done", summary, data=data, **claimed.ids)
+            if outputs.source_value_problems:
+                add_event(
+                    session,
+                    "result.source_values",
+                    "the outputs carry the series' patient and study values as they came (so they "
+                    "file with the study), and these break the standard's rules there too: "
+                    + "; ".join(outputs.source_value_problems),
+                    level="warning",
+                    data={"problems": list(outputs.source_value_problems)},
+                    **claimed.ids,
+                )
             queued = self._queue_exports(session, row, claimed)
             row.unchanged = not queued if self.destinations else self._same_as_last(session, row)
             if row.unchanged:

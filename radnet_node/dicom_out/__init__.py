@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from radnet_node.dicom_out.common import NodeIdentity, device_uid_for
+from radnet_node.dicom_out.common import NodeIdentity, device_uid_for, source_value_problems
 from radnet_node.dicom_out.key_image import build_key_image
 from radnet_node.dicom_out.seg import build_seg
 from radnet_node.dicom_out.sr import build_sr
@@ -29,6 +29,7 @@ __all__ = [
     "build_sr",
     "device_uid_for",
     "output_uids",
+    "source_value_problems",
 ]
 
 

@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
+from pydicom.valuerep import validate_value
 
 import radnet_node
 from radnet_node.dicom_out import codes
@@ -30,6 +32,7 @@ __all__ = [
     "set_equipment",
     "source_datasets",
     "source_for_slice",
+    "source_value_problems",
     "sr_algorithm",
 ]
 
@@ -208,6 +211,46 @@ def highdicom_character_set(source: Dataset) -> str | list[str] | None:
     if not all(term in _KNOWN_CHARACTER_SETS for term in terms):
         return None
     return terms[0] if len(terms) == 1 else terms
+
+
+_TEXT_VRS = frozenset({"PN", "SH", "LO", "ST", "LT", "UT", "UC"})
+_DEFAULT_REPERTOIRE = ("", "ISO_IR 6")
+
+
+def source_value_problems(source: Dataset) -> list[str]:
+    """What is wrong with the patient and study values of ``source`` by the standard's rules:
+    :func:`copy_patient_study` copies them as they are (so the objects file with the study they
+    belong to), so the outputs carry the same faults, and a validator reports them there.
+
+    Each entry names the attribute and the fault, never the value (it may be a patient's):
+    a value too long or not of its VR's form (pydicom's checks), or characters outside the
+    default repertoire without a Specific Character Set that declares them.
+    """
+    character_set = source.get("SpecificCharacterSet")
+    terms = [character_set] if isinstance(character_set, str) else list(character_set or [])
+    undeclared = all(str(term).strip() in _DEFAULT_REPERTOIRE for term in terms)
+    problems: list[str] = []
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword not in source:
+            continue
+        element = source[keyword]
+        if element.VR == "SQ" or element.value in (None, ""):
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        for value in values:
+            try:
+                validate_value(element.VR, value, config.RAISE)
+            except ValueError as exc:
+                # the messages quote some values: keep the fault, drop the value
+                problems.append(f"{keyword}: {str(exc).split(':', 1)[0].rstrip('.')}")
+                break
+            if undeclared and element.VR in _TEXT_VRS and not str(value).isascii():
+                problems.append(
+                    f"{keyword}: characters outside the default repertoire, and no Specific "
+                    "Character Set declares them"
+                )
+                break
+    return problems
 
 
 def copy_patient_study(target: Dataset, source: Dataset) -> None:

@@ -24,6 +24,7 @@ from radnet_node.dicom_out import (
     build_sr,
     device_uid_for,
     output_uids,
+    source_value_problems,
 )
 from radnet_node.dicom_out.key_image import (
     NOT_FOR_DIAGNOSIS,
@@ -341,6 +342,26 @@ def test_patient_names_keep_the_source_s_character_set(
         ds = reread(getattr(outputs, kind))
         assert ds.SpecificCharacterSet == character_set, kind
         assert str(ds.PatientName) == patient_name, kind
+
+
+def test_source_value_problems_name_the_attribute_and_the_fault_not_the_value(
+    regular_series: list[Path],
+) -> None:
+    ds = next(iter(headers(regular_series).values()))
+    assert source_value_problems(ds) == []
+    if "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet  # the default repertoire
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns as the values are set
+        ds.StudyID = "S" * 18
+        ds.PatientName = "M\u00fcller^J\u00fcrgen"
+        ds.StudyDate = "2026-11-26"
+    problems = source_value_problems(ds)
+    assert [p.split(":")[0] for p in problems] == ["PatientName", "StudyDate", "StudyID"]
+    assert "no Specific Character Set declares them" in problems[0]
+    assert not any("M\u00fcller" in p or "2026-11-26" in p for p in problems)
+    ds.SpecificCharacterSet = "ISO_IR 100"  # now the name's characters are declared
+    assert [p.split(":")[0] for p in source_value_problems(ds)] == ["StudyDate", "StudyID"]
 
 
 def test_positive_result_without_key_slice_is_refused(regular_series: list[Path]) -> None:

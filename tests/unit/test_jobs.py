@@ -4,6 +4,7 @@ the spool."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,29 @@ def test_a_complete_series_is_run_written_and_queued_for_every_destination(
     assert {e.state for e in exports} == {"pending"}
     assert _kinds(db)[-4:] == ["job.running", "job.done", "export.queued", "export.queued"]
     assert not worker.step()  # nothing left to do
+
+
+def test_faulty_patient_and_study_values_are_copied_as_they_are_and_audited(
+    tmp_path: Path, db: AuditDB, worker: Worker
+) -> None:
+    # the outputs must file with the study, so its values are not "repaired"; the admin learns
+    # why a validator will find the same faults in them (and the log gets no value)
+    paths = write_series(tmp_path, "a")
+    accession = "ACC-2026-00000000012345"  # 23 characters: SH allows 16
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.AccessionNumber = accession
+        ds.save_as(path)
+    _receive(db, paths)
+    assert worker.step()
+    (result,) = _rows(db, Result)
+    assert pydicom.dcmread(Path(result.result_dir) / "sr.dcm").AccessionNumber == accession
+    document = json.loads((Path(result.result_dir) / "result.json").read_text())
+    assert [p.split(":")[0] for p in document["source_value_problems"]] == ["AccessionNumber"]
+    (event,) = [e for e in _rows(db, Event) if e.kind == "result.source_values"]
+    assert event.level == "warning" and "AccessionNumber" in event.message
+    assert "exceeds the maximum length of 16" in event.message
+    assert accession not in event.message
 
 
 def test_series_waiting_together_go_through_one_engine_call(
