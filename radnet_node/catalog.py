@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -303,6 +303,7 @@ def complete_quiet_series(
     *,
     now: dt.datetime | None = None,
     quiet_since: dt.datetime | None = None,
+    receiving: Collection[str] = (),
 ) -> list[int]:
     """Mark complete every received series without a new instance for ``quiet_seconds``.
 
@@ -319,6 +320,9 @@ def complete_quiet_series(
         it came up, so a series still receiving when the node stopped (or was killed) gets a
         whole quiet period after the restart for the sender to go on or send it again, instead of
         completing at once with the instances that arrived before the crash.
+    receiving
+        Series Instance UIDs with instances received but not in the catalog yet (the ingest
+        recorder's queue): not quiet, whatever their rows say.
 
     Returns
     -------
@@ -336,6 +340,8 @@ def complete_quiet_series(
         )
     ).all()
     for series in quiet:
+        if series.series_instance_uid in receiving:
+            continue
         series.state = SeriesState.COMPLETE
         series.completed_at = now
         add_event(
@@ -346,7 +352,7 @@ def complete_quiet_series(
             **_event_ids(series),
             data={"instances": series.instance_count, "generation": series.generation},
         )
-    return [s.id for s in quiet]
+    return [s.id for s in quiet if s.series_instance_uid not in receiving]
 
 
 def restart_quiet_periods(session: Session, quiet_seconds: float) -> int:

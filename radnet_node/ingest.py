@@ -183,9 +183,11 @@ class _FreeSpace:
             return True
 
 
-#: instances registered in one transaction at most, and how long the recorder waits to fill one
+#: instances registered in one transaction at most; the longest the recorder waits to fill one;
+#: the pause in arrivals after which it commits what it has
 _BATCH = 256
-_BATCH_WAIT_S = 0.05
+_BATCH_WAIT_S = 0.5
+_PAUSE_S = 0.02
 
 
 @dataclass
@@ -203,10 +205,12 @@ class _Recorder:
     """Registers spooled instances in the catalog, in batches, in its own thread.
 
     An instance is answered with success once its file is at its place in the spool; its row
-    follows within milliseconds. A kill in between loses nothing: recovery registers spool files
-    without a row at the next start (:func:`radnet_node.jobs.recover`). While the database
-    fails, the batch is retried with backoff and :attr:`error` says why, so ingest refuses new
-    instances (0xA700) instead of taking more it cannot record.
+    follows once the arrivals pause (:data:`_PAUSE_S`), or with a full batch, or at most
+    :data:`_BATCH_WAIT_S` after it: a commit holds the interpreter for milliseconds, which every
+    association thread would wait for. A kill in between loses nothing: recovery registers
+    spool files without a row at the next start (:func:`radnet_node.jobs.recover`). While the
+    database fails, the batch is retried with backoff and :attr:`error` says why, so ingest
+    refuses new instances (0xA700) instead of taking more it cannot record.
     """
 
     def __init__(self, db: AuditDB, on_instance: Callable[[], None] | None) -> None:
@@ -216,6 +220,8 @@ class _Recorder:
         self.error: str | None = None
         self._queue: deque[_Received] = deque()
         self._in_flight = 0
+        self._batch: list[_Received] = []  # what is being committed now
+        self._last_put = 0.0
         self._flushing = 0  # callers of flush(): no waiting for a fuller batch
         self._stopping = False
         self._wake = threading.Condition()
@@ -225,11 +231,17 @@ class _Recorder:
     def put(self, item: _Received) -> None:
         with self._wake:
             self._queue.append(item)
+            self._last_put = time.monotonic()
             if len(self._queue) in (
                 1,
                 _BATCH,
             ):  # the recorder waits for a first one or a full batch
                 self._wake.notify()
+
+    def pending_series(self) -> set[str]:
+        """The Series Instance UIDs of the instances answered but not committed yet."""
+        with self._wake:
+            return {item.info.series_instance_uid for item in (*self._queue, *self._batch)}
 
     @property
     def backlog(self) -> int:
@@ -270,26 +282,31 @@ class _Recorder:
                     self._wake.wait()
                 if not self._queue:
                     return
-                # group commit: one transaction for what arrives in the next moment
+                # group commit: one transaction for what arrives until the sender pauses (or a
+                # full batch, or _BATCH_WAIT_S): each commit holds the interpreter for a few
+                # milliseconds, which the associations then wait for
                 deadline = time.monotonic() + _BATCH_WAIT_S
                 while len(self._queue) < _BATCH and not (self._stopping or self._flushing):
-                    left = deadline - time.monotonic()
+                    left = min(deadline, self._last_put + _PAUSE_S) - time.monotonic()
                     if left <= 0:
                         break
                     self._wake.wait(left)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), _BATCH))]
                 self._in_flight = len(batch)
+                self._batch = batch
             backoff = 0.2
             while not self._commit(batch):
                 with self._wake:
                     if self._stopping:
                         self._in_flight = 0
+                        self._batch = []
                         self._wake.notify_all()
                         return
                     self._wake.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             with self._wake:
                 self._in_flight = 0
+                self._batch = []
                 self._wake.notify_all()
             if self.on_instance is not None:
                 self.on_instance()
@@ -512,6 +529,11 @@ class IngestSCP:
         if self._state is not None:
             self._state.recorder.stop()
             self._state = None
+
+    def pending_series(self) -> set[str]:
+        """Series Instance UIDs of instances received and answered whose catalog rows are not
+        committed yet (at most :data:`_BATCH_WAIT_S` behind): a series among them is not quiet."""
+        return set() if self._state is None else self._state.recorder.pending_series()
 
     def active_associations(self) -> int:
         """How many accepted associations are open now."""

@@ -235,7 +235,10 @@ class Node:
         try:
             with self.db.session() as session:
                 completed = complete_quiet_series(
-                    session, self.settings.series.quiet_seconds, quiet_since=self.up_at
+                    session,
+                    self.settings.series.quiet_seconds,
+                    quiet_since=self.up_at,
+                    receiving=self.scp.pending_series(),
                 )
         except RadnetError as exc:
             _log.error("completion tick failed", error=str(exc))

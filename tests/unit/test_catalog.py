@@ -68,6 +68,23 @@ def test_series_completes_only_after_the_quiet_period(tmp_path: Path, db: AuditD
     assert _kinds(db) == ["series.first_instance", "series.complete"]
 
 
+def test_a_series_with_instances_on_their_way_to_the_catalog_is_not_quiet(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    # rows older than the quiet period, but the ingest recorder still holds newer instances
+    files = write_series(tmp_path, "a")
+    start = utcnow()
+    _register(db, files, at=start)
+    uid = _series(db).series_instance_uid
+    later = start + dt.timedelta(seconds=10)
+    with db.session() as session:
+        assert complete_quiet_series(session, 10.0, now=later, receiving={uid}) == []
+    assert _series(db).state == "received"
+    with db.session() as session:
+        assert len(complete_quiet_series(session, 10.0, now=later, receiving={"1.2.3"})) == 1
+    assert _series(db).state == "complete"
+
+
 def test_after_a_restart_a_series_still_receiving_gets_a_whole_quiet_period_again(
     tmp_path: Path, db: AuditDB
 ) -> None:

@@ -251,11 +251,14 @@ def test_a_database_failure_keeps_what_was_answered_and_refuses_more_until_it_is
     assert first_path.is_file()
     recorder = scp._state.recorder  # type: ignore[union-attr]
     wait_for(lambda: recorder.error is not None, 10, "the recorder to see the failure")
+    # its series is still arriving for the completion tick: no row says so, the recorder does
+    assert scp.pending_series() == {pydicom.dcmread(first).SeriesInstanceUID}
     # while the database fails nothing more is taken: the sender keeps it and sends it again
     assert send(scp.address[1], [second]) == [STATUS_OUT_OF_RESOURCES]
     assert not spool_path(scp.spool_dir, *_uids(second)).exists()
     Base.metadata.create_all(db.engine)  # the database is back: the retried batch commits
     wait_for(lambda: recorder.error is None and recorder.backlog == 0, 15, "the retry")
+    assert scp.pending_series() == set()
     with db.session() as session:
         paths = session.scalars(select(Instance.spool_path)).all()
     assert paths == [str(first_path)]
