@@ -609,6 +609,8 @@ def study_story(session: Session, query: str) -> StudyStory | None:
         None when nothing matches.
     """
     text = query.strip()
+    if not text:
+        return None  # not "every study without an accession number"
     studies = set(
         session.scalars(
             select(Series.study_instance_uid).where(

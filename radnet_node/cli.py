@@ -459,6 +459,10 @@ def audit_show(
     took, results, exports, and every event. Exit code 3 when nothing matches."""
 
     def run() -> int:
+        if not uid_or_accession.strip():
+            # an empty accession number is what anonymised studies have: it would match them all
+            typer.echo("radnet-node: error: UID_OR_ACCESSION is empty", err=True)
+            return EXIT_USAGE
         settings = _node_settings(config)
         db = _open_db(settings)
         with db.session() as session:

@@ -53,7 +53,67 @@ function IsHeadCtSeries(seriesTags, studyTags, instanceTags)
   return false, 'no head-like body part or description'
 end
 
+-- Routing jobs on their way (job ID -> series ID), and series whose job failed (the node was down
+-- or refused the association): Orthanc retries nothing by itself, so they are sent again by
+-- RetryFailedSeries, at every heart beat (Orthanc >= 1.11 with "LuaHeartBeatPeriod" > 0) and
+-- before each newly stable series is routed (any version). The node stores an instance it already
+-- has once, so a series sent again is never processed twice.
+local sending = {}
+local failed = {}
+
+local function SendSeries(seriesId, what)
+  local ok, answer = pcall(RestApiPost, '/modalities/' .. RADNET_MODALITY .. '/store',
+    DumpJson({ Resources = { seriesId }, Asynchronous = true, Priority = 0 }))
+  if not ok then
+    failed[seriesId] = true
+    print('radnet-autoroute: series ' .. seriesId .. ' not queued for ' .. RADNET_MODALITY
+      .. ' (' .. tostring(answer) .. '); it is tried again later')
+    return
+  end
+  local job = ParseJson(answer)
+  sending[job['ID']] = seriesId
+  print('radnet-autoroute: series ' .. seriesId .. ' (' .. what .. ') queued for '
+    .. RADNET_MODALITY .. ' as job ' .. job['ID'])
+end
+
+function RetryFailedSeries()
+  local retry = failed
+  failed = {}
+  for seriesId, _ in pairs(retry) do
+    -- a series deleted from Orthanc meanwhile is dropped
+    if pcall(RestApiGet, '/series/' .. seriesId) then
+      SendSeries(seriesId, 'again, after a failed try')
+    end
+  end
+end
+
+function OnJobSuccess(jobId)
+  local seriesId = sending[jobId]
+  if seriesId ~= nil then
+    sending[jobId] = nil
+    print('radnet-autoroute: series ' .. seriesId .. ' sent to ' .. RADNET_MODALITY
+      .. ' (job ' .. jobId .. ')')
+  end
+end
+
+function OnJobFailure(jobId)
+  local seriesId = sending[jobId]
+  if seriesId ~= nil then
+    sending[jobId] = nil
+    failed[seriesId] = true
+    local ok, answer = pcall(RestApiGet, '/jobs/' .. jobId)
+    local why = ok and ParseJson(answer)['ErrorDescription'] or 'unknown error'
+    print('radnet-autoroute: series ' .. seriesId .. ' NOT sent to ' .. RADNET_MODALITY
+      .. ' (job ' .. jobId .. ': ' .. tostring(why) .. '); it is tried again later')
+  end
+end
+
+function OnHeartBeat()
+  RetryFailedSeries()
+end
+
 function OnStableSeries(seriesId, tags, metadata)
+  RetryFailedSeries()
   local instances = ParseJson(RestApiGet('/series/' .. seriesId .. '/instances'))
   if #instances == 0 then
     return
@@ -65,10 +125,6 @@ function OnStableSeries(seriesId, tags, metadata)
     print('radnet-autoroute: series ' .. seriesId .. ' not sent: ' .. reason)
     return
   end
-  -- An asynchronous job: the Lua thread is not blocked while the series is sent, and Orthanc
-  -- retries nothing by itself, so a failed job shows in /jobs for the admin to resubmit.
-  local job = ParseJson(RestApiPost('/modalities/' .. RADNET_MODALITY .. '/store',
-    DumpJson({ Resources = { seriesId }, Asynchronous = true, Priority = 0 })))
-  print('radnet-autoroute: series ' .. seriesId .. ' (' .. #instances .. ' instances) sent to '
-    .. RADNET_MODALITY .. ' as job ' .. job['ID'])
+  -- an asynchronous job: the Lua thread is not blocked while the series is sent
+  SendSeries(seriesId, #instances .. ' instances')
 end

@@ -5,16 +5,18 @@ Philips series, SR and SEG come back into the same study)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from dcmtk import StoreScp, storescu
 from node_process import NodeProcess
-from orthanc import Modality, Orthanc, OrthancError, wait_for
+from orthanc import Modality, Orthanc, OrthancError, free_port, wait_for
 from pacs import (
     PHILIPS_5MM_SLICES,
     PHILIPS_STUDY_UID,
@@ -23,6 +25,8 @@ from pacs import (
     need_program,
     wait_for_results,
 )
+
+from training.dicom_writer import SeriesGeometry
 
 pytestmark = pytest.mark.integration
 
@@ -129,16 +133,50 @@ def test_autoroute_lua_sends_the_head_ct_series_and_nothing_else(
     def decisions() -> list[str] | None:
         lines = [line for line in orthanc.log_path.read_text(errors="replace").splitlines()
                  if "radnet-autoroute:" in line]  # fmt: skip
-        return lines if len(lines) >= 3 else None
+        done = any(re.search(r"series \S+ sent to radnet \(job", line) for line in lines)
+        return lines if len(lines) >= 4 and done else None
 
-    lines = wait_for(decisions, timeout_s=60, what="three auto-routing decisions in the log")
+    lines = wait_for(decisions, timeout_s=60, what="the auto-routing decisions in the log")
     wait_for(lambda: len(receiver.received()) >= PHILIPS_5MM_SLICES, timeout_s=60,
              what="the routed series at the receiver")  # fmt: skip
 
     assert _sop_instance_uids(receiver.received()) == _sop_instance_uids(philips_5mm)
-    assert sum("sent to radnet" in line for line in lines) == 1
+    assert sum(bool(re.search(r"series \S+ sent to radnet \(job", line)) for line in lines) == 1
     assert any("not a CT image SOP class" in line for line in lines)
     assert any("no head-like body part or description" in line for line in lines)
+
+
+def test_autoroute_lua_sends_again_a_series_that_failed_while_the_node_was_down(
+    make_orthanc: Callable[..., Orthanc],
+    make_storescp: Callable[..., StoreScp],
+    philips_5mm: list[Path],
+    write_series: Callable[..., list[Path]],
+    head_hu: Callable[..., np.ndarray],
+) -> None:
+    # the node's port answers nothing: the routing job fails, and Orthanc itself never retries
+    port = free_port()
+    orthanc = make_orthanc(
+        modalities=[Modality("radnet", "RADNET", "127.0.0.1", port)], lua_scripts=[AUTOROUTE_LUA]
+    )
+    orthanc.upload_files(philips_5mm)
+
+    def log_lines(pattern: str) -> list[str] | None:
+        lines = [line for line in orthanc.log_path.read_text(errors="replace").splitlines()
+                 if re.search(f"radnet-autoroute: series \\S+ {pattern}", line)]  # fmt: skip
+        return lines or None
+
+    wait_for(lambda: log_lines("NOT sent to radnet"), timeout_s=60, what="the failed job")
+    # the node is back; the next stable series (or, from Orthanc 1.11, the heart beat) retries it
+    receiver = make_storescp(ae_title="RADNET", port=port)
+    geometry = SeriesGeometry(rows=32, columns=32, pixel_spacing_mm=(7.0, 7.0),
+                              table_positions_mm=(0.0, 5.0, 10.0))  # fmt: skip
+    later = write_series(head_hu((3, 32, 32), (7.0, 7.0)), geometry, name="later")
+    orthanc.upload_files(later)
+    expected = _sop_instance_uids(philips_5mm) | _sop_instance_uids(later)
+    wait_for(lambda: _sop_instance_uids(receiver.received()) >= expected or None, timeout_s=90,
+             what="both series at the node")  # fmt: skip
+    assert _sop_instance_uids(receiver.received()) == expected
+    assert len(log_lines(r"sent to radnet \(job") or []) == 2  # one per series
 
 
 # --- the node end to end ------------------------------------------------------------------------

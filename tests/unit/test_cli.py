@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from node_support import instance_info, write_series
 
-from radnet_node.audit import AuditDB
+from radnet_node.audit import AuditDB, study_story
 from radnet_node.catalog import register_instance
-from radnet_node.cli import EXIT_BROKEN_PIPE, EXIT_OK
+from radnet_node.cli import EXIT_BROKEN_PIPE, EXIT_OK, EXIT_USAGE
+from training.dicom_writer import StudyInfo
 
 ACCESSION = "ACCPIPE"
 
@@ -65,3 +66,25 @@ def test_a_closed_stdout_pipe_ends_the_command_quietly(args: list[str], config: 
     finally:
         os.close(writer)
     assert (gone.returncode, gone.stderr) == (EXIT_BROKEN_PIPE, "")
+
+
+def test_audit_show_refuses_an_empty_query_rather_than_matching_studies_without_accession(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "var"
+    db = AuditDB(f"sqlite:///{data_dir / 'audit.sqlite'}")
+    try:
+        with db.session() as session:
+            study = StudyInfo(uid_seed="radnet-node-test-anon", accession_number="")
+            for path in write_series(tmp_path, "ANON", study=study):
+                register_instance(session, instance_info(path))
+        with db.session() as session:
+            assert study_story(session, "  ") is None
+    finally:
+        db.dispose()
+    config = tmp_path / "radnet_node.toml"
+    config.write_text(f'[node]\ndata_dir = "{data_dir}"\n', encoding="utf-8")
+    done = subprocess.run(_command(["audit", "show", ""], config), capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == EXIT_USAGE
+    assert "UID_OR_ACCESSION is empty" in done.stderr and done.stdout == ""
