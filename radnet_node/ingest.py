@@ -188,6 +188,8 @@ class _FreeSpace:
 _BATCH = 256
 _BATCH_WAIT_S = 0.5
 _PAUSE_S = 0.02
+#: how long the A-RELEASE-RP waits for the association's rows to be committed
+_RELEASE_FLUSH_S = 5.0
 
 
 @dataclass
@@ -692,6 +694,9 @@ class _Association:
                                 self._make_spare()
                 elif pdu_type == dicom_ul.RELEASE_RQ:
                     self._drop_spare()  # before the peer learns that the association is over
+                    # the peer learns it once its instances are in the catalog too (if the
+                    # database answers within the wait: the files are in the spool either way)
+                    self.state.recorder.flush(_RELEASE_FLUSH_S)
                     self.sock.sendall(dicom_ul.release_rp_pdu())
                     how = "released"
                     return
