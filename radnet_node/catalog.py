@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import math
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "Selection",
     "complete_quiet_series",
     "is_safe_uid",
+    "series_number_of",
     "load_series_group",
     "register_instance",
     "register_instances",
@@ -60,6 +62,20 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 def is_safe_uid(value: str) -> bool:
     """Whether ``value`` is a syntactically valid UID (and so a safe file name)."""
     return len(value) <= 64 and bool(_UID.match(value))
+
+
+def series_number_of(value: object) -> int | None:
+    """A Series Number (IS) as an int, or None when it is absent or not a number the catalog can
+    hold (IS ranges over 32-bit integers; ``inf``, ``nan``, ``1e300`` and words are None)."""
+    if value is None or value == "":
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    if not math.isfinite(number) or not -(2**31) <= number < 2**31:
+        return None
+    return int(number)
 
 
 class _InstanceEventIds(TypedDict):

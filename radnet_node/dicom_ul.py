@@ -135,10 +135,9 @@ class PduReader:
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self.sock = sock
         self.limit = limit
-        # a plain socket's read waits in the kernel for the whole PDU (one call, not one per
-        # arriving segment); it still returns what came when the network timeout runs out, so a
-        # slow peer that keeps sending is not cut off. The ssl module takes no flags.
-        self._flags = 0 if isinstance(sock, ssl.SSLSocket) else getattr(socket, "MSG_WAITALL", 0)
+        # no MSG_WAITALL: with it the kernel's timeout (SO_RCVTIMEO) bounds a whole call, so a
+        # peer silent in the middle of a PDU would be aborted after up to twice the timeout
+        self._flags = 0
         self._header = bytearray(6)
         self._buffer = bytearray(max(65536, min(limit, 1 << 20)))
 

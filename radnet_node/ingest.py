@@ -55,6 +55,7 @@ from radnet_node.catalog import (
     RegistrationOutcome,
     is_safe_uid,
     register_instances,
+    series_number_of,
 )
 from radnet_node.config import NodeSection, TlsSection
 from radnet_node.durable import fsync_folder, make_folder_durably
@@ -250,19 +251,22 @@ class _Recorder:
         """Instances answered but not yet committed."""
         return len(self._queue) + self._in_flight
 
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until every instance handed over so far is committed; False on timeout."""
+    def flush(self, timeout_s: float, *, unless_failing: bool = False) -> bool:
+        """Wait until every instance handed over so far is committed; False on timeout (and,
+        ``unless_failing``, as soon as a commit fails)."""
         deadline = time.monotonic() + timeout_s
         with self._wake:
             self._flushing += 1
             self._wake.notify_all()
             try:
-                return self._wait_empty(deadline)
+                return self._wait_empty(deadline, unless_failing=unless_failing)
             finally:
                 self._flushing -= 1
 
-    def _wait_empty(self, deadline: float) -> bool:
+    def _wait_empty(self, deadline: float, *, unless_failing: bool = False) -> bool:
         while self._queue or self._in_flight:
+            if unless_failing and self.error is not None:
+                return False
             left = deadline - time.monotonic()
             if left <= 0 or not self._wake.wait(left):
                 return not (self._queue or self._in_flight)
@@ -299,6 +303,7 @@ class _Recorder:
             backoff = 0.2
             while not self._commit(batch):
                 with self._wake:
+                    self._wake.notify_all()  # flush(unless_failing=True) stops waiting
                     if self._stopping:
                         self._in_flight = 0
                         self._batch = []
@@ -695,8 +700,9 @@ class _Association:
                 elif pdu_type == dicom_ul.RELEASE_RQ:
                     self._drop_spare()  # before the peer learns that the association is over
                     # the peer learns it once its instances are in the catalog too (if the
-                    # database answers within the wait: the files are in the spool either way)
-                    self.state.recorder.flush(_RELEASE_FLUSH_S)
+                    # database answers within the wait, and not while it fails: the files are
+                    # in the spool either way)
+                    self.state.recorder.flush(_RELEASE_FLUSH_S, unless_failing=True)
                     self.sock.sendall(dicom_ul.release_rp_pdu())
                     how = "released"
                     return
@@ -1114,17 +1120,17 @@ class _Incoming:
             return
         header, final, written = self._to_record
         self._to_record = None
-        header.update(self._texts())
+        try:
+            header.update(self._texts())
+        except Exception:  # noqa: BLE001 - answered with success already: the row must follow
+            _log.exception("cannot decode the text elements of a stored instance", path=str(final))
+            header.update(dict.fromkeys(_TEXT_ELEMENTS, ""))
         sop_uid, study_uid, series_uid = (
             header["SOPInstanceUID"],
             header["StudyInstanceUID"],
             header["SeriesInstanceUID"],
         )
-        number_text = header["SeriesNumber"]
-        try:
-            series_number: int | None = int(float(number_text)) if number_text else None
-        except ValueError:
-            series_number = None
+        series_number = series_number_of(header["SeriesNumber"])
         info = InstanceInfo(
             sop_instance_uid=sop_uid,
             sop_class_uid=self.request.affected_sop_class_uid,

@@ -40,6 +40,7 @@ from radnet_node.catalog import (
     load_series_group,
     register_instance,
     select_series,
+    series_number_of,
 )
 from radnet_node.config import Settings
 from radnet_node.dicom_out import NodeIdentity, output_uids
@@ -627,10 +628,7 @@ def _instance_info(path: Path) -> InstanceInfo:
     for key, value in uids.items():
         if not is_safe_uid(value):
             raise InputError(path, f"{key} {value!r} is missing or not a UID")
-    try:
-        number = int(ds.get("SeriesNumber")) if ds.get("SeriesNumber") not in (None, "") else None
-    except (TypeError, ValueError):
-        number = None
+    number = series_number_of(ds.get("SeriesNumber"))
     return InstanceInfo(
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=str(ds.get("SOPClassUID", "")),

@@ -59,13 +59,29 @@ end
 -- before each newly stable series is routed (any version). The node stores an instance it already
 -- has once, so a series sent again is never processed twice.
 local sending = {}
-local failed = {}
+local failed = {}  -- series ID -> failed tries so far
+-- after this many failed tries (an hour of heart beats) a series is left for the admin (/jobs)
+local MAX_TRIES = 120
+
+local tries = {}  -- series ID -> failed tries, while it is on its way again
+
+local function Failed(seriesId)
+  local count = (tries[seriesId] or 0) + 1
+  tries[seriesId] = nil
+  if count >= MAX_TRIES then
+    print('radnet-autoroute: series ' .. seriesId .. ' given up after ' .. count
+      .. ' failed tries; send it again by hand')
+    return false
+  end
+  failed[seriesId] = count
+  return true
+end
 
 local function SendSeries(seriesId, what)
   local ok, answer = pcall(RestApiPost, '/modalities/' .. RADNET_MODALITY .. '/store',
     DumpJson({ Resources = { seriesId }, Asynchronous = true, Priority = 0 }))
   if not ok then
-    failed[seriesId] = true
+    Failed(seriesId)
     print('radnet-autoroute: series ' .. seriesId .. ' not queued for ' .. RADNET_MODALITY
       .. ' (' .. tostring(answer) .. '); it is tried again later')
     return
@@ -79,10 +95,11 @@ end
 function RetryFailedSeries()
   local retry = failed
   failed = {}
-  for seriesId, _ in pairs(retry) do
+  for seriesId, count in pairs(retry) do
     -- a series deleted from Orthanc meanwhile is dropped
     if pcall(RestApiGet, '/series/' .. seriesId) then
-      SendSeries(seriesId, 'again, after a failed try')
+      tries[seriesId] = count
+      SendSeries(seriesId, 'again, after ' .. count .. ' failed tries')
     end
   end
 end
@@ -91,6 +108,7 @@ function OnJobSuccess(jobId)
   local seriesId = sending[jobId]
   if seriesId ~= nil then
     sending[jobId] = nil
+    tries[seriesId] = nil
     print('radnet-autoroute: series ' .. seriesId .. ' sent to ' .. RADNET_MODALITY
       .. ' (job ' .. jobId .. ')')
   end
@@ -100,7 +118,7 @@ function OnJobFailure(jobId)
   local seriesId = sending[jobId]
   if seriesId ~= nil then
     sending[jobId] = nil
-    failed[seriesId] = true
+    Failed(seriesId)
     local ok, answer = pcall(RestApiGet, '/jobs/' .. jobId)
     local why = ok and ParseJson(answer)['ErrorDescription'] or 'unknown error'
     print('radnet-autoroute: series ' .. seriesId .. ' NOT sent to ' .. RADNET_MODALITY
@@ -113,6 +131,7 @@ function OnHeartBeat()
 end
 
 function OnStableSeries(seriesId, tags, metadata)
+  failed[seriesId] = nil  -- routed afresh below, not twice
   RetryFailedSeries()
   local instances = ParseJson(RestApiGet('/series/' .. seriesId .. '/instances'))
   if #instances == 0 then

@@ -238,8 +238,13 @@ def source_value_problems(source: Dataset) -> list[str]:
             continue
         values = element.value if element.VM > 1 else [element.value]
         for value in values:
+            # pydicom reads DS and IS as numbers (DSfloat, IS) that keep the text they came as:
+            # the text is what the standard's rules are about
+            text = getattr(value, "original_string", None)
+            if text is None and element.VR in ("DS", "IS"):
+                text = str(value)
             try:
-                validate_value(element.VR, value, config.RAISE)
+                validate_value(element.VR, value if text is None else text, config.RAISE)
             except ValueError as exc:
                 # the messages quote some values: keep the fault, drop the value
                 problems.append(f"{keyword}: {str(exc).split(':', 1)[0].rstrip('.')}")

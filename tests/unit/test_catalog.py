@@ -21,6 +21,7 @@ from radnet_node.catalog import (
     register_instance,
     restart_quiet_periods,
     select_series,
+    series_number_of,
 )
 
 
@@ -217,3 +218,14 @@ def test_a_missing_spool_file_fails_the_series_naming_it(tmp_path: Path, db: Aud
         complete_quiet_series(session, 0.0)
     selection = select_series(db, _series(db).id, min_slices=5)
     assert selection.state == "failed" and str(files[2]) in selection.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("2", 2), (" 3 ", 3), ("2.0", 2), ("-5", -5), (7, 7), (None, None), ("", None),
+     ("inf", None), ("nan", None), ("1e99", None), (2**40, None), ("x", None)],
+)  # fmt: skip
+def test_series_numbers_the_catalog_cannot_hold_are_none(
+    value: object, expected: int | None
+) -> None:
+    assert series_number_of(value) == expected

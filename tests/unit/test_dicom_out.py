@@ -344,10 +344,18 @@ def test_patient_names_keep_the_source_s_character_set(
         assert str(ds.PatientName) == patient_name, kind
 
 
+def _encoded(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def test_source_value_problems_name_the_attribute_and_the_fault_not_the_value(
     regular_series: list[Path],
 ) -> None:
     ds = next(iter(headers(regular_series).values()))
+    ds.PatientWeight, ds.PatientSize, ds.PatientAge = "72", "1.75", "054Y"  # read as numbers
+    ds = pydicom.dcmread(BytesIO(_encoded(ds)))
     assert source_value_problems(ds) == []
     if "SpecificCharacterSet" in ds:
         del ds.SpecificCharacterSet  # the default repertoire
