@@ -115,12 +115,14 @@ def set_kernel_timeouts(sock: socket.socket, seconds: float) -> None:
 KERNEL_TIMEOUTS = (BlockingIOError,)
 
 
-def _recv_exact(sock: socket.socket, view: memoryview, flags: int = 0) -> None:
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    # no MSG_WAITALL: with it the kernel's timeout (SO_RCVTIMEO) bounds a whole call, so a peer
+    # silent in the middle of a PDU would be aborted after up to twice the timeout
     received = 0
     total = len(view)
     while received < total:
         try:
-            count = sock.recv_into(view[received:], 0, flags)
+            count = sock.recv_into(view[received:])
         except KERNEL_TIMEOUTS as exc:
             raise TimeoutError("nothing received within the network timeout") from exc
         if count == 0:
@@ -135,9 +137,6 @@ class PduReader:
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self.sock = sock
         self.limit = limit
-        # no MSG_WAITALL: with it the kernel's timeout (SO_RCVTIMEO) bounds a whole call, so a
-        # peer silent in the middle of a PDU would be aborted after up to twice the timeout
-        self._flags = 0
         self._header = bytearray(6)
         self._buffer = bytearray(max(65536, min(limit, 1 << 20)))
 
@@ -153,7 +152,7 @@ class PduReader:
         OSError
             The socket failed or timed out.
         """
-        _recv_exact(self.sock, memoryview(self._header), self._flags)
+        _recv_exact(self.sock, memoryview(self._header))
         pdu_type = self._header[0]
         (length,) = struct.unpack_from(">I", self._header, 2)
         if pdu_type not in _KNOWN_PDU_TYPES:
@@ -163,7 +162,7 @@ class PduReader:
         if length > len(self._buffer):
             self._buffer = bytearray(length)
         body = memoryview(self._buffer)[:length]
-        _recv_exact(self.sock, body, self._flags)
+        _recv_exact(self.sock, body)
         return pdu_type, body
 
     @property

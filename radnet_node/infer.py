@@ -222,8 +222,6 @@ class SeriesOutputs:
     output_uids: Mapping[str, str]  # output kind -> SOP Instance UID
     content_hash: str
     document: Mapping[str, Any]
-    #: faults of the source's patient and study values, which the outputs carry as they are
-    source_value_problems: tuple[str, ...] = ()
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -260,7 +258,6 @@ def build_series_outputs(
     sources = {str(ds.SOPInstanceUID): ds for ds in group.headers}
     key_hu = loaded.hu.hu[result.key_slice_index] if result.ct_positive else None
     dicom = build_outputs(result, sources, identity, key_slice_hu=key_hu, previous_sr=previous_sr)
-    problems = source_value_problems(group.first)
     datasets: dict[str, Dataset] = {"sr": dicom.sr, "seg": dicom.seg}
     if dicom.key_image is not None:
         datasets["key_image"] = dicom.key_image
@@ -280,10 +277,10 @@ def build_series_outputs(
         timings_ms=timings,
         series_description=str(group.first.get("SeriesDescription", "") or ""),
         runtime=runtime,
-        source_value_problems=problems,
+        source_value_problems=source_value_problems(group.first),
     )
     files[OUTPUT_FILES["result"]] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
-    return SeriesOutputs(files, uids, content_hash(datasets), document, tuple(problems))
+    return SeriesOutputs(files, uids, content_hash(datasets), document)
 
 
 def result_document(

@@ -307,7 +307,6 @@ class _Recorder:
                     if self._stopping:
                         self._in_flight = 0
                         self._batch = []
-                        self._wake.notify_all()
                         return
                     self._wake.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -1212,12 +1211,7 @@ def _write_all(fd: int, first: bytes, second: bytes | memoryview = b"") -> int:
         The write failed, or was cut short and the rest failed (a full disk).
     """
     total = len(first) + len(second)
-    if not second:
-        written = os.write(fd, first)
-    elif not first:
-        written = os.write(fd, second)
-    else:
-        written = os.writev(fd, (first, second))
+    written = os.writev(fd, (first, second))
     if written < total:  # a short write: the rest, or the error that stopped it
         rest = memoryview(bytes(first) + bytes(second))[written:]
         while rest:

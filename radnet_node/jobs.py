@@ -312,15 +312,16 @@ class Worker:
                 summary += f"; its SR {outputs.output_uids['sr']} replaces SR {replaced}"
                 data["replaces_sr"] = replaced
             add_event(session, "job.done", summary, data=data, **claimed.ids)
-            if outputs.source_value_problems:
+            problems = outputs.document["source_value_problems"]
+            if problems:
                 add_event(
                     session,
                     "result.source_values",
                     "the outputs carry the series' patient and study values as they came (so they "
                     "file with the study), and these break the standard's rules there too: "
-                    + "; ".join(outputs.source_value_problems),
+                    + "; ".join(problems),
                     level="warning",
-                    data={"problems": list(outputs.source_value_problems)},
+                    data={"problems": list(problems)},
                     **claimed.ids,
                 )
             queued = self._queue_exports(session, row, claimed)

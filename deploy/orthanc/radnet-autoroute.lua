@@ -53,41 +53,37 @@ function IsHeadCtSeries(seriesTags, studyTags, instanceTags)
   return false, 'no head-like body part or description'
 end
 
--- Routing jobs on their way (job ID -> series ID), and series whose job failed (the node was down
+-- Routing jobs on their way, and series whose job failed (the node was down
 -- or refused the association): Orthanc retries nothing by itself, so they are sent again by
 -- RetryFailedSeries, at every heart beat (Orthanc >= 1.11 with "LuaHeartBeatPeriod" > 0) and
 -- before each newly stable series is routed (any version). The node stores an instance it already
 -- has once, so a series sent again is never processed twice.
-local sending = {}
-local failed = {}  -- series ID -> failed tries so far
+local sending = {}  -- job ID -> { series = series ID, tries = failed tries before this job }
+local failed = {}  -- series ID -> failed tries so far, waiting to be sent again
 -- after this many failed tries (an hour of heart beats) a series is left for the admin (/jobs)
 local MAX_TRIES = 120
 
-local tries = {}  -- series ID -> failed tries, while it is on its way again
-
-local function Failed(seriesId)
-  local count = (tries[seriesId] or 0) + 1
-  tries[seriesId] = nil
-  if count >= MAX_TRIES then
-    print('radnet-autoroute: series ' .. seriesId .. ' given up after ' .. count
-      .. ' failed tries; send it again by hand')
-    return false
+local function Failed(seriesId, tries, why)
+  tries = tries + 1
+  if tries >= MAX_TRIES then
+    print('radnet-autoroute: series ' .. seriesId .. ' NOT sent to ' .. RADNET_MODALITY .. ' ('
+      .. why .. '); given up after ' .. tries .. ' failed tries: send it again by hand')
+  else
+    failed[seriesId] = tries
+    print('radnet-autoroute: series ' .. seriesId .. ' NOT sent to ' .. RADNET_MODALITY .. ' ('
+      .. why .. '); it is tried again later')
   end
-  failed[seriesId] = count
-  return true
 end
 
-local function SendSeries(seriesId, what)
+local function SendSeries(seriesId, what, tries)
   local ok, answer = pcall(RestApiPost, '/modalities/' .. RADNET_MODALITY .. '/store',
     DumpJson({ Resources = { seriesId }, Asynchronous = true, Priority = 0 }))
   if not ok then
-    Failed(seriesId)
-    print('radnet-autoroute: series ' .. seriesId .. ' not queued for ' .. RADNET_MODALITY
-      .. ' (' .. tostring(answer) .. '); it is tried again later')
+    Failed(seriesId, tries, 'not queued: ' .. tostring(answer))
     return
   end
   local job = ParseJson(answer)
-  sending[job['ID']] = seriesId
+  sending[job['ID']] = { series = seriesId, tries = tries }
   print('radnet-autoroute: series ' .. seriesId .. ' (' .. what .. ') queued for '
     .. RADNET_MODALITY .. ' as job ' .. job['ID'])
 end
@@ -95,34 +91,35 @@ end
 function RetryFailedSeries()
   local retry = failed
   failed = {}
-  for seriesId, count in pairs(retry) do
+  for seriesId, tries in pairs(retry) do
     -- a series deleted from Orthanc meanwhile is dropped
     if pcall(RestApiGet, '/series/' .. seriesId) then
-      tries[seriesId] = count
-      SendSeries(seriesId, 'again, after ' .. count .. ' failed tries')
+      SendSeries(seriesId, 'again, after ' .. tries .. ' failed tries', tries)
     end
   end
 end
 
+-- The routing job ``jobId`` has ended: what it was sending (nil for other jobs), now forgotten.
+local function Ended(jobId)
+  local entry = sending[jobId]
+  sending[jobId] = nil
+  return entry
+end
+
 function OnJobSuccess(jobId)
-  local seriesId = sending[jobId]
-  if seriesId ~= nil then
-    sending[jobId] = nil
-    tries[seriesId] = nil
-    print('radnet-autoroute: series ' .. seriesId .. ' sent to ' .. RADNET_MODALITY
+  local entry = Ended(jobId)
+  if entry ~= nil then
+    print('radnet-autoroute: series ' .. entry.series .. ' sent to ' .. RADNET_MODALITY
       .. ' (job ' .. jobId .. ')')
   end
 end
 
 function OnJobFailure(jobId)
-  local seriesId = sending[jobId]
-  if seriesId ~= nil then
-    sending[jobId] = nil
-    Failed(seriesId)
+  local entry = Ended(jobId)
+  if entry ~= nil then
     local ok, answer = pcall(RestApiGet, '/jobs/' .. jobId)
     local why = ok and ParseJson(answer)['ErrorDescription'] or 'unknown error'
-    print('radnet-autoroute: series ' .. seriesId .. ' NOT sent to ' .. RADNET_MODALITY
-      .. ' (job ' .. jobId .. ': ' .. tostring(why) .. '); it is tried again later')
+    Failed(entry.series, entry.tries, 'job ' .. jobId .. ': ' .. tostring(why))
   end
 end
 
@@ -145,5 +142,5 @@ function OnStableSeries(seriesId, tags, metadata)
     return
   end
   -- an asynchronous job: the Lua thread is not blocked while the series is sent
-  SendSeries(seriesId, #instances .. ' instances')
+  SendSeries(seriesId, #instances .. ' instances', 0)
 end

@@ -192,6 +192,14 @@ def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Da
 _KNOWN_CHARACTER_SETS = frozenset(value.value for value in hd.SpecificCharacterSetValues)
 
 
+def _character_set_terms(source: Dataset) -> list[str]:
+    """The values of the source's Specific Character Set, stripped ([] when it has none)."""
+    value = source.get("SpecificCharacterSet")
+    if not value:
+        return []
+    return [str(term).strip() for term in ([value] if isinstance(value, str) else value)]
+
+
 def highdicom_character_set(source: Dataset) -> str | list[str] | None:
     """The source's Specific Character Set in the form highdicom's constructors accept.
 
@@ -201,13 +209,11 @@ def highdicom_character_set(source: Dataset) -> str | list[str] | None:
     (None): the objects' own text is ASCII, and :func:`copy_patient_study` sets the source's value
     verbatim afterwards either way, so the copied names keep the encoding they came in.
     """
-    value = source.get("SpecificCharacterSet")
-    if not value:
+    terms = _character_set_terms(source)
+    if not terms:
         return None
-    terms = [value] if isinstance(value, str) else [str(term) for term in value]
     if len(terms) > 1 and not terms[0]:
         terms[0] = "ISO 2022 IR 6"
-    terms = [term.strip() for term in terms]
     if not all(term in _KNOWN_CHARACTER_SETS for term in terms):
         return None
     return terms[0] if len(terms) == 1 else terms
@@ -226,9 +232,7 @@ def source_value_problems(source: Dataset) -> list[str]:
     a value too long or not of its VR's form (pydicom's checks), or characters outside the
     default repertoire without a Specific Character Set that declares them.
     """
-    character_set = source.get("SpecificCharacterSet")
-    terms = [character_set] if isinstance(character_set, str) else list(character_set or [])
-    undeclared = all(str(term).strip() in _DEFAULT_REPERTOIRE for term in terms)
+    undeclared = all(term in _DEFAULT_REPERTOIRE for term in _character_set_terms(source))
     problems: list[str] = []
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword not in source:

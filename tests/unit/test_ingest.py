@@ -380,8 +380,7 @@ def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept
             sock.sendall(_c_store_rq("1.2.826.0.1.3680043.8.498.1"))
             # the first bytes of the data set (not its last fragment), then nothing
             part = struct.pack("<HHI", 0x0008, 0x0016, 26) + b"1.2.840.10008.5.1.4.1.1.2\x00"
-            pdv = struct.pack(">IBB", len(part) + 2, 3, 0x00) + part
-            sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+            sock.sendall(_dataset_pdu(part, last=False))
             started = time.monotonic()
             assert _read_pdu(sock)[0] == 0x07  # A-ABORT
             assert time.monotonic() - started < 10
@@ -407,8 +406,18 @@ def _c_store_rq(sop_uid: str, message_id: int = 1) -> bytes:
             (0x1000, uid),
         )
     )
-    pdv = struct.pack(">IBB", len(command) + 2, 3, 0x03) + command
+    return _p_data_tf(command, 0x03)
+
+
+def _p_data_tf(payload: bytes, control: int, context_id: int = 3) -> bytes:
+    """A P-DATA-TF with one PDV (context 3: CT Image Storage; 1: Verification)."""
+    pdv = struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
     return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def _dataset_pdu(data: bytes, *, last: bool = True) -> bytes:
+    """A P-DATA-TF holding a data set fragment (the last one unless ``last`` is False)."""
+    return _p_data_tf(data, 0x02 if last else 0x00)
 
 
 def _implicit_dataset(tmp_path: Path) -> tuple[pydicom.Dataset, bytes]:
@@ -431,8 +440,7 @@ def test_a_slow_peer_that_keeps_sending_is_not_cut_off(tmp_path: Path, db: Audit
         scp.NETWORK_TIMEOUT_S = 0.6
         with _raw_association(scp.address[1]) as sock:
             sock.sendall(_c_store_rq(ds.SOPInstanceUID))
-            pdv = struct.pack(">IBB", len(data) + 2, 3, 0x02) + data
-            pdu = struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+            pdu = _dataset_pdu(data)
             pieces = 5
             step = len(pdu) // pieces + 1
             for start in range(0, len(pdu), step):
@@ -455,8 +463,7 @@ def test_a_peer_silent_in_the_middle_of_a_pdu_is_aborted_and_nothing_is_kept(
         scp.NETWORK_TIMEOUT_S = 1.0
         with _raw_association(scp.address[1]) as sock:
             sock.sendall(_c_store_rq(ds.SOPInstanceUID))
-            pdv = struct.pack(">IBB", len(data) + 2, 3, 0x02) + data
-            pdu = struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+            pdu = _dataset_pdu(data)
             sock.sendall(pdu[: len(pdu) // 2])  # half of the PDU, then nothing
             started = time.monotonic()
             assert _read_pdu(sock)[0] == 0x07  # A-ABORT
@@ -484,11 +491,9 @@ def test_a_c_store_whose_sop_class_uid_is_not_a_uid_is_refused_and_nothing_is_ke
                 (0x1000, b"1.2.826.0.1.3680043.8.498.2\x00"),
             )
         )
-        pdv = struct.pack(">IBB", len(command) + 2, 3, 0x03) + command
-        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        sock.sendall(_p_data_tf(command, 0x03))
         part = struct.pack("<HHI", 0x0008, 0x0016, 26) + b"1.2.840.10008.5.1.4.1.1.2\x00"
-        pdv = struct.pack(">IBB", len(part) + 2, 3, 0x02) + part  # the whole (tiny) data set
-        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        sock.sendall(_dataset_pdu(part))  # the whole (tiny) data set
         pdu_type, body = _read_pdu(sock)
         assert pdu_type == 0x04
         response = pydicom.dcmread(BytesIO(body[6:]), force=True)
@@ -515,8 +520,7 @@ def test_a_service_the_node_does_not_offer_is_refused_and_the_association_goes_o
                     (0x0800, struct.pack("<H", 0x0101)),
                 )
             )
-            pdv = struct.pack(">IBB", len(command) + 2, 1, 0x03) + command
-            sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+            sock.sendall(_p_data_tf(command, 0x03, context_id=1))
             pdu_type, body = _read_pdu(sock)
             assert pdu_type == 0x04
             response = pydicom.dcmread(BytesIO(body[6:]), force=True)
@@ -590,8 +594,7 @@ def test_an_instance_whose_peer_leaves_without_waiting_for_the_answer_is_recorde
     ds, data = _implicit_dataset(tmp_path)
     with _raw_association(scp.address[1]) as sock:
         sock.sendall(_c_store_rq(ds.SOPInstanceUID))
-        pdv = struct.pack(">IBB", len(data) + 2, 3, 0x02) + data
-        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        sock.sendall(_dataset_pdu(data))
     wait_for(lambda: _instance_count(db) == 1, 10, "the instance row")
     closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
     assert "1 instance(s) stored" in closed[0].message
@@ -610,8 +613,7 @@ def test_an_instance_whose_answer_cannot_be_sent_is_still_recorded(
     ds, data = _implicit_dataset(tmp_path)
     with _running(_node(tmp_path), db) as scp, _raw_association(scp.address[1]) as sock:
         sock.sendall(_c_store_rq(ds.SOPInstanceUID))
-        pdv = struct.pack(">IBB", len(data) + 2, 3, 0x02) + data
-        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        sock.sendall(_dataset_pdu(data))
         wait_for(lambda: _instance_count(db) == 1, 10, "the instance row")
         closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed")
         assert "aborted (connection failed" in closed[0].message
@@ -633,8 +635,7 @@ def test_a_series_number_that_is_no_usable_number_is_stored_without_one(
     data = data.replace(element, element[:8] + number)  # what pydicom would not write
     with _running(_node(tmp_path), db) as scp, _raw_association(scp.address[1]) as sock:
         sock.sendall(_c_store_rq(ds.SOPInstanceUID))
-        pdv = struct.pack(">IBB", len(data) + 2, 3, 0x02) + data
-        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+        sock.sendall(_dataset_pdu(data))
         pdu_type, body = _read_pdu(sock)
         assert pydicom.dcmread(BytesIO(body[6:]), force=True).Status == 0x0000
         sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
