@@ -12,10 +12,21 @@ on one association with ``storescu -pdu 131072``, ``TCP_NODELAY=1`` in every DCM
   in the spool before it answers, and
 - the same with ``[node] fsync_spool = true`` (every file and folder fsynced before the answer).
 
-Runs alternate between the receivers, each starting after ``sync`` (so no run pays for the
-previous one's write-back); the median wall time of ``storescu`` from start to exit gives images/s,
-and the ratio node / DCMTK is printed (target: >= 1). Every run checks that the receiver holds all
-the instances afterwards. Quote figures only from a quiet machine.
+The three receivers are started once and stay up, as servers do; each round sends one new series
+(its own UIDs, so nothing is a duplicate) to each of them, in an order that rotates from round to
+round, each send after ``sync``. The median wall time of ``storescu`` from start to exit gives
+images/s, and the ratio node / DCMTK is printed (target: >= 1), with the median of the per-round
+ratios (each round's sends are neighbours in time). At the end every receiver must hold every
+instance. Quote figures only from a quiet machine.
+
+Why receivers stay up: on a virtual machine whose hypervisor backs guest memory lazily and takes
+back what the guest frees (virtio-balloon free page reporting, as on the 2-core CI-like VM), the
+page cache for 100 MB of new files costs 0.04-0.06 s on memory the host has backed and 0.2-0.3 s on
+memory it has not, for any writer (measured 2026-11-27). The earlier design started a receiver per
+run, so every ``storescp`` run followed the exit of a node process and wrote into the memory that
+process had just freed, while each node run followed its own start-up: it favoured DCMTK by up to
+2x. With every receiver up, no run inherits another process's memory; the machine's state still
+moves between runs, which the rotation and the per-round ratio spread over all receivers.
 
 ``--split`` adds runs of the node's SCP (``radnet_node.ingest.IngestSCP``, the code ``serve`` runs)
 in this process with its parts timed: the dataset written to the spool (with the header scan), the
@@ -29,9 +40,12 @@ The DCMTK and node process harnesses are shared with the integration tests
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,16 +70,10 @@ from radnet_node.config import NodeSection  # noqa: E402
 from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series  # noqa: E402
 
 
-def synthetic_series(folder: Path, slices: int, size: int) -> list[Path]:
-    """A head-like CT series of ``slices`` x ``size`` x ``size`` (uncompressed, 16 bit)."""
+def synthetic_series(folder: Path, slices: int, size: int, uid_seed: str = "") -> list[Path]:
+    """A head-like CT series of ``slices`` x ``size`` x ``size`` (uncompressed, 16 bit); a new
+    ``uid_seed`` gives the same pixels under new UIDs."""
     spacing = 230.0 / size
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    y, x = (yy - (size - 1) / 2) * spacing, (xx - (size - 1) / 2) * spacing
-    plane = np.full((size, size), -1000.0, dtype=np.float32)
-    plane[(y / 90.0) ** 2 + (x / 72.0) ** 2 <= 1.0] = 1000.0
-    plane[(y / 84.0) ** 2 + (x / 66.0) ** 2 <= 1.0] = 32.0
-    rng = np.random.default_rng(0)
-    volume = plane[None] + rng.normal(0.0, 4.0, size=(slices, size, size)).astype(np.float32)
     geometry = SeriesGeometry(
         rows=size,
         columns=size,
@@ -74,9 +82,22 @@ def synthetic_series(folder: Path, slices: int, size: int) -> list[Path]:
         slice_thickness_mm=1.0,
     )
     return write_ct_series(
-        volume, geometry, folder, StudyInfo(uid_seed=f"bench-ingest-{slices}-{size}"),
+        _head_volume(slices, size), geometry, folder,
+        StudyInfo(uid_seed=f"bench-ingest-{slices}-{size}{uid_seed}"),
         series_description="HEAD 1MM (BENCH INGEST)",
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _head_volume(slices: int, size: int) -> np.ndarray:
+    spacing = 230.0 / size
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    y, x = (yy - (size - 1) / 2) * spacing, (xx - (size - 1) / 2) * spacing
+    plane = np.full((size, size), -1000.0, dtype=np.float32)
+    plane[(y / 90.0) ** 2 + (x / 72.0) ** 2 <= 1.0] = 1000.0
+    plane[(y / 84.0) ** 2 + (x / 66.0) ** 2 <= 1.0] = 32.0
+    rng = np.random.default_rng(0)
+    return plane[None] + rng.normal(0.0, 4.0, size=(slices, size, size)).astype(np.float32)
 
 
 def send(port: int, ae_title: str, files: list[Path]) -> float:
@@ -96,31 +117,6 @@ def send(port: int, ae_title: str, files: list[Path]) -> float:
         raise SystemExit(
             f"storescu to {ae_title} failed ({done.returncode}):\n{done.stdout[-2000:]}"
         )
-    return elapsed
-
-
-def run_dcmtk(files: list[Path], work: Path) -> float:
-    """One run into a fresh storescp writing to disk; returns storescu's wall time."""
-    receiver = StoreScp(port=free_port(), output_dir=work / "out", ae_title="STORESCP")
-    with receiver:
-        elapsed = send(receiver.port, "STORESCP", files)
-        received = len(receiver.received())
-    if received != len(files):
-        raise SystemExit(f"storescp holds {received} of {len(files)} files")
-    return elapsed
-
-
-def run_node(files: list[Path], work: Path, weights: Path, *, fsync: bool = False) -> float:
-    """One run into a fresh ``radnet-node serve``; returns storescu's wall time."""
-    node = NodeProcess(
-        work, weights=weights, quiet_seconds=86400.0, sections={"node": {"fsync_spool": fsync}}
-    )
-    with node:
-        elapsed = send(node.port, node.ae_title, files)
-        spooled = sum(1 for _ in (node.data_dir / "spool").rglob("*.dcm"))
-        log = node.log_tail()
-    if spooled != len(files):
-        raise SystemExit(f"the node spooled {spooled} of {len(files)} files{log}")
     return elapsed
 
 
@@ -173,54 +169,81 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+    names = ("dcmtk storescp", "radnet-node", "radnet-node, fsync_spool = true")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    splits: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, contextlib.ExitStack() as up:
         work = Path(tmp)
-        files = synthetic_series(work / "series", args.slices, args.size)
-        megabytes = sum(f.stat().st_size for f in files) / 2**20
         weights = write_test_weights(work / "weights" / "tiny.pt")
-        times: dict[str, list[float]] = {
-            "dcmtk storescp": [],
-            "radnet-node": [],
-            "radnet-node, fsync_spool = true": [],
-        }
-        splits: list[dict[str, float]] = []
-        for repeat in range(args.repeats):
-            times["dcmtk storescp"].append(run_dcmtk(files, work / f"dcmtk-{repeat}"))
-            times["radnet-node"].append(run_node(files, work / f"node-{repeat}", weights))
-            times["radnet-node, fsync_spool = true"].append(
-                run_node(files, work / f"fsync-{repeat}", weights, fsync=True)
+        dcmtk = up.enter_context(
+            StoreScp(port=free_port(), output_dir=work / "dcmtk", ae_title="STORESCP")
+        )
+        nodes = {
+            name: up.enter_context(
+                NodeProcess(work / folder, weights=weights, quiet_seconds=86400.0,
+                            sections={"node": {"fsync_spool": fsync}})  # fmt: skip
             )
+            for name, folder, fsync in ((names[1], "node", False), (names[2], "fsync", True))
+        }
+        targets = {names[0]: (dcmtk.port, "STORESCP")}
+        targets.update({name: (node.port, node.ae_title) for name, node in nodes.items()})
+        files: list[Path] = []
+        for repeat in range(args.repeats):
+            for turn in range(len(names)):
+                name = names[(repeat + turn) % len(names)]  # the order rotates per round
+                files = synthetic_series(
+                    work / f"series-{repeat}-{turn}", args.slices, args.size, f"-{repeat}-{turn}"
+                )
+                times[name].append(send(*targets[name], files))
+                shutil.rmtree(files[0].parent)  # the sender's copy: only the received files stay
             if args.split:
+                files = synthetic_series(work / "split", args.slices, args.size, f"-split-{repeat}")
                 splits.append(run_split(files, work / f"split-{repeat}"))
+                shutil.rmtree(files[0].parent)
+        megabytes = sum(f.stat().st_size for f in (work / "dcmtk").iterdir()) / 2**20
+        megabytes /= args.repeats
+        expected = args.slices * args.repeats
+        held = {names[0]: len(dcmtk.received())}
+        for name, node in nodes.items():
+            held[name] = sum(1 for _ in (node.data_dir / "spool").rglob("*.dcm"))
+        for name, count in held.items():
+            if count != expected:
+                log = nodes[name].log_tail() if name in nodes else ""
+                raise SystemExit(f"{name} holds {count} of {expected} instances{log}")
+    paired = statistics.median(
+        dcmtk_s / node_s for dcmtk_s, node_s in zip(times[names[0]], times[names[1]], strict=True)
+    )
 
-    rates = {name: len(files) / statistics.median(t) for name, t in times.items()}
+    rates = {name: args.slices / statistics.median(t) for name, t in times.items()}
     ratio = rates["radnet-node"] / rates["dcmtk storescp"]
     print(
-        f"\n{len(files)} instances, {args.size} x {args.size}, {megabytes:.0f} MB, one "
-        f"association, max PDU {MAX_PDU}, TCP_NODELAY=1, {args.repeats} runs each (median)\n"
+        f"\n{args.slices} instances, {args.size} x {args.size}, {megabytes:.0f} MB, one "
+        f"association, max PDU {MAX_PDU}, TCP_NODELAY=1, {args.repeats} runs each (median), "
+        "receivers up throughout, a new series per run\n"
     )
     print("| receiver | images/s | MB/s | wall s (runs) |")
     print("|---|---|---|---|")
     for name, t in times.items():
         runs = ", ".join(f"{x:.2f}" for x in t)
-        print(f"| {name} | {rates[name]:.0f} | {rates[name] * megabytes / len(files):.1f} "
+        print(f"| {name} | {rates[name]:.0f} | {rates[name] * megabytes / args.slices:.1f} "
               f"| {statistics.median(t):.2f} ({runs}) |")  # fmt: skip
     print(f"\nratio radnet-node / DCMTK: {ratio:.2f} (target >= 1); with fsync_spool = true: "
-          f"{rates['radnet-node, fsync_spool = true'] / rates['dcmtk storescp']:.2f}")  # fmt: skip
+          f"{rates['radnet-node, fsync_spool = true'] / rates['dcmtk storescp']:.2f}; median of "
+          f"the per-round ratios {paired:.2f}")  # fmt: skip
     split: dict[str, float] = {}
     if splits:
         # the run with the median wall time, per instance
         middle = sorted(splits, key=lambda run: run["wall"])[len(splits) // 2]
-        split = {key: value / len(files) * 1000 for key, value in middle.items()}
+        split = {key: value / args.slices * 1000 for key, value in middle.items()}
         handler = split["spool write"] + split["checks + place"]
-        print(f"\nin-process SCP, ms per instance (median run, {len(files) / middle['wall']:.0f} "
+        print(f"\nin-process SCP, ms per instance (median run, {args.slices / middle['wall']:.0f} "
               f"images/s): total {split['wall']:.2f}; dataset written to the spool (and header "
               f"scanned) {split['spool write']:.2f}; checks, move into place, hand-over "
               f"{split['checks + place']:.2f}; the rest (PDU reads, waiting for the sender, "
               f"answers) {split['wall'] - handler:.2f}; recorder thread, in parallel "
               f"{split['recorder (own thread)']:.2f}")  # fmt: skip
     figures = {
-        "instances": len(files),
+        "instances": args.slices,
         "size": args.size,
         "megabytes": megabytes,
         "max_pdu": MAX_PDU,
@@ -228,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds": times,
         "images_per_second": rates,
         "ratio_node_over_dcmtk": ratio,
+        "median_round_ratio": paired,
         "in_process_ms_per_instance": split or None,
         "machine": platform.processor() or platform.machine(),
     }
