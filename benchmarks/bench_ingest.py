@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import os
 import platform
@@ -157,59 +158,85 @@ def run_split(files: list[Path], work: Path) -> dict[str, float]:
     return {"wall": elapsed, **spent}
 
 
+def _files(folder: Path) -> list[Path]:
+    """The files under ``folder`` (storescp names them by SOP class and UID, the node's spool by
+    study, series and UID, ending in .dcm; the node's temporary files end in .tmp), oldest first."""
+    found = [p for p in folder.rglob("*") if p.is_file() and p.suffix != ".tmp"]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print a Markdown table; returns the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=_positive, default=6, help="rounds (6: every order once)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--split", action="store_true", help="also time the node's C-STORE handler in-process"
     )
+    parser.add_argument(
+        "--recycle",
+        action="store_true",
+        help="delete what each receiver got right after its run, so the next send writes into "
+        "memory just freed (the page cache on memory the hypervisor still backs)",
+    )
     args = parser.parse_args(argv)
 
     names = ("dcmtk storescp", "radnet-node", "radnet-node, fsync_spool = true")
+    orders = list(itertools.permutations(names))  # every order, so no receiver has fixed neighbours
     times: dict[str, list[float]] = {name: [] for name in names}
     splits: list[dict[str, float]] = []
+    megabytes = 0.0
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, contextlib.ExitStack() as up:
         work = Path(tmp)
         weights = write_test_weights(work / "weights" / "tiny.pt")
         dcmtk = up.enter_context(
-            StoreScp(port=free_port(), output_dir=work / "dcmtk", ae_title="STORESCP")
+            StoreScp(
+                port=free_port(), output_dir=work / "dcmtk", ae_title="STORESCP", verbose=False
+            )
         )
         nodes = {
             name: up.enter_context(
-                NodeProcess(work / folder, weights=weights, quiet_seconds=86400.0,
-                            sections={"node": {"fsync_spool": fsync}})  # fmt: skip
+                NodeProcess(
+                    work / folder,
+                    weights=weights,
+                    quiet_seconds=86400.0,
+                    sections={"node": {"fsync_spool": fsync}},
+                )  # fmt: skip
             )
             for name, folder, fsync in ((names[1], "node", False), (names[2], "fsync", True))
         }
         targets = {names[0]: (dcmtk.port, "STORESCP")}
         targets.update({name: (node.port, node.ae_title) for name, node in nodes.items()})
-        files: list[Path] = []
+        received = {names[0]: work / "dcmtk"}
+        received.update({name: node.data_dir / "spool" for name, node in nodes.items()})
         for repeat in range(args.repeats):
-            for turn in range(len(names)):
-                name = names[(repeat + turn) % len(names)]  # the order rotates per round
+            for turn, name in enumerate(orders[repeat % len(orders)]):
                 files = synthetic_series(
                     work / f"series-{repeat}-{turn}", args.slices, args.size, f"-{repeat}-{turn}"
                 )
                 times[name].append(send(*targets[name], files))
                 shutil.rmtree(files[0].parent)  # the sender's copy: only the received files stay
+                held = _files(received[name])
+                if len(held) != args.slices * (1 if args.recycle else repeat + 1):
+                    log = nodes[name].log_tail() if name in nodes else ""
+                    raise SystemExit(f"round {repeat + 1}: {name} holds {len(held)} instances{log}")
+                megabytes = sum(f.stat().st_size for f in held[-args.slices :]) / 2**20
+                if args.recycle:  # freed now, taken up by the next send
+                    for path in held:
+                        path.unlink()
             if args.split:
                 files = synthetic_series(work / "split", args.slices, args.size, f"-split-{repeat}")
                 splits.append(run_split(files, work / f"split-{repeat}"))
                 shutil.rmtree(files[0].parent)
-        megabytes = sum(f.stat().st_size for f in (work / "dcmtk").iterdir()) / 2**20
-        megabytes /= args.repeats
-        expected = args.slices * args.repeats
-        held = {names[0]: len(dcmtk.received())}
-        for name, node in nodes.items():
-            held[name] = sum(1 for _ in (node.data_dir / "spool").rglob("*.dcm"))
-        for name, count in held.items():
-            if count != expected:
-                log = nodes[name].log_tail() if name in nodes else ""
-                raise SystemExit(f"{name} holds {count} of {expected} instances{log}")
     paired = statistics.median(
         dcmtk_s / node_s for dcmtk_s, node_s in zip(times[names[0]], times[names[1]], strict=True)
     )
@@ -219,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"\n{args.slices} instances, {args.size} x {args.size}, {megabytes:.0f} MB, one "
         f"association, max PDU {MAX_PDU}, TCP_NODELAY=1, {args.repeats} runs each (median), "
-        "receivers up throughout, a new series per run\n"
+        "receivers up throughout, a new series per run, every order of the receivers in turn"
+        f"{', received files deleted after each run (--recycle)' if args.recycle else ''}\n"
     )
     print("| receiver | images/s | MB/s | wall s (runs) |")
     print("|---|---|---|---|")
@@ -252,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "images_per_second": rates,
         "ratio_node_over_dcmtk": ratio,
         "median_round_ratio": paired,
+        "recycle": args.recycle,
+        "orders": [list(order) for order in orders[: args.repeats]],
         "in_process_ms_per_instance": split or None,
         "machine": platform.processor() or platform.machine(),
     }

