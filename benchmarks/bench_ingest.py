@@ -1,32 +1,38 @@
 """Benchmark of DICOM ingest: images/s of the node's Storage SCP (``radnet-node serve``) receiving a
 series from DCMTK ``storescu``, against DCMTK ``storescp`` receiving the same files in the same run.
 
-Run ``python benchmarks/bench_ingest.py [--slices 200] [--size 512] [--repeats 3] [--json F]``.
+Run ``python benchmarks/bench_ingest.py [--slices 200] [--size 512] [--repeats 6] [--json F]``.
 It writes a synthetic head CT (default 200 slices of 512 x 512, uncompressed, ~100 MB) and sends it
 on one association with ``storescu -pdu 131072``, ``TCP_NODELAY=1`` in every DCMTK environment
 (Debian's DCMTK stalls on Nagle's algorithm without it), to
 
 - ``storescp -pdu 131072 +B`` writing every file to disk (the reference),
-- ``radnet-node serve`` (fresh data folder per run, ``quiet_seconds`` of a day so no job runs;
+- ``radnet-node serve`` (``quiet_seconds`` of a day so no job runs;
   the model is a tiny one because ingest never touches it), which puts each instance in its place
   in the spool before it answers, and
 - the same with ``[node] fsync_spool = true`` (every file and folder fsynced before the answer).
 
 The three receivers are started once and stay up, as servers do; each round sends one new series
-(its own UIDs, so nothing is a duplicate) to each of them, in an order that rotates from round to
-round, each send after ``sync``. The median wall time of ``storescu`` from start to exit gives
-images/s, and the ratio node / DCMTK is printed (target: >= 1), with the median of the per-round
-ratios (each round's sends are neighbours in time). At the end every receiver must hold every
-instance. Quote figures only from a quiet machine.
+(its own UIDs, so nothing is a duplicate) to each of them, the rounds taking the six orders of the
+three receivers in turn, each send after ``sync``. Nothing is deleted until the end. The median wall
+time of ``storescu`` from start to exit gives images/s, and the ratio node / DCMTK is printed
+(target: >= 1), with the median of the per-round ratios. Every run's instances are counted right
+after it.
 
-Why receivers stay up: on a virtual machine whose hypervisor backs guest memory lazily and takes
-back what the guest frees (virtio-balloon free page reporting, as on the 2-core CI-like VM), the
-page cache for 100 MB of new files costs 0.04-0.06 s on memory the host has backed and 0.2-0.3 s on
-memory it has not, for any writer (measured 2026-11-27). The earlier design started a receiver per
-run, so every ``storescp`` run followed the exit of a node process and wrote into the memory that
-process had just freed, while each node run followed its own start-up: it favoured DCMTK by up to
-2x. With every receiver up, no run inherits another process's memory; the machine's state still
-moves between runs, which the rotation and the per-round ratio spread over all receivers.
+Two effects of the machine, not of the receivers, were found to move the ratio (2026-11-27, the
+2-core CI-like VM; both hit ``storescp`` and the node alike, in different places):
+
+- the page cache of new files costs 0.04-0.06 s per 100 MB on memory the hypervisor has backed and
+  0.2-0.3 s on memory it has not (virtio-balloon free page reporting takes back what the guest
+  frees). Starting a receiver per run, as this benchmark did until then, handed every ``storescp``
+  run the memory that a node process had just freed: that design gave 0.43-0.91;
+- creating a file on ext4 costs about 20 us normally and 150-550 us for a few minutes after many
+  files were deleted (the inode allocator skips recently deleted inodes). ``storescp`` creates its
+  file once the data arrives; the node opens its next spool file while the sender reads its next
+  file, which hides part of that cost. Runs right after a large deletion gave 0.96-1.17.
+
+So run it on a machine that deleted nothing in the last five minutes (this benchmark deletes its
+files when it ends: wait before running it again), and quote the ratio with that condition.
 
 ``--split`` adds runs of the node's SCP (``radnet_node.ingest.IngestSCP``, the code ``serve`` runs)
 in this process with its parts timed: the dataset written to the spool (with the header scan), the
@@ -46,7 +52,6 @@ import itertools
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -182,12 +187,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--split", action="store_true", help="also time the node's C-STORE handler in-process"
     )
-    parser.add_argument(
-        "--recycle",
-        action="store_true",
-        help="delete what each receiver got right after its run, so the next send writes into "
-        "memory just freed (the page cache on memory the hypervisor still backs)",
-    )
     args = parser.parse_args(argv)
 
     names = ("dcmtk storescp", "radnet-node", "radnet-node, fsync_spool = true")
@@ -224,19 +223,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     work / f"series-{repeat}-{turn}", args.slices, args.size, f"-{repeat}-{turn}"
                 )
                 times[name].append(send(*targets[name], files))
-                shutil.rmtree(files[0].parent)  # the sender's copy: only the received files stay
                 held = _files(received[name])
-                if len(held) != args.slices * (1 if args.recycle else repeat + 1):
+                if len(held) != args.slices * (repeat + 1):
                     log = nodes[name].log_tail() if name in nodes else ""
                     raise SystemExit(f"round {repeat + 1}: {name} holds {len(held)} instances{log}")
                 megabytes = sum(f.stat().st_size for f in held[-args.slices :]) / 2**20
-                if args.recycle:  # freed now, taken up by the next send
-                    for path in held:
-                        path.unlink()
             if args.split:
                 files = synthetic_series(work / "split", args.slices, args.size, f"-split-{repeat}")
                 splits.append(run_split(files, work / f"split-{repeat}"))
-                shutil.rmtree(files[0].parent)
     paired = statistics.median(
         dcmtk_s / node_s for dcmtk_s, node_s in zip(times[names[0]], times[names[1]], strict=True)
     )
@@ -246,8 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"\n{args.slices} instances, {args.size} x {args.size}, {megabytes:.0f} MB, one "
         f"association, max PDU {MAX_PDU}, TCP_NODELAY=1, {args.repeats} runs each (median), "
-        "receivers up throughout, a new series per run, every order of the receivers in turn"
-        f"{', received files deleted after each run (--recycle)' if args.recycle else ''}\n"
+        "receivers up throughout, a new series per run, every order of the receivers in turn\n"
     )
     print("| receiver | images/s | MB/s | wall s (runs) |")
     print("|---|---|---|---|")
@@ -280,7 +273,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "images_per_second": rates,
         "ratio_node_over_dcmtk": ratio,
         "median_round_ratio": paired,
-        "recycle": args.recycle,
         "orders": [list(order) for order in orders[: args.repeats]],
         "in_process_ms_per_instance": split or None,
         "machine": platform.processor() or platform.machine(),
