@@ -27,9 +27,8 @@ Two effects of the machine, not of the receivers, were found to move the ratio (
   frees). Starting a receiver per run, as this benchmark did until then, handed every ``storescp``
   run the memory that a node process had just freed: that design gave 0.43-0.91;
 - creating a file on ext4 costs about 20 us normally and 150-550 us for a few minutes after many
-  files were deleted (the inode allocator skips recently deleted inodes). ``storescp`` creates its
-  file once the data arrives; the node opens its next spool file while the sender reads its next
-  file, which hides part of that cost. Runs right after a large deletion gave 0.96-1.17.
+  files were deleted (the inode allocator skips recently deleted inodes). Runs right after a large
+  deletion gave 0.96-1.17 (why that state costs ``storescp`` more was not established).
 
 So run it on a machine that deleted nothing in the last five minutes (this benchmark deletes its
 files when it ends: wait before running it again), and quote the ratio with that condition.
