@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     weights=weights,
                     quiet_seconds=86400.0,
                     sections={"node": {"fsync_spool": fsync}},
-                )  # fmt: skip
+                )
             )
             for name, folder, fsync in ((names[1], "node", False), (names[2], "fsync", True))
         }
