@@ -350,14 +350,16 @@ def complete_quiet_series(
     if quiet_since is not None and quiet_since > cutoff:
         # max(last instance, quiet_since) <= cutoff cannot hold for any series yet
         return []
-    quiet = session.scalars(
-        select(Series).where(
-            Series.state == SeriesState.RECEIVED, Series.last_instance_at <= cutoff
+    quiet = [
+        series
+        for series in session.scalars(
+            select(Series).where(
+                Series.state == SeriesState.RECEIVED, Series.last_instance_at <= cutoff
+            )
         )
-    ).all()
+        if series.series_instance_uid not in receiving
+    ]
     for series in quiet:
-        if series.series_instance_uid in receiving:
-            continue
         series.state = SeriesState.COMPLETE
         series.completed_at = now
         add_event(
@@ -368,7 +370,7 @@ def complete_quiet_series(
             **_event_ids(series),
             data={"instances": series.instance_count, "generation": series.generation},
         )
-    return [s.id for s in quiet if s.series_instance_uid not in receiving]
+    return [s.id for s in quiet]
 
 
 def restart_quiet_periods(session: Session, quiet_seconds: float) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,14 @@ def need_program(name: str) -> str:
     if found is None:
         missing_tool(f"{name} is not installed (CI installs it; see deploy/bootstrap.sh --test)")
     return str(found)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines of ``dciodvfy -new`` on ``path`` (the program found as
+    :func:`need_program` finds it)."""
+    done = subprocess.run([need_program("dciodvfy"), "-new", str(path)], capture_output=True,
+                          text=True, check=False, timeout=120)  # fmt: skip
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
 
 
 def orthanc_destination(orthanc: Orthanc, **overrides: object) -> dict[str, object]:

