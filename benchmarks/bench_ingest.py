@@ -17,7 +17,10 @@ The three receivers are started once and stay up, as servers do; each round send
 three receivers in turn, each send after ``sync``. Nothing is deleted until the end. The median wall
 time of ``storescu`` from start to exit gives images/s, and the ratio node / DCMTK is printed
 (target: >= 1), with the median of the per-round ratios. Every run's instances are counted right
-after it.
+after it. A second table gives the CPU time per instance of each receiver (user and system, from
+``/proc``, its ended threads included, so the catalog commit and the association's bookkeeping
+count) and of ``storescu`` (its rusage, start-up included): less noisy than wall time on a shared
+VM, and it shows where a receiver's cost is.
 
 Two effects of the machine, not of the receivers, were found to move the ratio (2026-11-27, the
 2-core CI-like VM; both hit ``storescp`` and the node alike, in different places):
@@ -51,6 +54,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -123,6 +127,24 @@ def send(port: int, ae_title: str, files: list[Path]) -> float:
             f"storescu to {ae_title} failed ({done.returncode}):\n{done.stdout[-2000:]}"
         )
     return elapsed
+
+
+def process_cpu(pid: int) -> tuple[float, float] | None:
+    """User and system CPU seconds of process ``pid`` so far, its ended threads included (from
+    ``/proc``, in clock ticks); None where there is no ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def children_cpu() -> tuple[float, float]:
+    """User and system CPU seconds of this process's ended children (``storescu``) so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime, usage.ru_stime
 
 
 def run_split(files: list[Path], work: Path) -> dict[str, float]:
@@ -206,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = ("dcmtk storescp", "radnet-node", "radnet-node, fsync_spool = true")
     orders = list(itertools.permutations(names))  # every order, so no receiver has fixed neighbours
     times: dict[str, list[float]] = {name: [] for name in names}
+    # CPU seconds over all runs: the receiver's user and system time, then storescu's
+    cpu: dict[str, list[float]] = {name: [0.0, 0.0, 0.0, 0.0] for name in names}
     splits: list[dict[str, float]] = []
     megabytes = 0.0
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, contextlib.ExitStack() as up:
@@ -231,12 +255,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         targets.update({name: (node.port, node.ae_title) for name, node in nodes.items()})
         received = {names[0]: work / "dcmtk"}
         received.update({name: node.data_dir / "spool" for name, node in nodes.items()})
+        pids = {names[0]: dcmtk.pid}
+        pids.update({name: node.pid for name, node in nodes.items()})
         for repeat in range(args.repeats):
             for turn, name in enumerate(orders[repeat % len(orders)]):
                 files = synthetic_series(
                     work / f"series-{repeat}-{turn}", args.slices, args.size, f"-{repeat}-{turn}"
                 )
+                receiver_before, sender_before = process_cpu(pids[name]), children_cpu()
                 times[name].append(send(*targets[name], files))
+                receiver_after, sender_after = process_cpu(pids[name]), children_cpu()
+                if receiver_before is not None and receiver_after is not None:
+                    for i in range(2):
+                        cpu[name][i] += receiver_after[i] - receiver_before[i]
+                        cpu[name][2 + i] += sender_after[i] - sender_before[i]
                 held = _files(received[name])
                 if len(held) != args.slices * (repeat + 1):
                     log = nodes[name].log_tail() if name in nodes else ""
@@ -265,6 +297,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nratio radnet-node / DCMTK: {ratio:.2f} (target >= 1); with fsync_spool = true: "
           f"{rates['radnet-node, fsync_spool = true'] / rates['dcmtk storescp']:.2f}; median of "
           f"the per-round ratios {paired:.2f}")  # fmt: skip
+    per_instance = args.slices * args.repeats / 1e6  # CPU seconds -> microseconds per instance
+    if any(any(values) for values in cpu.values()):
+        print(
+            "\nCPU per instance, us, over all runs (the receiver from /proc in clock ticks, "
+            "storescu from its rusage, start-up included)\n"
+        )
+        print("| receiver | receiver user | receiver system | storescu user | storescu system |")
+        print("|---|---|---|---|---|")
+        for name, values in cpu.items():
+            print(f"| {name} | " + " | ".join(f"{v / per_instance:.0f}" for v in values) + " |")
     split: dict[str, float] = {}
     if splits:
         # the run with the median wall time, per instance
@@ -290,6 +332,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "images_per_second": rates,
         "ratio_node_over_dcmtk": ratio,
         "median_round_ratio": paired,
+        "cpu_us_per_instance": {
+            name: dict(
+                zip(
+                    ("receiver_user", "receiver_system", "storescu_user", "storescu_system"),
+                    (v / per_instance for v in values),
+                    strict=True,
+                )
+            )
+            for name, values in cpu.items()
+        },  # fmt: skip
         "orders": [list(order) for order in orders[: args.repeats]],
         "in_process_ms_per_instance": split or None,
         "machine": platform.processor() or platform.machine(),

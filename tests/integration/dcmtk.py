@@ -249,6 +249,19 @@ class StoreScp:
             raise DcmtkError(f"{exc}; storescp log:\n{tail}") from exc
         return self
 
+    @property
+    def pid(self) -> int:
+        """The process id of the running storescp.
+
+        Raises
+        ------
+        DcmtkError
+            storescp is not running.
+        """
+        if self._process is None:
+            raise DcmtkError("storescp is not running")
+        return self._process.pid
+
     def stop(self) -> None:
         """Stop storescp (SIGTERM, then SIGKILL after 10 s)."""
         process = self._process
