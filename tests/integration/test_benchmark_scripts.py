@@ -35,6 +35,8 @@ def test_bench_ingest_runs_and_prints_the_ratio_to_dcmtk() -> None:
     assert re.search(r"^ratio radnet-node / DCMTK: \d+\.\d+", out, re.MULTILINE), out
     assert re.search(r"dataset written to the spool \(and header scanned\) \d+\.\d+", out), out
     assert re.search(r"recorder thread, in parallel \d+\.\d+", out), out
+    assert "CPU per instance, us" in out, out
+    assert re.search(r"^\| radnet-node \|( \d+ \|){4}$", out, re.MULTILINE), out
 
 
 def test_bench_node_latency_runs_against_orthanc() -> None:
