@@ -277,7 +277,7 @@ def build_series_outputs(
         timings_ms=timings,
         series_description=str(group.first.get("SeriesDescription", "") or ""),
         runtime=runtime,
-        source_value_problems=source_value_problems(group.first),
+        source_value_problems=source_value_problems(group.first, group.headers),
     )
     files[OUTPUT_FILES["result"]] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
     return SeriesOutputs(files, uids, content_hash(datasets), document)

@@ -653,6 +653,25 @@ def _series_identity(
     label = series_label or series_uids[0] or "(series without SeriesInstanceUID)"
     if len(study_uids) > 1:
         raise SeriesError(label, f"instances disagree on StudyInstanceUID: {', '.join(study_uids)}")
+    # one patient per series: the results carry the first instance's patient, so an instance of
+    # another patient would file them wrongly (the message names files, not the identifiers)
+    first_ds, first_path = loaded[0]
+    patient = str(first_ds.get("PatientID", "") or "")
+    for ds, path in loaded[1:]:
+        if str(ds.get("PatientID", "") or "") != patient:
+            raise SeriesError(
+                label,
+                f"instances disagree on PatientID: {_describe(first_ds, first_path)} and "
+                f"{_describe(ds, path)} name different patients",
+            )
+    # one frame of reference: the SEG places its frames in it
+    frames = sorted({str(ds.get("FrameOfReferenceUID", "") or "") for ds, _ in loaded})
+    if len(frames) > 1:
+        raise SeriesError(
+            label,
+            "instances disagree on FrameOfReferenceUID: "
+            + ", ".join(uid or "(none)" for uid in frames),
+        )
     return label, series_uids[0], study_uids[0]
 
 

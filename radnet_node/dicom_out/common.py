@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom import config
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import DA, TM, validate_value
 
 import radnet_node
 from radnet_node.dicom_out import codes
@@ -25,6 +26,7 @@ __all__ = [
     "contributing_equipment",
     "copy_patient_study",
     "device_uid_for",
+    "for_highdicom",
     "highdicom_character_set",
     "metadata_only",
     "seg_algorithm",
@@ -77,7 +79,9 @@ _TYPE2_KEYWORDS = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = frozenset(
+    tag_for_keyword(keyword) for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+)
 
 
 def device_uid_for(name: str) -> UID:
@@ -166,18 +170,22 @@ def source_datasets(result: SeriesResult, sources: Mapping[str, Dataset]) -> lis
 
 
 def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Dataset:
-    """A shallow copy of ``ds`` without pixel data (what highdicom needs of a source image).
+    """A shallow copy of ``ds`` without pixel data and private elements (what highdicom needs of
+    a source image).
 
-    The elements are shared with ``ds``, not copied: neither is modified afterwards. Type 2
+    The elements are shared with ``ds``, not copied, and not decoded: neither is modified
+    afterwards. Only what the builders read is decoded, so an element nobody uses cannot fail
+    them (a vendor's private element whose value does not fit the VR that pydicom's private
+    dictionary gives it, in an Implicit VR file or stored as UN by a PACS). Type 2
     patient and study attributes that the source lacks (anonymisers drop them) are added empty,
     since highdicom reads them unconditionally. A single-frame source without a SliceThickness
     value (type 2 in the CT Image module) gets ``slice_thickness_mm`` when given: the SEG's pixel
     measures need one, and the nominal slice spacing is the best the series can tell.
     """
     copy = Dataset()
-    for element in ds:
-        if element.keyword not in _PIXEL_KEYWORDS:
-            copy.add(element)
+    for tag in ds.keys():
+        if not tag.is_private and tag not in _PIXEL_TAGS:
+            copy[tag] = ds.get_item(tag)  # as read: a raw element stays raw
     if hasattr(ds, "file_meta"):
         copy.file_meta = ds.file_meta
     for keyword in _TYPE2_KEYWORDS:
@@ -185,7 +193,8 @@ def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Da
             setattr(copy, keyword, None)
     single_frame = int(ds.get("NumberOfFrames", 1) or 1) == 1
     if single_frame and slice_thickness_mm is not None and not ds.get("SliceThickness"):
-        copy.SliceThickness = f"{slice_thickness_mm:.6g}"
+        # a new element: an empty one of ds must not change
+        copy.add_new("SliceThickness", "DS", f"{slice_thickness_mm:.6g}")
     return copy
 
 
@@ -221,16 +230,78 @@ def highdicom_character_set(source: Dataset) -> str | list[str] | None:
 
 _TEXT_VRS = frozenset({"PN", "SH", "LO", "ST", "LT", "UT", "UC"})
 _DEFAULT_REPERTOIRE = ("", "ISO_IR 6")
+#: the enumerated values of Patient's Sex (PS3.3 C.7.1.1)
+_PATIENT_SEX_VALUES = ("M", "F", "O")
+#: the patient and study attributes highdicom's constructors convert, refusing a bad value
+_CONVERTED_BY_HIGHDICOM = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")
+#: UIDs of the source that the outputs reference (the Study Instance UID is checked with the
+#: patient and study values, the SOP Instance UIDs of every source instance separately)
+_REFERENCED_UIDS = ("SeriesInstanceUID", "FrameOfReferenceUID")
+_UID_RULE = (
+    "not a valid UID (PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 "
+    "characters)"
+)
 
 
-def source_value_problems(source: Dataset) -> list[str]:
+def _value_fault(keyword: str, vr: str, value: object) -> str | None:
+    """What is wrong with one value beyond its VR's form, or None: a date or time that is none,
+    a Patient's Sex outside its enumerated values, a person name with too many components."""
+    text = str(value).strip()
+    if not text:
+        return None
+    if vr in ("DA", "TM"):
+        try:
+            (DA if vr == "DA" else TM)(text)
+        except (ValueError, TypeError):
+            return f"not a valid {'date' if vr == 'DA' else 'time'} (PS3.5 6.2)"
+    if keyword == "PatientSex" and text not in _PATIENT_SEX_VALUES:
+        return "not one of the enumerated values M, F, O"
+    if vr == "PN":
+        groups = text.split("=")
+        if len(groups) > 3 or any(len(group.split("^")) > 5 for group in groups):
+            return "more than five components or three component groups (PS3.5 6.2)"
+    return None
+
+
+def for_highdicom(ds: Dataset) -> Dataset:
+    """``ds`` as highdicom's constructors take it: a patient or study value that they convert
+    and refuse (a birth or study date that is no date, a time that is no time, a Patient's Sex
+    other than M, F or O) is left empty in a shallow copy; ``ds`` itself when there is none.
+
+    The builders then write the source's own values onto the new object with
+    :func:`copy_patient_study`, so the result still files with its study, and
+    :func:`source_value_problems` reports the faults.
+    """
+    faulty = [
+        keyword
+        for keyword in _CONVERTED_BY_HIGHDICOM
+        if keyword in ds
+        and ds[keyword].value not in (None, "")
+        and _value_fault(keyword, ds[keyword].VR, ds[keyword].value)
+    ]
+    if not faulty:
+        return ds
+    copy = Dataset()
+    for tag in ds.keys():
+        copy[tag] = ds.get_item(tag)
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    for keyword in faulty:
+        copy.add_new(keyword, ds[keyword].VR, None)  # a new element: ds's own stays as it is
+    return copy
+
+
+def source_value_problems(source: Dataset, headers: Sequence[Dataset] = ()) -> list[str]:
     """What is wrong with the patient and study values of ``source`` by the standard's rules:
     :func:`copy_patient_study` copies them as they are (so the objects file with the study they
-    belong to), so the outputs carry the same faults, and a validator reports them there.
+    belong to), so the outputs carry the same faults, and a validator reports them there. The
+    same holds for the UIDs the outputs reference: the series, its frame of reference, and the
+    SOP Instance UIDs of ``headers`` (every source instance).
 
     Each entry names the attribute and the fault, never the value (it may be a patient's):
-    a value too long or not of its VR's form (pydicom's checks), or characters outside the
-    default repertoire without a Specific Character Set that declares them.
+    a value too long or not of its VR's form (pydicom's checks), a date, time, sex or person
+    name the standard does not allow, characters outside the default repertoire without a
+    Specific Character Set that declares them, or a UID that breaks the UID rules.
     """
     undeclared = all(term in _DEFAULT_REPERTOIRE for term in _character_set_terms(source))
     problems: list[str] = []
@@ -259,6 +330,20 @@ def source_value_problems(source: Dataset) -> list[str]:
                     "Character Set declares them"
                 )
                 break
+            fault = _value_fault(keyword, element.VR, value if text is None else text)
+            if fault is not None:
+                problems.append(f"{keyword}: {fault}")
+                break
+    reported = {problem.split(":", 1)[0] for problem in problems}
+    for keyword in ("StudyInstanceUID", *_REFERENCED_UIDS):
+        value = str(source.get(keyword, "") or "")
+        if value and keyword not in reported and not UID(value).is_valid:
+            problems.append(f"{keyword}: {_UID_RULE}")
+    invalid = sum(1 for ds in headers if not UID(str(ds.get("SOPInstanceUID", "") or "0")).is_valid)
+    if invalid:
+        problems.append(
+            f"SOPInstanceUID: {_UID_RULE}, in {invalid} of {len(headers)} source instances"
+        )
     return problems
 
 

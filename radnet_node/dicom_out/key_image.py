@@ -18,6 +18,7 @@ from scipy import ndimage
 from radnet_node.dicom_out.common import (
     contributing_equipment,
     copy_patient_study,
+    for_highdicom,
     highdicom_character_set,
     set_body_part,
     set_equipment,
@@ -227,7 +228,7 @@ def build_key_image(
     orientation = patient_orientation(result.series.image_orientation)
     try:
         image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=header,
+            ref_dataset=for_highdicom(header),
             specific_character_set=highdicom_character_set(header),
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,

@@ -14,6 +14,7 @@ from radnet_node.dicom_out import codes
 from radnet_node.dicom_out.common import (
     contributing_equipment,
     copy_patient_study,
+    for_highdicom,
     highdicom_character_set,
     metadata_only,
     seg_algorithm,
@@ -187,7 +188,7 @@ def build_seg(
         ]
     try:
         seg = hd.seg.Segmentation(
-            source_images=source_images,
+            source_images=[for_highdicom(image) for image in source_images],
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],

@@ -14,6 +14,7 @@ from radnet_node.dicom_out import codes
 from radnet_node.dicom_out.common import (
     contributing_equipment,
     copy_patient_study,
+    for_highdicom,
     highdicom_character_set,
     metadata_only,
     set_equipment,
@@ -125,7 +126,7 @@ def build_sr(
             imaging_measurements=groups,
         )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*headers, seg],
+            evidence=[for_highdicom(ds) for ds in (*headers, seg)],
             content=report,
             series_instance_uid=uid.sr_series,
             series_number=series_number,
@@ -139,7 +140,9 @@ def build_sr(
             contributing_equipment=contributing_equipment(identity, result),
             series_description=SR_SERIES_DESCRIPTION,
             specific_character_set=highdicom_character_set(headers[0]),
-            previous_versions=None if previous_sr is None else [metadata_only(previous_sr)],
+            previous_versions=(
+                None if previous_sr is None else [for_highdicom(metadata_only(previous_sr))]
+            ),
         )
     except ValueError as exc:
         raise SeriesError(label, f"cannot build the SR: {exc}") from exc

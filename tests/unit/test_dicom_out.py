@@ -372,6 +372,75 @@ def test_source_value_problems_name_the_attribute_and_the_fault_not_the_value(
     assert [p.split(":")[0] for p in source_value_problems(ds)] == ["StudyDate", "StudyID"]
 
 
+def test_a_private_element_that_does_not_fit_its_dictionary_vr_does_not_stop_the_outputs(
+    regular_series: list[Path], tmp_path: Path
+) -> None:
+    # a Philips private element holding text where pydicom's private dictionary says FD: in an
+    # Implicit VR file (or stored as UN by a PACS) it cannot be decoded; nothing needs it
+    result = make_result(regular_series, [2, 3, 4])
+    sources: dict[str, Dataset] = {}
+    for path in regular_series:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds.add_new(0x01F10010, "LO", "ELSCINT1")
+        ds.add_new(0x01F11026, "UN", b"0.391 ")
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        written = tmp_path / path.name
+        ds.save_as(written, implicit_vr=True, little_endian=True)
+        read = pydicom.dcmread(written, stop_before_pixels=True)
+        sources[str(read.SOPInstanceUID)] = read
+    with pytest.raises(Exception, match="01F1,1026"):  # the trap is real
+        list(copy.deepcopy(next(iter(sources.values()))))  # iterating decodes every element
+    outputs = build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result))
+    assert reread(outputs.seg).SOPClassUID == SegmentationStorage
+
+
+def test_dates_times_and_sex_highdicom_refuses_are_copied_and_reported(
+    regular_series: list[Path],
+) -> None:
+    result = make_result(regular_series, [2, 3, 4])
+    sources = headers(regular_series)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns as the values are set
+        for ds in sources.values():
+            ds.PatientSex, ds.PatientBirthDate = "U", "00000000"
+            ds.StudyDate, ds.StudyTime = "20150230", "09:28:15"
+    outputs = build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result))
+    for kind in ("sr", "seg", "key_image"):
+        ds = reread(getattr(outputs, kind))
+        # the values as they came, so the objects file with their study
+        assert (ds.PatientSex, ds.PatientBirthDate) == ("U", "00000000"), kind
+        assert (ds.StudyDate, ds.StudyTime) == ("20150230", "09:28:15"), kind
+    problems = source_value_problems(next(iter(sources.values())))
+    assert [p.split(":")[0] for p in problems] == [
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+    ]
+    assert not any("00000000" in p or "20150230" in p for p in problems)
+
+
+def test_source_value_problems_report_person_names_and_uids_the_outputs_carry(
+    regular_series: list[Path],
+) -> None:
+    sources = list(headers(regular_series).values())
+    first = sources[0]
+    assert source_value_problems(first, sources) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns as the values are set
+        first.PatientName = "A^B^C^D^E^F"
+        first.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.0123.45"  # a leading zero
+        for ds in sources[:2]:
+            ds.SOPInstanceUID = str(ds.SOPInstanceUID)[:50] + ".011"
+    problems = source_value_problems(first, sources)
+    assert [p.split(":")[0] for p in problems] == [
+        "PatientName",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+    ]
+    assert "in 2 of 6 source instances" in problems[-1]
+
+
 def test_positive_result_without_key_slice_is_refused(regular_series: list[Path]) -> None:
     result = make_result(regular_series, [2, 3, 4])
     with pytest.raises(SeriesError, match="key_slice_hu") as caught:

@@ -605,6 +605,27 @@ def test_refuses_instances_of_two_series(
     assert study.uid("series", 3) in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        ("PatientID", "SOMEONE-ELSE", "instances disagree on PatientID"),
+        ("FrameOfReferenceUID", "1.2.3.4", "instances disagree on FrameOfReferenceUID"),
+    ],
+)
+def test_refuses_a_series_whose_instances_disagree_on_patient_or_frame_of_reference(
+    five_datasets: list[pydicom.Dataset], keyword: str, value: str, expected: str
+) -> None:
+    datasets = [copy.deepcopy(ds) for ds in five_datasets]
+    setattr(datasets[3], keyword, value)
+    with pytest.raises(SeriesError, match=expected) as caught:
+        prepare_series(datasets)
+    assert caught.value.series == datasets[0].SeriesInstanceUID
+    if keyword == "PatientID":
+        # the message names the instances, never the patient identifiers
+        assert "SOMEONE-ELSE" not in str(caught.value)
+        assert str(datasets[3].filename) in str(caught.value)
+
+
 def test_refuses_rgb_secondary_capture(dicom_data_dir: Path) -> None:
     path = dicom_data_dir / "deid-data/ctbrain1.dcm"
     with pytest.raises(UnsupportedImageError, match="Secondary Capture") as caught:
