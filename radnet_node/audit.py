@@ -4,6 +4,10 @@ result stored at each destination, the event stream, and the queries behind ``st
 
 SQLite in the data folder by default (WAL, busy timeout, write transactions ``BEGIN IMMEDIATE``);
 the types are portable, so the same models run on PostgreSQL. Every timestamp is UTC.
+
+A SQLite connection opened while the file cannot be written is read-only for good (SQLite falls
+back to read-only without a word); the pool replaces it once the file is writable again, or at
+the latest when a write on it fails, so a database made read-only for a while recovers by itself.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import os
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,8 +40,8 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.engine import Engine, ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from radnet_node.errors import RadnetError
@@ -318,6 +324,29 @@ def add_event(
     return row
 
 
+# SQLITE_READONLY, "attempt to write a readonly database"; its extended codes (_RECOVERY, _CANTLOCK,
+# _ROLLBACK, _DBMOVED, _CANTINIT, _DIRECTORY) keep it in their low byte
+_SQLITE_READONLY = 8
+# pool record info key: the connection was opened while the database file was not writable
+_OPENED_READ_ONLY = "radnet_opened_read_only"
+
+
+def _is_sqlite_read_only(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite refusing a write because its connection or file is read-only."""
+    if not isinstance(error, sqlite3.Error):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF == _SQLITE_READONLY
+    return "readonly database" in str(error)  # raised without a code (by a test, say)
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may open ``path`` for writing now: what SQLite's open decides by (the
+    file's mode for the effective user, or a read-only mount; root may always)."""
+    return os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
+
+
 class AuditDB:
     """The audit database: an engine, sessions, and the schema created on first use.
 
@@ -342,8 +371,12 @@ class AuditDB:
         self.url = parsed
         self.is_sqlite = parsed.drivername.startswith("sqlite")
         self.label = parsed.render_as_string(hide_password=True)
+        # the database file, when it is a plain file (not in memory, not a ``file:`` URI)
+        self._sqlite_path: Path | None = None
         if self.is_sqlite and parsed.database and parsed.database != ":memory:":
             path = Path(parsed.database)
+            if not parsed.query.get("uri"):
+                self._sqlite_path = path
             if not create and not path.exists():
                 raise AuditError(f"audit database {path}: no such file (has the node run yet?)")
             try:
@@ -366,9 +399,14 @@ class AuditDB:
         if not self.is_sqlite:
             return create_engine(self.url, pool_pre_ping=True)
         engine = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30.0})
+        path = self._sqlite_path
 
         @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        def _on_connect(dbapi_connection: Any, record: Any) -> None:
+            # sqlite3_open_v2(READWRITE) opens a file it may not write read-only, silently, and
+            # the connection stays read-only after the file is writable again: note it (checkout)
+            if path is not None and not _writable(path):
+                record.info[_OPENED_READ_ONLY] = True
             # take transactions into our own hands (see _on_begin)
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
@@ -385,6 +423,28 @@ class AuditDB:
             # a deferred transaction that reads and then writes fails at once with SQLITE_BUSY
             # when another connection wrote in between; IMMEDIATE waits for the lock instead
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        @event.listens_for(engine, "checkout")
+        def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+            # a connection opened read-only while the file could not be written: once it can, the
+            # pool opens a fresh one in its place (what DisconnectionError here asks of it), so
+            # the first transaction after that already writes; while the file is still read-only
+            # it is kept for reading
+            if path is not None and record.info.get(_OPENED_READ_ONLY) and _writable(path):
+                raise DisconnectionError("opened while the database file was read-only")
+
+        @event.listens_for(engine, "handle_error")
+        def _on_error(context: ExceptionContext) -> None:
+            # a write refused as read-only: the connection may be one _on_connect could not tell
+            # (the file's mode changed between SQLite's open and our look, or the file was
+            # replaced); discard it like a lost connection, so the next checkout opens the file
+            # afresh instead of failing on it for as long as the process runs
+            if _is_sqlite_read_only(context.original_exception):
+                context.is_disconnect = True
+                # only this one: the others may be writable (the mode counts at open only), and
+                # closing the last of them deletes the WAL, which a connection opened while the
+                # file is read-only re-creates read-only too, so that none could write again
+                context.invalidate_pool_on_disconnect = False
 
         return engine
 

@@ -19,10 +19,13 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from radnet_node.audit import (
     Association,
     AuditDB,
+    AuditError,
     Export,
     ExportState,
     Instance,
@@ -70,6 +73,28 @@ __all__ = [
 
 _log = structlog.get_logger("radnet_node.jobs")
 
+# a job whose result (or failure) the audit database could not record runs again after this many
+# seconds, doubled at each failure in a row up to the maximum
+_DB_RETRY_FIRST_SECONDS = 2.0
+_DB_RETRY_MAX_SECONDS = 60.0
+
+
+def _database_failed(error: BaseException) -> bool:
+    """Whether ``error`` is the audit database failing (locked, read-only, full, I/O error, lost
+    connection, pool exhausted) rather than the series or the engine.
+
+    An :class:`AuditError` chains the SQLAlchemy error it wraps; a constraint or programming error
+    (a bug in the node, the same at every try) does not count.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (OperationalError, InterfaceError, PoolTimeoutError)):
+            return True
+        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__
+    return False
+
 
 @dataclass(frozen=True)
 class _Claimed:
@@ -112,6 +137,15 @@ class Worker:
         The node's settings (results folder, destinations, batch size).
     identity
         The node as its DICOM objects name it.
+    on_exports_queued
+        Called after exports were committed (wakes the exporters).
+    clock
+        Monotonic seconds, for the retry backoff (tests move it).
+
+    A job whose result or failure the audit database cannot record is not failed: it goes back
+    to ``queued`` and runs again after a backoff (in memory: a restart runs it at once); if the
+    database cannot even record that, it stays ``running`` there and is put back at a later step,
+    or by the start-up recovery.
     """
 
     def __init__(
@@ -121,6 +155,8 @@ class Worker:
         settings: Settings,
         identity: NodeIdentity,
         on_exports_queued: Callable[[], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.on_exports_queued = on_exports_queued
@@ -129,6 +165,11 @@ class Worker:
         self.identity = identity
         self.results_dir = settings.node.data_dir / "results"
         self.destinations = tuple(d.name for d in settings.destinations)
+        self.clock = clock
+        # job id -> (database failures in a row, when it may run again): worker thread only
+        self._retry: dict[int, tuple[int, float]] = {}
+        # jobs the database could not put back to queued (still running there)
+        self._not_requeued: dict[int, _Claimed] = {}
 
     # ---------------------------------------------------------------------------------------
     def select_complete(self) -> int:
@@ -143,16 +184,19 @@ class Worker:
 
     def _claim(self) -> list[_Claimed]:
         claimed: list[_Claimed] = []
+        now = self.clock()
+        waiting = [job_id for job_id, (_, at) in self._retry.items() if at > now]
+        query = select(Job).where(Job.state == JobState.QUEUED)
+        if waiting:
+            query = query.where(Job.id.not_in(waiting))
         with self.db.session() as session:
             jobs = session.scalars(
-                select(Job)
-                .where(Job.state == JobState.QUEUED)
-                .order_by(Job.id)
-                .limit(self.settings.series.max_batch_series)
+                query.order_by(Job.id).limit(self.settings.series.max_batch_series)
             ).all()
             for job in jobs:
                 series = session.get(Series, job.series_id)
                 if series is None or series.generation != job.generation:
+                    self._retry.pop(job.id, None)
                     job.state = JobState.SUPERSEDED
                     job.finished_at = utcnow()
                     job.error = "series re-opened before the job ran"
@@ -188,8 +232,15 @@ class Worker:
         """Claim up to ``series.max_batch_series`` queued jobs and run them in one engine call.
 
         A series that cannot be read fails alone; if the batch call fails, each series is run
-        on its own so one bad series does not fail the others. Returns the number of jobs claimed.
+        on its own so one bad series does not fail the others. A failure of the audit database
+        fails no job: it runs again later. Returns the number of jobs claimed.
+
+        Raises
+        ------
+        AuditError
+            The queued jobs cannot be claimed (nothing was run; tried again at the next step).
         """
+        self._requeue_left_running()
         claimed = self._claim()
         if not claimed:
             return 0
@@ -204,29 +255,32 @@ class Worker:
                     loaded = self.engine.load(group.paths, series_label=group.label)
                     prepared.append(_Prepared(item, group, loaded, started))
                 except (RadnetError, ValueError) as exc:
-                    self._fail(item, str(exc))
+                    self._fail(item, str(exc), exc)
                 except Exception as exc:  # noqa: BLE001 - a bug in one series must not stop the node
-                    self._fail(item, f"internal error: {type(exc).__name__}: {exc}")
+                    self._fail(item, f"internal error: {type(exc).__name__}: {exc}", exc)
         if not prepared:
             return len(claimed)
         try:
             results = self.engine.run([p.loaded for p in prepared])
         except Exception as exc:  # noqa: BLE001 - retried one by one below, errors recorded there
             if len(prepared) == 1:
-                self._fail(prepared[0].claimed, f"inference failed: {type(exc).__name__}: {exc}")
+                self._fail(
+                    prepared[0].claimed, f"inference failed: {type(exc).__name__}: {exc}", exc
+                )
                 return len(claimed)
             _log.warning("batch failed, running its series one by one", error=str(exc))
             for one in prepared:
                 try:
-                    self._finish(one, self.engine.run([one.loaded])[0])
+                    result = self.engine.run([one.loaded])[0]
                 except Exception as single:  # noqa: BLE001 - recorded as this job's failure
-                    self._fail(one.claimed, f"inference failed: {type(single).__name__}: {single}")
+                    self._fail(
+                        one.claimed, f"inference failed: {type(single).__name__}: {single}", single
+                    )
+                    continue
+                self._record(one, result)
             return len(claimed)
         for one, result in zip(prepared, results, strict=True):
-            try:
-                self._finish(one, result)
-            except Exception as exc:  # noqa: BLE001 - recorded as this job's failure
-                self._fail(one.claimed, f"{type(exc).__name__}: {exc}")
+            self._record(one, result)
         return len(claimed)
 
     def step(self) -> bool:
@@ -234,6 +288,15 @@ class Worker:
         return bool(self.select_complete()) | bool(self.run_batch())
 
     # ---------------------------------------------------------------------------------------
+    def _record(self, item: _Prepared, result: SeriesResult) -> None:
+        """Write the result and record the job done (or why it failed)."""
+        try:
+            self._finish(item, result)
+        except Exception as exc:  # noqa: BLE001 - recorded as this job's failure (or run again)
+            self._fail(item.claimed, f"{type(exc).__name__}: {exc}", exc)
+            return
+        self._retry.pop(item.claimed.job_id, None)
+
     def _finish(self, item: _Prepared, result: SeriesResult) -> None:
         claimed = item.claimed
         write_start = time.perf_counter()
@@ -434,17 +497,81 @@ class Worker:
             )
         return queued
 
-    def _fail(self, claimed: _Claimed, reason: str) -> None:
+    def _fail(self, claimed: _Claimed, reason: str, error: BaseException | None = None) -> None:
+        """Record the job (and its series) failed for ``reason``; but when ``error`` is the audit
+        database failing, or the failure cannot be recorded, run the job again later instead: the
+        series is not at fault (a series that is runs again and fails again, recorded then)."""
+        if error is not None and _database_failed(error):
+            self._retry_later(claimed, error)
+            return
+        try:
+            with self.db.session() as session:
+                job = session.get(Job, claimed.job_id)
+                series = session.get(Series, claimed.series_id)
+                if job is not None:
+                    job.state = JobState.FAILED
+                    job.finished_at = utcnow()
+                    job.error = reason
+                if series is not None and series.generation == claimed.generation:
+                    series.state = SeriesState.FAILED
+                add_event(session, "job.failed", reason, level="error", **claimed.ids)
+        except AuditError as exc:
+            self._retry_later(claimed, exc)
+            return
+        self._retry.pop(claimed.job_id, None)
+
+    def _retry_later(self, claimed: _Claimed, error: BaseException) -> None:
+        """Put a job the audit database failed back to queued, to run again after a backoff."""
+        failures = self._retry.get(claimed.job_id, (0, 0.0))[0] + 1
+        delay = min(_DB_RETRY_MAX_SECONDS, _DB_RETRY_FIRST_SECONDS * 2 ** (failures - 1))
+        self._retry[claimed.job_id] = (failures, self.clock() + delay)
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        why = f"the audit database failed ({problem}); runs again in {delay:g} s"
+        try:
+            self._requeue(claimed, why)
+        except AuditError as again:
+            # still running in the database: put back at a later step, or by the start-up
+            # recovery if the node stops first
+            self._not_requeued[claimed.job_id] = claimed
+            _log.error(
+                "job left running: the audit database failed; put back to queued later",
+                error=str(again),
+                **claimed.ids,
+            )
+
+    def _requeue(self, claimed: _Claimed, why: str) -> None:
+        """Put a running job (and its series) back to queued, with an audit event saying why.
+
+        Raises
+        ------
+        AuditError
+            The database cannot be written (the job stays running there).
+        """
         with self.db.session() as session:
             job = session.get(Job, claimed.job_id)
+            if job is None or job.state != JobState.RUNNING:
+                return  # parked meanwhile by a shutdown
+            job.state = JobState.QUEUED
+            job.started_at = None
             series = session.get(Series, claimed.series_id)
-            if job is not None:
-                job.state = JobState.FAILED
-                job.finished_at = utcnow()
-                job.error = reason
-            if series is not None and series.generation == claimed.generation:
-                series.state = SeriesState.FAILED
-            add_event(session, "job.failed", reason, level="error", **claimed.ids)
+            if (
+                series is not None
+                and series.state == SeriesState.RUNNING
+                and series.generation == claimed.generation
+            ):
+                series.state = SeriesState.QUEUED
+            add_event(
+                session, "job.requeued", f"back to queued: {why}", level="warning", **claimed.ids
+            )
+
+    def _requeue_left_running(self) -> None:
+        """Put back to queued the jobs the audit database could not put back when it failed."""
+        for job_id, claimed in list(self._not_requeued.items()):
+            try:
+                self._requeue(claimed, "the audit database failed while it ran")
+            except AuditError:
+                return  # still failing: the next step tries again
+            del self._not_requeued[job_id]
 
 
 # ------------------------------------------------------------------------------------------------

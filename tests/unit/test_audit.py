@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
+from radnet_node import audit
 from radnet_node.audit import (
     AuditDB,
     AuditError,
@@ -193,3 +197,69 @@ def test_unusable_database_is_an_audit_error_naming_it(tmp_path: Path) -> None:
         AuditDB(f"sqlite:///{blocker / 'sub' / 'audit.sqlite'}")
     with pytest.raises(AuditError, match="no such file"):
         AuditDB(f"sqlite:///{tmp_path / 'missing.sqlite'}", create=False)
+
+
+class _ReadOnlyFile:
+    """What a node running as an ordinary user sees while its database file is ``chmod 444``:
+    every connection the pool opens meanwhile is read-only (SQLite falls back to it silently),
+    and stays so after the file is writable again. Root may write any file, so the connections
+    are opened with ``mode=ro`` instead; ``visible``: whether the file's mode shows it too (False:
+    the mode changed between SQLite's open and the node's look)."""
+
+    def __init__(self, db: AuditDB, path: Path, monkeypatch: pytest.MonkeyPatch, *, visible: bool):
+        self.on = False
+        self.path = path
+        event.listen(db.engine, "do_connect", self._connect)
+        if visible:
+            monkeypatch.setattr(audit, "_writable", lambda _path: not self.on)
+
+    def _connect(self, _dialect: Any, _record: Any, _args: Any, _kwargs: Any) -> Any:
+        if not self.on:
+            return None  # SQLAlchemy connects as usual
+        uri = f"file:{self.path}?mode=ro"
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30.0)
+
+
+def _write(db: AuditDB, message: str) -> None:
+    with db.session() as session:
+        add_event(session, "test.write", message)
+
+
+def _read(db: AuditDB) -> int:
+    with db.session() as session:
+        return len(tail_events(session, limit=1000))
+
+
+@pytest.fixture
+def held_open(db: AuditDB, tmp_path: Path) -> Iterator[Path]:
+    """The database file, with a connection holding it (and its WAL) open as the node's older
+    pooled connections do, and the pool emptied, so that it opens new connections."""
+    path = tmp_path / "audit.sqlite"
+    _write(db, "before")
+    holder = sqlite3.connect(path)
+    holder.execute("SELECT count(*) FROM events").fetchall()
+    db.engine.dispose()
+    yield path
+    holder.close()
+
+
+@pytest.mark.parametrize("visible", [True, False], ids=["mode-seen", "mode-not-seen"])
+def test_connections_opened_while_the_file_was_read_only_do_not_outlive_it(
+    db: AuditDB, held_open: Path, monkeypatch: pytest.MonkeyPatch, visible: bool
+) -> None:
+    # a tester made the file read-only for 5 s: for minutes after, associations were refused
+    # and "attempt to write a readonly database" went on, from the read-only pooled connections
+    window = _ReadOnlyFile(db, held_open, monkeypatch, visible=visible)
+    window.on = True
+    with pytest.raises(AuditError, match="attempt to write a readonly database"):
+        _write(db, "while read-only")
+    assert _read(db) == 1  # reads go on; this connection goes back to the pool
+    window.on = False
+    if not visible:
+        # the node could not tell that the connection is read-only: its first write fails ...
+        with pytest.raises(AuditError, match="attempt to write a readonly database"):
+            _write(db, "on the stale connection")
+    # ... and the next transaction (the first one where the node saw the mode) is written
+    _write(db, "after")
+    _write(db, "and after")
+    assert _read(db) == 3

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pydicom
 import pytest
 import torch
 from node_support import instance_info, node_settings, tiny_weights, write_series
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from radnet_node.audit import Association, AuditDB, Event, Export, Instance, Job, Result, Series
 from radnet_node.catalog import (
@@ -297,3 +298,110 @@ def test_recovery_registers_spool_files_without_rows_and_cleans_the_rest(
     assert {Path(i.spool_path).parent for i in _rows(db, Instance)} == {spool}
     assert "node.recovered" in _kinds(db)
     assert recover(db, settings.node.data_dir).anything is False  # idempotent
+
+
+class _FailingWrites:
+    """Make the audit database refuse the statements ``when`` picks, as SQLite does while the
+    file is read-only (the error comes from the cursor, through SQLAlchemy and the session)."""
+
+    def __init__(self, db: AuditDB, when: Callable[[str], bool]) -> None:
+        self.when = when
+        self.refused: list[str] = []
+        event.listen(db.engine, "before_cursor_execute", self._execute)
+
+    def _execute(self, *args: Any) -> None:
+        statement: str = args[2]
+        if self.when(statement):
+            self.refused.append(statement)
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _exports_queued(worker: Worker) -> list[int]:
+    calls: list[int] = []
+    worker.on_exports_queued = lambda: calls.append(1)
+    return calls
+
+
+def test_an_audit_database_failure_when_the_job_finishes_runs_it_again_and_sends_once(
+    tmp_path: Path, db: AuditDB, worker: Worker
+) -> None:
+    # the log showed job.failed "AuditError: ... attempt to write a readonly database [SQL: UPDATE
+    # jobs SET finished_at=?, ...]", the series failed and the result was never sent
+    _receive(db, write_series(tmp_path, "a"))
+    worker.clock = clock = _Clock()
+    notified = _exports_queued(worker)
+    once = _FailingWrites(
+        db, lambda sql: sql.startswith("UPDATE jobs SET finished_at") and not once.refused
+    )
+    assert worker.step()
+    assert once.refused  # the result was refused ...
+    (job,) = _rows(db, Job)
+    (series,) = _rows(db, Series)
+    assert (job.state, series.state, job.error) == ("queued", "queued", None)  # ... not failed
+    assert _rows(db, Result) == [] and _rows(db, Export) == [] and not notified
+    (requeued,) = [e for e in _rows(db, Event) if e.kind == "job.requeued"]
+    assert "readonly database" in requeued.message and "runs again in 2 s" in requeued.message
+    assert "job.failed" not in _kinds(db)
+    assert worker.run_batch() == 0  # backing off
+    clock.now += 2.0
+    assert worker.step()
+    (job,) = _rows(db, Job)
+    assert (job.state, job.attempts, _rows(db, Series)[0].state) == ("done", 2, "done")
+    (result,) = _rows(db, Result)
+    exports = _rows(db, Export)
+    assert sorted(e.destination for e in exports) == ["archive", "pacs"]
+    assert {e.result_id for e in exports} == {result.id} and len(notified) == 1
+    assert Path(result.result_dir).is_dir()
+    assert not worker.step()
+
+
+def test_a_job_whose_failure_cannot_be_recorded_is_put_back_when_the_database_is_back(
+    tmp_path: Path, db: AuditDB, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _receive(db, write_series(tmp_path, "a"))
+    worker.clock = clock = _Clock()
+    real_run = worker.engine.run
+    writes = _FailingWrites(db, lambda sql: False)
+
+    def crash_with_the_database_down(series: Any) -> Any:
+        monkeypatch.setattr(worker.engine, "run", real_run)
+        writes.when = lambda sql: sql.startswith(("INSERT", "UPDATE"))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(worker.engine, "run", crash_with_the_database_down)
+    assert worker.step()
+    writes.when = lambda sql: False  # the database is back
+    # neither the failure nor the way back to queued could be written: still running there
+    assert [(j.state, j.attempts) for j in _rows(db, Job)] == [("running", 1)]
+    assert _kinds(db)[-1] == "job.running"
+    assert worker.run_batch() == 0  # put back to queued, but backing off
+    assert [j.state for j in _rows(db, Job)] == ["queued"]
+    assert _kinds(db)[-1] == "job.requeued"
+    clock.now += 2.0
+    assert worker.step()
+    assert [(j.state, j.attempts) for j in _rows(db, Job)] == [("done", 2)]
+    assert len(_rows(db, Result)) == 1 and len(_rows(db, Export)) == 2
+    assert "job.failed" not in _kinds(db)
+
+
+def test_a_series_failure_still_fails_the_job(
+    tmp_path: Path, db: AuditDB, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _receive(db, write_series(tmp_path, "a"))
+
+    def engine_error(series: Any) -> Any:
+        raise RuntimeError("the model cannot take this series")
+
+    monkeypatch.setattr(worker.engine, "run", engine_error)
+    worker.step()
+    (job,) = _rows(db, Job)
+    assert job.state == "failed" and "cannot take this series" in (job.error or "")
+    assert _rows(db, Series)[0].state == "failed"
