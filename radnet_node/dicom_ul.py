@@ -47,11 +47,13 @@ __all__ = [
     "RELEASE_RQ",
     "ABORT",
     "Command",
+    "ConnectionClosed",
     "HeaderScan",
     "Negotiated",
     "NeedMoreData",
     "ProtocolError",
     "abort_pdu",
+    "command_name",
     "command_response",
     "negotiate",
     "pdvs",
@@ -73,8 +75,27 @@ APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
 
 # command field values (PS3.7 E.1)
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
-#: Refused: SOP class not supported / unrecognized operation (PS3.7 C.4)
+#: the request command fields by name (PS3.7 Table E.1-1 and 10.3); a response is the request's
+#: value with bit 0x8000 set
+_COMMAND_NAMES = {
+    0x0001: "C-STORE",
+    0x0010: "C-GET",
+    0x0020: "C-FIND",
+    0x0021: "C-MOVE",
+    0x0030: "C-ECHO",
+    0x0100: "N-EVENT-REPORT",
+    0x0110: "N-GET",
+    0x0120: "N-SET",
+    0x0130: "N-ACTION",
+    0x0140: "N-CREATE",
+    0x0150: "N-DELETE",
+    0x0FFF: "C-CANCEL",
+}
+#: Refused: unrecognized operation (PS3.7 Annex C)
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
+#: Refused: SOP Class not supported (PS3.7 Annex C): the request's SOP class is not the abstract
+#: syntax of the presentation context it came on
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: CommandDataSetType: no dataset follows
 NO_DATASET = 0x0101
 
@@ -85,6 +106,17 @@ class ProtocolError(Exception):
 
 class NeedMoreData(Exception):
     """The header scan ran past the bytes received so far."""
+
+
+class ConnectionClosed(EOFError):
+    """The peer closed the connection; ``mid_pdu``: inside a PDU (some of it had arrived), not
+    between two."""
+
+    def __init__(self, *, mid_pdu: bool) -> None:
+        super().__init__(
+            "the peer closed the connection" + (" in the middle of a PDU" if mid_pdu else "")
+        )
+        self.mid_pdu = mid_pdu
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +158,7 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         except KERNEL_TIMEOUTS as exc:
             raise TimeoutError("nothing received within the network timeout") from exc
         if count == 0:
-            raise EOFError("the peer closed the connection")
+            raise ConnectionClosed(mid_pdu=received > 0)
         received += count
 
 
@@ -145,8 +177,8 @@ class PduReader:
 
         Raises
         ------
-        EOFError
-            The peer closed the connection.
+        ConnectionClosed
+            The peer closed the connection (between two PDUs, or ``mid_pdu``).
         ProtocolError
             An unknown PDU type or a length over the limit.
         OSError
@@ -162,7 +194,10 @@ class PduReader:
         if length > len(self._buffer):
             self._buffer = bytearray(length)
         body = memoryview(self._buffer)[:length]
-        _recv_exact(self.sock, body)
+        try:  # (costs nothing unless it raises)
+            _recv_exact(self.sock, body)
+        except ConnectionClosed:
+            raise ConnectionClosed(mid_pdu=True) from None  # the header had arrived
         return pdu_type, body
 
     @property
@@ -249,7 +284,9 @@ def negotiate(
     max_pdu: int,
 ) -> Negotiated:
     """Decode an A-ASSOCIATE-RQ (header and body) and prepare the A-ASSOCIATE-AC: presentation
-    contexts negotiated by pynetdicom, SCP/SCU role selection answered, an asynchronous
+    contexts negotiated by pynetdicom (the transfer syntax: the first of ``supported``'s own list
+    that the context proposes), SCP/SCU role selection answered for the contexts whose roles
+    ``supported`` sets (none returned where they are None: default roles), an asynchronous
     operations window answered with (1, 1), user identity accepted without a server response,
     extended negotiation not supported (no item returned).
 
@@ -332,7 +369,9 @@ class Command:
         Raises
         ------
         ProtocolError
-            An element runs past the end, or a tag is not in group 0000.
+            An element runs past the end, a tag is not in group 0000, or a required element
+            is missing: the Command Field, the Command Data Set Type and the Message ID (for a
+            C-CANCEL-RQ: the Message ID Being Responded To, the request it cancels).
         """
         elements: dict[int, bytes] = {}
         position = 0
@@ -346,9 +385,15 @@ class Command:
                 raise ProtocolError(f"malformed command element ({group:04X},{element:04X})")
             elements[element] = bytes(data[position : position + length])
             position += length
-        for required in (0x0100, 0x0110, 0x0800):
+        for required in (0x0100, 0x0800):
             if len(elements.get(required, b"")) < 2:
                 raise ProtocolError(f"command set lacks (0000,{required:04X})")
+        # a C-CANCEL-RQ has no Message ID of its own (PS3.7 9.3.2.3): it names the request it
+        # cancels in (0000,0120)
+        cancel = struct.unpack_from("<H", elements[0x0100])[0] == C_CANCEL_RQ
+        identifier = 0x0120 if cancel else 0x0110
+        if len(elements.get(identifier, b"")) < 2:
+            raise ProtocolError(f"command set lacks (0000,{identifier:04X})")
         return cls(elements)
 
     def _us(self, element: int) -> int:
@@ -360,7 +405,13 @@ class Command:
 
     @property
     def message_id(self) -> int:
-        return self._us(0x0110)
+        """The Message ID (for a C-CANCEL-RQ: the Message ID Being Responded To)."""
+        return self._us(0x0120 if self.command_field == C_CANCEL_RQ else 0x0110)
+
+    @property
+    def name(self) -> str:
+        """The command field by name, e.g. ``C-FIND-RQ``."""
+        return command_name(self.command_field)
 
     @property
     def has_dataset(self) -> bool:
@@ -377,6 +428,14 @@ class Command:
     @property
     def affected_sop_instance_uid(self) -> str:
         return self.uid(0x1000)
+
+
+def command_name(command_field: int) -> str:
+    """A command field by name (``C-FIND-RQ``, ``C-STORE-RSP``); an unknown one in hex."""
+    name = _COMMAND_NAMES.get(command_field & 0x7FFF)
+    if name is None:
+        return f"command 0x{command_field:04X}"
+    return f"{name}-{'RSP' if command_field & 0x8000 else 'RQ'}"
 
 
 def _element(element: int, value: bytes) -> bytes:

@@ -68,7 +68,9 @@ __all__ = [
     "CT_STORAGE_CLASSES",
     "CT_TRANSFER_SYNTAXES",
     "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DATASET_DOES_NOT_MATCH",
     "STATUS_OUT_OF_RESOURCES",
+    "STATUS_SOP_CLASS_NOT_SUPPORTED",
     "STATUS_SUCCESS",
     "IngestSCP",
     "server_ssl_context",
@@ -80,6 +82,11 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 #: Error: cannot understand (the dataset cannot be parsed or lacks valid UIDs)
 STATUS_CANNOT_UNDERSTAND = 0xC000
+#: Refused: SOP Class not supported (the request's SOP class is not the abstract syntax of the
+#: presentation context it came on)
+STATUS_SOP_CLASS_NOT_SUPPORTED = dicom_ul.STATUS_SOP_CLASS_NOT_SUPPORTED
+#: Error: data set does not match SOP class (its own SOPClassUID is not the request's; PS3.4 B.2.3)
+STATUS_DATASET_DOES_NOT_MATCH = 0xA900
 
 CT_STORAGE_CLASSES: tuple[UID, ...] = (
     CTImageStorage,
@@ -191,6 +198,9 @@ _BATCH_WAIT_S = 0.5
 _PAUSE_S = 0.02
 #: how long the A-RELEASE-RP waits for the association's rows to be committed
 _RELEASE_FLUSH_S = 5.0
+#: how long :meth:`IngestSCP.stop` lets the associations send their A-ABORT before it closes
+#: the connections of those still busy
+_STOP_ABORT_S = 2.0
 
 
 @dataclass
@@ -376,6 +386,9 @@ class _IngestState:
 
 
 def _supported_contexts(node: NodeSection) -> list[PresentationContext]:
+    """The presentation contexts the node accepts. The transfer syntax chosen for a context is
+    the first of this list's syntaxes (not the requester's) that the requester proposed
+    (:func:`pynetdicom.presentation.negotiate_as_acceptor`)."""
     contexts = [build_context(Verification)]
     contexts += [build_context(c, list(CT_TRANSFER_SYNTAXES)) for c in CT_STORAGE_CLASSES]
     if node.accept_all_storage_classes:
@@ -384,6 +397,11 @@ def _supported_contexts(node: NodeSection) -> list[PresentationContext]:
             for c in AllStoragePresentationContexts
             if str(c.abstract_syntax) not in CT_STORAGE_CLASSES
         ]
+    for context in contexts:
+        # SCP/SCU Role Selection (PS3.7 D.3.3.4), answered where the requester proposes it: the
+        # requester may be the SCU, never the SCP (the node only receives here); a context whose
+        # requester wants the SCP role only is refused, as neither side could then send
+        context.scu_role, context.scp_role = True, False
     return contexts
 
 
@@ -515,9 +533,9 @@ class IngestSCP:
         return address
 
     def stop(self) -> None:
-        """Stop accepting associations and close the open ones (their instances so far are kept;
-        an instance in flight is not answered, so the sender sends it again), then commit what
-        the recorder holds."""
+        """Stop accepting associations and abort the open ones with an A-ABORT (their instances
+        so far are kept; an instance in flight is not answered, so the sender sends it again),
+        then commit what the recorder holds."""
         self._stopping.set()
         if self._acceptor is not None:
             self._acceptor.join()
@@ -525,16 +543,37 @@ class IngestSCP:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        with self._connections_lock:
-            for connection in self._connections:
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
+        # shutting the reading side wakes each association's blocking read (once what arrived is
+        # read); its own thread then sends the A-ABORT: a second thread writing while that one
+        # answers would interleave the bytes. TLS connections are closed without it: the TLS
+        # layer takes an end of the input as fatal and garbles what would be sent after it
+        self._shutdown_connections(socket.SHUT_RD)
+        deadline = time.monotonic() + _STOP_ABORT_S
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        # still busy (a peer streaming a long dataset, or not reading what is sent): cut it off
+        self._shutdown_connections(socket.SHUT_RDWR)
         for thread in self._threads:
             thread.join(10.0)
         self._threads = []
         if self._state is not None:
             self._state.recorder.stop()
             self._state = None
+
+    def _shutdown_connections(self, how: int) -> None:
+        """Shut the open connections down (``how``; TLS ones entirely)."""
+        with self._connections_lock:
+            for connection in self._connections:
+                tls = isinstance(connection, ssl.SSLSocket)
+                with contextlib.suppress(OSError):
+                    # the socket's own shutdown: SSLSocket's drops the TLS state under the thread
+                    # that reads, which would then read the TLS records as DICOM
+                    socket.socket.shutdown(connection, socket.SHUT_RDWR if tls else how)
+
+    @property
+    def stopping(self) -> bool:
+        """:meth:`stop` has been called (an association that ends now was ended by it)."""
+        return self._stopping.is_set()
 
     def pending_series(self) -> set[str]:
         """Series Instance UIDs of instances received and answered whose catalog rows are not
@@ -715,21 +754,67 @@ class _Association:
             with contextlib.suppress(OSError):
                 self.sock.sendall(dicom_ul.abort_pdu())
         except (TimeoutError, *dicom_ul.KERNEL_TIMEOUTS):
-            how, why = "aborted", f"no progress for {self.scp.NETWORK_TIMEOUT_S:g} s"
-            with contextlib.suppress(OSError):
-                # a peer that stopped reading must not hold this thread for another timeout
-                dicom_ul.set_kernel_timeouts(self.sock, 1.0)
-                self.sock.sendall(dicom_ul.abort_pdu())
-        except EOFError:
+            how = "aborted"
+            if self.negotiated is None:
+                why = f"no A-ASSOCIATE-RQ within {self.scp.ACSE_TIMEOUT_S:g} s"
+            else:
+                why = f"no progress for {self.scp.NETWORK_TIMEOUT_S:g} s"
+            self._abort()
+        except EOFError as exc:
             how = "closed"
+            if self.scp.stopping:  # IngestSCP.stop() shut the reading side
+                how, why = "aborted", "the node is stopping"
+                self._abort()
+            elif isinstance(exc, dicom_ul.ConnectionClosed) and exc.mid_pdu:
+                why = str(exc)
         except OSError as exc:
             how, why = "aborted", f"connection failed: {exc.strerror or exc}"
+            if self.scp.stopping:
+                why = f"the node is stopping ({why})"
         finally:
+            unfinished = None
             if incoming is not None:
                 incoming.discard()
+                if isinstance(incoming, _Incoming):
+                    unfinished = incoming.request.affected_sop_instance_uid
             self._drop_spare()
             if self.info is not None:
-                self._closed(how, why)
+                self._closed(how, why, unfinished=unfinished)
+            elif self.negotiated is None:  # no A-ASSOCIATE-RQ was understood
+                self._failed_before_association(how, why)
+
+    def _abort(self) -> None:
+        """Send an A-ABORT (service provider), if the peer still takes it."""
+        with contextlib.suppress(OSError):
+            # a peer that stopped reading must not hold this thread for another timeout
+            dicom_ul.set_kernel_timeouts(self.sock, 1.0)
+            self.sock.sendall(dicom_ul.abort_pdu())
+
+    def _failed_before_association(self, how: str, why: str) -> None:
+        """Log, and audit, a connection that ended before an A-ASSOCIATE-RQ was understood: a
+        port scanner, a peer speaking another protocol, a misconfigured one. A peer that closes
+        without sending a byte (a TCP health check, a port probe) and a connection the node's
+        stop ended are only logged, at debug level."""
+        peer = f"{self.host}:{self.port}"
+        if not why or self.scp.stopping:
+            _log.debug("connection ended before an association", peer=peer, reason=why or how)
+            return
+        try:  # (the event goes to the process log too, as a warning)
+            with self.state.db.session() as session:
+                add_event(
+                    session,
+                    "connection.aborted",
+                    f"connection from {peer} {how} before an association was established: {why}",
+                    level="warning",
+                    data={"peer_host": self.host, "peer_port": self.port, "reason": why},
+                )
+        except RadnetError as exc:
+            _log.error(
+                "connection aborted before an association, not audited",
+                peer=peer,
+                reason=why,
+                error=str(exc),
+            )
 
     def _associate(self, request: bytes) -> bool:
         """Negotiate, check, record; send the accept or the reject. True when accepted."""
@@ -824,17 +909,57 @@ class _Association:
         abstract, transfer = self.negotiated.accepted[context_id]  # type: ignore[union-attr]
         field_ = request.command_field
         if field_ == dicom_ul.C_STORE_RQ and request.has_dataset:
-            return _Incoming(self, request, context_id, transfer)
-        if field_ == dicom_ul.C_ECHO_RQ and not request.has_dataset:
-            self._answer(request, STATUS_SUCCESS, context_id, sop_class_uid=str(abstract))
-            return None
+            return _Incoming(self, request, context_id, abstract, transfer)
         if field_ == dicom_ul.C_CANCEL_RQ:
             return None  # nothing runs long enough here to cancel; C-CANCEL has no response
-        # anything else is not offered: refuse it (after the dataset, if one follows)
+        status = dicom_ul.STATUS_UNRECOGNIZED_OPERATION
+        why = "the node offers only C-ECHO and C-STORE"
+        if field_ == dicom_ul.C_ECHO_RQ and not request.has_dataset:
+            sop_class = request.affected_sop_class_uid
+            if abstract == Verification and sop_class in ("", abstract):
+                self._answer(request, STATUS_SUCCESS, context_id, sop_class_uid=str(abstract))
+                return None
+            status = STATUS_SOP_CLASS_NOT_SUPPORTED
+            why = _wrong_context(request, context_id, abstract)
+        elif field_ == dicom_ul.C_STORE_RQ:
+            why = "its CommandDataSetType says that no data set follows"
+        elif field_ == dicom_ul.C_ECHO_RQ:
+            why = "a C-ECHO-RQ has no data set"
+        # refused (after the dataset, if one follows)
         if request.has_dataset:
-            return _Discard(request, context_id)
-        self._answer(request, dicom_ul.STATUS_UNRECOGNIZED_OPERATION, context_id)
+            return _Discard(self, request, context_id, status, why)
+        self._answer(request, self.refuse_request(request, status, why), context_id)
         return None
+
+    def refuse_request(self, request: dicom_ul.Command, status: int, why: str) -> int:
+        """Audit a request refused other than a C-STORE's instance (``request.refused``, counted
+        in the association's refused total); returns ``status``."""
+        self.audit_refusal(
+            "request.refused",
+            f"{request.name} refused with 0x{status:04X}: {why}",
+            level="warning",
+            sop_instance_uid=request.affected_sop_instance_uid or None,
+            data={"status": status, "command_field": request.name},
+        )
+        return status
+
+    def audit_refusal(self, kind: str, message: str, *, level: str, **fields: Any) -> None:
+        """Count a refusal in the association's refused total and write its audit row."""
+        info = self.info
+        if info is not None:
+            info.refused += 1
+        try:
+            with self.state.db.session() as session:
+                add_event(
+                    session,
+                    kind,
+                    message,
+                    level=level,
+                    association_id=info.association_id if info is not None else None,
+                    **fields,
+                )
+        except RadnetError as exc:
+            _log.error("request refused and not audited", message=message, error=str(exc))
 
     def _answer(
         self, request: dicom_ul.Command, status: int, context_id: int, *, sop_class_uid: str = ""
@@ -842,8 +967,10 @@ class _Association:
         response = dicom_ul.command_response(request, status, sop_class_uid=sop_class_uid)
         self.sock.sendall(dicom_ul.pdata_pdu(context_id, response))
 
-    def _closed(self, how: str, why: str) -> None:
-        """Write how the association ended and what it stored (once its instances are recorded)."""
+    def _closed(self, how: str, why: str, *, unfinished: str | None = None) -> None:
+        """Write how the association ended and what it stored (once its instances are recorded);
+        ``unfinished``: the SOP Instance UID of the C-STORE whose dataset was cut off (dropped,
+        never answered)."""
         state = self.state
         with state.lock:
             info = state.open.pop(id(self), None)
@@ -862,6 +989,12 @@ class _Association:
             else ""
         )
         why_note = f" ({why})" if why else ""
+        unfinished_note = (
+            f"; the unfinished instance {unfinished or '(no SOP Instance UID)'} was dropped "
+            "(its data set was cut off, never answered)"
+            if unfinished is not None
+            else ""
+        )
         try:
             with state.db.session() as session:
                 row = session.get(Association, info.association_id)
@@ -873,8 +1006,11 @@ class _Association:
                     session,
                     "association.closed",
                     f"association {how}{why_note}: {info.stored} instance(s) stored, "
-                    f"{info.duplicates} duplicate(s), {info.refused} refused{refused_note}",
-                    level="info" if how == "released" and not refused_classes else "warning",
+                    f"{info.duplicates} duplicate(s), {info.refused} refused"
+                    f"{unfinished_note}{refused_note}",
+                    level="info"
+                    if how == "released" and not refused_classes and unfinished is None
+                    else "warning",
                     association_id=info.association_id,
                     data={
                         "stored": info.stored,
@@ -882,24 +1018,53 @@ class _Association:
                         "refused": info.refused,
                         "refused_presentation_contexts": refused_classes,
                         **({"reason": why} if why else {}),
+                        **({"unfinished_sop_instance_uid": unfinished} if unfinished else {}),
                     },
                 )
         except RadnetError as exc:
             _log.error("cannot record the end of an association", error=str(exc))
 
 
+def _wrong_context(request: dicom_ul.Command, context_id: int, abstract: UID) -> str:
+    """Why ``request`` does not belong on its presentation context (status 0x0122)."""
+    return (
+        f"{request.name} for SOP class {_uid_text(request.affected_sop_class_uid)} on "
+        f"presentation context {context_id}, whose abstract syntax is {_uid_text(abstract)}"
+    )
+
+
+def _uid_text(uid: str) -> str:
+    """A UID for a message, with its name when it is a known one."""
+    if not uid:
+        return "(none)"
+    if not is_safe_uid(uid):
+        return repr(uid[:80])
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+
+
 class _Discard:
     """Swallows the dataset of a request the node does not serve, then refuses it."""
 
-    def __init__(self, request: dicom_ul.Command, context_id: int) -> None:
+    def __init__(
+        self,
+        association: _Association,
+        request: dicom_ul.Command,
+        context_id: int,
+        status: int,
+        why: str,
+    ) -> None:
+        self.association = association
         self.request = request
         self.context_id = context_id
+        self.status = status
+        self.why = why
 
     def write(self, fragment: memoryview) -> None:
         pass
 
     def finish(self) -> int:
-        return dicom_ul.STATUS_UNRECOGNIZED_OPERATION
+        return self.association.refuse_request(self.request, self.status, self.why)
 
     def record(self) -> None:
         pass
@@ -920,7 +1085,12 @@ class _Incoming:
     header elements found in the first bytes, then checked, placed and answered."""
 
     def __init__(
-        self, association: _Association, request: dicom_ul.Command, context_id: int, syntax: UID
+        self,
+        association: _Association,
+        request: dicom_ul.Command,
+        context_id: int,
+        abstract: UID,
+        syntax: UID,
     ) -> None:
         state = association.state
         self.association = association
@@ -940,6 +1110,7 @@ class _Incoming:
         # the file meta information, written together with the first fragment
         self._meta = b""
         self.error: tuple[int, str] | None = None
+        self._error_data: dict[str, str] = {}  # for the refusal's audit row
         self._scan_mode = _scan_mode(syntax)
         self._placed = False
         self._head = bytearray()
@@ -959,6 +1130,18 @@ class _Incoming:
                 )
                 self.discard()
                 return
+        if request.affected_sop_class_uid != abstract or abstract == Verification:
+            # e.g. an MR image on the CT context, MR having been refused at negotiation
+            self.error = (
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+                _wrong_context(request, context_id, abstract),
+            )
+            self._error_data = {
+                "sop_class_uid": request.affected_sop_class_uid,
+                "abstract_syntax": str(abstract),
+            }
+            self.discard()
+            return
         self._meta = dicom_ul.file_meta_header(
             request.affected_sop_class_uid, sop_uid, syntax, association.calling
         )
@@ -1020,24 +1203,14 @@ class _Incoming:
                 self.discard()
 
     def _refuse(self, status: int, why: str, **ids: Any) -> int:
-        state = self.state
-        info = self.association.info
-        if info is not None:
-            info.refused += 1
-        try:
-            with state.db.session() as session:
-                add_event(
-                    session,
-                    "instance.refused",
-                    f"C-STORE refused with 0x{status:04X}: {why}",
-                    level="error",
-                    sop_instance_uid=self.request.affected_sop_instance_uid or None,
-                    association_id=info.association_id if info is not None else None,
-                    data={"status": status},
-                    **ids,
-                )
-        except RadnetError as exc:
-            _log.error("C-STORE refused and not audited", why=why, error=str(exc))
+        self.association.audit_refusal(
+            "instance.refused",
+            f"C-STORE refused with 0x{status:04X}: {why}",
+            level="error",
+            sop_instance_uid=self.request.affected_sop_instance_uid or None,
+            data={"status": status, **self._error_data},
+            **ids,
+        )
         return status
 
     def _finish(self) -> int:
@@ -1071,6 +1244,13 @@ class _Incoming:
                 STATUS_CANNOT_UNDERSTAND,
                 f"the dataset's SOPInstanceUID {header['SOPInstanceUID']} differs from the "
                 "request's",
+            )
+        dataset_class = header["SOPClassUID"]
+        if dataset_class and dataset_class != self.request.affected_sop_class_uid:
+            return self._refuse(
+                STATUS_DATASET_DOES_NOT_MATCH,
+                f"the dataset's SOPClassUID {_uid_text(dataset_class)} differs from the "
+                f"request's {_uid_text(self.request.affected_sop_class_uid)}",
             )
         study_uid, series_uid = header["StudyInstanceUID"], header["SeriesInstanceUID"]
         ids = {"study_instance_uid": study_uid, "series_instance_uid": series_uid}
@@ -1146,8 +1326,9 @@ class _Incoming:
         self.state.recorder.put(_Received(info, self.association.info, self.received_at, written))
 
     def _header(self) -> dict[str, str]:
-        """The UIDs as text: from the scan, or from the spooled file with pydicom (which gives
-        the text elements too, kept for :meth:`_texts`)."""
+        """The UIDs as text (the SOP class's too, empty when the dataset has none): from the
+        scan, or from the spooled file with pydicom (which gives the text elements too, kept
+        for :meth:`_texts`)."""
         if self._found is None and self._scan_mode is not None:
             # the whole dataset was shorter than what the scan needed
             self._found = dicom_ul.scan_header(
@@ -1157,10 +1338,10 @@ class _Incoming:
         if found is None:
             ds = dcmread(self.temporary, stop_before_pixels=True)
             self._found_text = {name: _text(ds, name) for name in _TEXT_ELEMENTS}
-            return {name: _text(ds, name) for name in _UID_ELEMENTS}
+            return {name: _text(ds, name) for name in (*_UID_ELEMENTS, "SOPClassUID")}
         return {
             name: found.get(name, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-            for name in _UID_ELEMENTS
+            for name in (*_UID_ELEMENTS, "SOPClassUID")
         }
 
     def _texts(self) -> dict[str, str]:

@@ -6,6 +6,8 @@ node on the same data folder or port, which exits 2 and leaves the first alone."
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,10 @@ import pytest
 from dcmtk import StoreScp, echoscu, storescu
 from node_process import NodeProcess, to_toml
 from orthanc import free_port, wait_for
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
 
 from radnet_node.audit import Event
 from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series
@@ -193,3 +199,63 @@ def test_a_node_on_a_port_in_use_exits_2_without_touching_the_audit(
     assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
     assert _audit_rows(first) == before  # no recovery, no node.stopped
     assert echoscu("127.0.0.1", first.port, called_ae="RADNET").returncode == 0
+
+
+def _associate_rq(called: str, contexts: list[str]) -> bytes:
+    """An A-ASSOCIATE-RQ from PROBE proposing ``contexts`` in Implicit VR Little Endian."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = "PROBE", called
+    proposed = []
+    for index, abstract in enumerate(contexts):
+        context = build_context(abstract, [ImplicitVRLittleEndian])
+        context.context_id = 2 * index + 1
+        proposed.append(context)
+    primitive.presentation_context_definition_list = proposed
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    primitive.user_information = [maximum]
+    request = A_ASSOCIATE_RQ()
+    request.from_primitive(primitive)
+    return bytes(request.encode())
+
+
+def _pdu_type(sock: socket.socket) -> int | None:
+    """The type of the next PDU (its body read and dropped); None when the connection ends."""
+    header = b""
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        if not chunk:
+            return None
+        header += chunk
+    left = struct.unpack(">I", header[2:])[0]
+    while left:
+        chunk = sock.recv(min(left, 65536))
+        if not chunk:
+            return None
+        left -= len(chunk)
+    return header[0]
+
+
+def test_a_peer_speaking_another_protocol_and_an_association_open_at_sigterm_are_audited(
+    make_node: Callable[..., NodeProcess],
+) -> None:
+    node = make_node()
+    # not DICOM (a scanner, an HTTP health check on the wrong port): aborted, one audit row
+    with socket.create_connection(("127.0.0.1", node.port), timeout=20) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: radnet\r\n\r\n")
+        assert _pdu_type(sock) == 0x07  # A-ABORT
+    # an association left open while the node stops
+    with socket.create_connection(("127.0.0.1", node.port), timeout=20) as sock:
+        sock.sendall(_associate_rq("RADNET", ["1.2.840.10008.5.1.4.1.1.2"]))
+        assert _pdu_type(sock) == 0x02  # A-ASSOCIATE-AC
+        assert node.terminate() == 0
+        assert _pdu_type(sock) == 0x07  # A-ABORT, from the node's stop
+    events = _events(node)
+    (aborted,) = [e for e in events if e["kind"] == "connection.aborted"]
+    assert aborted["level"] == "warning"
+    assert "before an association was established: protocol error: unknown PDU type 0x47" in str(
+        aborted["message"]
+    )
+    closed = [e for e in events if e["kind"] == "association.closed"]
+    assert str(closed[-1]["message"]).startswith("association aborted (the node is stopping)")

@@ -3,6 +3,7 @@ command codec against pydicom, PDV splitting, and A-ASSOCIATE negotiation with p
 
 from __future__ import annotations
 
+import socket
 import struct
 from io import BytesIO
 
@@ -13,6 +14,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dimse_messages import C_CANCEL_RQ
+from pynetdicom.dimse_primitives import C_CANCEL
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.presentation import build_context
 
@@ -126,6 +130,48 @@ def test_a_command_without_its_required_elements_is_a_protocol_error() -> None:
         dicom_ul.Command.decode(struct.pack("<HHI", 0, 0x0110, 2) + b"\x01\x00")
     with pytest.raises(dicom_ul.ProtocolError, match="malformed"):
         dicom_ul.Command.decode(struct.pack("<HHI", 8, 0x0018, 2) + b"12")
+
+
+def test_a_c_cancel_rq_decodes_without_a_message_id_of_its_own() -> None:
+    # as pynetdicom encodes it (PS3.7 9.3.2.3): MessageIDBeingRespondedTo, no MessageID
+    primitive = C_CANCEL()
+    primitive.MessageIDBeingRespondedTo = 7
+    message = C_CANCEL_RQ()
+    message.primitive_to_message(primitive)
+    assert "MessageID" not in message.command_set
+    command = dicom_ul.Command.decode(encode(message.command_set, True, True))
+    assert command.command_field == dicom_ul.C_CANCEL_RQ
+    assert command.message_id == 7
+    assert not command.has_dataset
+    assert command.name == "C-CANCEL-RQ"
+    # any other request still needs its MessageID
+    without = struct.pack("<HHI", 0, 0x0100, 2) + b"\x20\x00"
+    without += struct.pack("<HHI", 0, 0x0120, 2) + b"\x07\x00"
+    without += struct.pack("<HHI", 0, 0x0800, 2) + b"\x01\x01"
+    with pytest.raises(dicom_ul.ProtocolError, match=r"lacks \(0000,0110\)"):
+        dicom_ul.Command.decode(without)
+
+
+def test_command_fields_by_name() -> None:
+    assert dicom_ul.command_name(0x0020) == "C-FIND-RQ"
+    assert dicom_ul.command_name(0x8001) == "C-STORE-RSP"
+    assert dicom_ul.command_name(0x0110) == "N-GET-RQ"
+    assert dicom_ul.command_name(0x0042) == "command 0x0042"
+
+
+@pytest.mark.parametrize(
+    ("sent", "mid_pdu"),
+    [(b"", False), (b"\x04\x00", True), (b"\x07\x00\x00\x00\x00\x04\x00", True)],
+)
+def test_a_connection_closed_between_or_inside_pdus(sent: bytes, mid_pdu: bool) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(sent)
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(dicom_ul.ConnectionClosed) as closed:
+            dicom_ul.PduReader(ours, 1 << 20).read()
+    assert closed.value.mid_pdu == mid_pdu
+    assert isinstance(closed.value, EOFError)
 
 
 def test_pdvs_split_a_p_data_body_and_refuse_a_bad_length() -> None:

@@ -4,8 +4,10 @@ transfer syntaxes; every refusal has an audit row."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import re
 import socket
 import struct
 import time
@@ -17,27 +19,41 @@ from typing import Any
 
 import pydicom
 import pytest
+import structlog
 from node_support import associate_rq_pdu, reject_reason, send, wait_for, write_series
 from pydicom import dcmwrite
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import (
+    JPEG2000,
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGExtended12Bit,
     JPEGLSLossless,
     RLELossless,
 )
 from pynetdicom import AE
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from sqlalchemy import func, select
 
+from radnet_node import dicom_ul
 from radnet_node.audit import Association, AuditDB, Base, Event, Instance, Series
 from radnet_node.config import NodeSection
 from radnet_node.dicom_ul import PduReader
 from radnet_node.ingest import (
     CT_STORAGE_CLASSES,
+    CT_TRANSFER_SYNTAXES,
     STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
     IngestSCP,
     _FreeSpace,
     _place,
@@ -392,21 +408,66 @@ def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept
         )
 
 
-def _c_store_rq(sop_uid: str, message_id: int = 1) -> bytes:
-    """A P-DATA-TF holding a whole C-STORE-RQ command for CT Image Storage (context 3)."""
+def _c_store_rq(
+    sop_uid: str,
+    message_id: int = 1,
+    *,
+    sop_class: str = CTImageStorage,
+    context_id: int = 3,
+    data_set_type: int = 0x0000,
+) -> bytes:
+    """A P-DATA-TF holding a whole C-STORE-RQ command (by default: for CT Image Storage, on
+    context 3, a data set follows)."""
     uid = sop_uid.encode() + b"\x00" * (len(sop_uid) % 2)
     command = b"".join(
         struct.pack("<HHI", 0, element, len(value)) + value
         for element, value in (
-            (0x0002, b"1.2.840.10008.5.1.4.1.1.2\x00"),  # CT Image Storage
+            (0x0002, _even(sop_class.encode())),
             (0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
             (0x0110, struct.pack("<H", message_id)),
             (0x0700, struct.pack("<H", 0)),
-            (0x0800, struct.pack("<H", 0x0000)),  # a data set follows
+            (0x0800, struct.pack("<H", data_set_type)),  # 0x0000: a data set follows
             (0x1000, uid),
         )
     )
-    return _p_data_tf(command, 0x03)
+    return _p_data_tf(command, 0x03, context_id)
+
+
+def _even(value: bytes) -> bytes:
+    return value + b"\x00" * (len(value) % 2)
+
+
+def _command_pdu(
+    field_: int,
+    message_id: int,
+    *,
+    context_id: int = 1,
+    sop_class: str = Verification,
+    data_set_follows: bool = False,
+) -> bytes:
+    """A P-DATA-TF holding a whole command set of ``field_`` (e.g. 0x0020 C-FIND-RQ)."""
+    command = b"".join(
+        struct.pack("<HHI", 0, element, len(value)) + value
+        for element, value in (
+            (0x0002, _even(sop_class.encode())),
+            (0x0100, struct.pack("<H", field_)),
+            (0x0110, struct.pack("<H", message_id)),
+            (0x0800, struct.pack("<H", 0x0000 if data_set_follows else 0x0101)),
+        )
+    )
+    return _p_data_tf(command, 0x03, context_id)
+
+
+def _response(sock: socket.socket) -> pydicom.Dataset:
+    """The next PDU, which must be a P-DATA-TF holding a response command set."""
+    pdu_type, body = _read_pdu(sock)
+    assert pdu_type == 0x04
+    return pydicom.dcmread(BytesIO(body[6:]), force=True)
+
+
+def _release(sock: socket.socket) -> None:
+    sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
+    assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
 
 
 def _p_data_tf(payload: bytes, control: int, context_id: int = 3) -> bytes:
@@ -430,6 +491,25 @@ def _implicit_dataset_of(ds: pydicom.Dataset) -> tuple[pydicom.Dataset, bytes]:
     out.is_little_endian, out.is_implicit_VR = True, True
     write_dataset(out, ds)
     return ds, out.getvalue()
+
+
+def test_a_data_set_of_another_sop_class_than_its_request_is_refused(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    # a CT request on the CT context whose data set says MR: 0xA900 (PS3.4 B.2.3), nothing kept
+    ds, _ = _implicit_dataset(tmp_path)
+    ds.SOPClassUID = MRImageStorage
+    _, data = _implicit_dataset_of(ds)
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_c_store_rq(str(ds.SOPInstanceUID)))
+        sock.sendall(_dataset_pdu(data))
+        assert _response(sock).Status == 0xA900
+        _release(sock)
+    refused = _events(db, "instance.refused")
+    assert len(refused) == 1
+    assert "SOPClassUID MR Image Storage" in refused[0].message
+    assert "CT Image Storage" in refused[0].message
+    assert not list(scp.spool_dir.rglob("*.dcm"))
 
 
 def test_a_slow_peer_that_keeps_sending_is_not_cut_off(tmp_path: Path, db: AuditDB) -> None:
@@ -661,3 +741,330 @@ def test_the_release_answer_waits_until_the_instances_are_in_the_catalog(
     with _running(_node(tmp_path), db) as scp:
         assert send(scp.address[1], files) == [0x0000] * 3
         assert _instance_count(db) == 3  # no waiting here
+
+
+_UNKNOWN_CLASS = "1.2.826.0.1.3680043.8.498.99"
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "context_id", "context_name"),
+    [
+        (MRImageStorage, 3, "CT Image Storage"),  # MR refused at negotiation, sent on CT
+        (_UNKNOWN_CLASS, 3, "CT Image Storage"),
+        (CTImageStorage, 1, "Verification"),
+        (Verification, 1, "Verification"),  # no storage class at all
+    ],
+)
+def test_a_c_store_on_a_context_of_another_sop_class_is_refused_and_dropped(
+    tmp_path: Path,
+    scp: IngestSCP,
+    db: AuditDB,
+    *,
+    sop_class: str,
+    context_id: int,
+    context_name: str,
+) -> None:
+    ds, data = _implicit_dataset(tmp_path)
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_c_store_rq(ds.SOPInstanceUID, 5, sop_class=sop_class, context_id=context_id))
+        # the data set in two fragments: read and dropped
+        half = len(data) // 2
+        sock.sendall(_p_data_tf(data[:half], 0x00, context_id))
+        sock.sendall(_p_data_tf(data[half:], 0x02, context_id))
+        response = _response(sock)
+        assert response.Status == STATUS_SOP_CLASS_NOT_SUPPORTED == 0x0122
+        assert response.MessageIDBeingRespondedTo == 5
+        assert response.AffectedSOPInstanceUID == ds.SOPInstanceUID
+        # the association goes on: the same instance on its own context is stored
+        sock.sendall(_c_store_rq(ds.SOPInstanceUID, 6))
+        sock.sendall(_dataset_pdu(data))
+        assert _response(sock).Status == 0x0000
+        _release(sock)
+    (refused,) = _events(db, "instance.refused")
+    assert refused.message.startswith("C-STORE refused with 0x0122: C-STORE-RQ for SOP class ")
+    assert sop_class in refused.message
+    assert f"on presentation context {context_id}, whose abstract syntax is {context_name}" in (
+        refused.message
+    )
+    assert refused.sop_instance_uid == ds.SOPInstanceUID
+    assert refused.data["sop_class_uid"] == sop_class
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "released: 1 instance(s) stored, 0 duplicate(s), 1 refused" in closed[0].message
+    wait_for(lambda: _instance_count(db) == 1, 10, "the instance row")
+    with db.session() as session:
+        assert session.scalars(select(Instance.sop_class_uid)).one() == CTImageStorage
+    assert not list(scp.spool_dir.rglob(".incoming*"))
+
+
+def test_a_c_echo_on_a_storage_context_is_refused_and_audited(scp: IngestSCP, db: AuditDB) -> None:
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_command_pdu(0x0030, 7, context_id=3, sop_class=Verification))
+        response = _response(sock)
+        assert response.CommandField == 0x8030
+        assert response.Status == 0x0122
+        sock.sendall(_command_pdu(0x0030, 8))  # on the Verification context
+        assert _response(sock).Status == 0x0000
+        _release(sock)
+    (refused,) = _events(db, "request.refused")
+    assert refused.level == "warning"
+    assert "C-ECHO-RQ refused with 0x0122" in refused.message
+    assert "whose abstract syntax is CT Image Storage" in refused.message
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "1 refused" in closed[0].message
+
+
+def test_a_c_cancel_is_ignored_and_the_association_goes_on(scp: IngestSCP, db: AuditDB) -> None:
+    # a C-CANCEL-RQ as PS3.7 defines it: MessageIDBeingRespondedTo (0000,0120), no MessageID
+    cancel = b"".join(
+        struct.pack("<HHI", 0, element, len(value)) + value
+        for element, value in (
+            (0x0100, struct.pack("<H", 0x0FFF)),
+            (0x0120, struct.pack("<H", 1)),
+            (0x0800, struct.pack("<H", 0x0101)),
+        )
+    )
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_p_data_tf(cancel, 0x03, context_id=1))
+        sock.sendall(_command_pdu(0x0030, 2))
+        response = _response(sock)  # no answer to the C-CANCEL: the next is the C-ECHO's
+        assert response.CommandField == 0x8030
+        assert response.MessageIDBeingRespondedTo == 2
+        assert response.Status == 0x0000
+        _release(sock)
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert closed[0].message.startswith("association released: ")
+    assert not _events(db, "request.refused")
+
+
+def test_every_request_refused_with_0211_is_audited_and_counted(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    ds, data = _implicit_dataset(tmp_path)
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_command_pdu(0x0020, 1))  # C-FIND-RQ without an identifier
+        assert _response(sock).Status == 0x0211
+        sock.sendall(_command_pdu(0x0021, 2, data_set_follows=True))  # C-MOVE-RQ, identifier
+        sock.sendall(_p_data_tf(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", 0x02, 1))
+        assert _response(sock).Status == 0x0211
+        sock.sendall(_command_pdu(0x0110, 3))  # N-GET-RQ
+        assert _response(sock).Status == 0x0211
+        # a C-STORE-RQ whose CommandDataSetType says that no data set follows
+        sock.sendall(_c_store_rq(ds.SOPInstanceUID, 4, data_set_type=0x0101))
+        assert _response(sock).Status == 0x0211
+        _release(sock)
+    refused = sorted(_events(db, "request.refused"), key=lambda e: e.id)
+    assert [e.message.split(" refused with ")[0] for e in refused] == [
+        "C-FIND-RQ",
+        "C-MOVE-RQ",
+        "N-GET-RQ",
+        "C-STORE-RQ",
+    ]
+    assert all("0x0211" in e.message and e.level == "warning" for e in refused)
+    assert all(e.association_id is not None and e.data["status"] == 0x0211 for e in refused)
+    assert "no data set follows" in refused[3].message
+    assert refused[3].sop_instance_uid == ds.SOPInstanceUID
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "0 instance(s) stored, 0 duplicate(s), 4 refused" in closed[0].message
+    assert not list(scp.spool_dir.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("end", ["close", "abort", "release"])
+def test_an_instance_cut_off_by_the_end_of_its_association_is_named_in_the_audit(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB, end: str
+) -> None:
+    ds, data = _implicit_dataset(tmp_path)
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+        sock.sendall(_dataset_pdu(data[: len(data) // 2], last=False))
+        if end == "abort":
+            sock.sendall(bytes.fromhex("07000000000400000000"))  # A-ABORT
+        elif end == "release":
+            _release(sock)
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    message = closed[0].message
+    assert "0 instance(s) stored" in message
+    assert f"the unfinished instance {ds.SOPInstanceUID} was dropped" in message
+    assert closed[0].level == "warning"
+    assert closed[0].data["unfinished_sop_instance_uid"] == ds.SOPInstanceUID
+    wait_for(lambda: not [p for p in scp.spool_dir.rglob("*") if p.is_file()], 10, "empty spool")
+
+
+_MALFORMED_RQ = (
+    b"\x00\x01\x00\x00"
+    + b"RADNET".ljust(16)
+    + b"RAW".ljust(16)
+    + b"\x00" * 32
+    + b"\x99\x00\x00\x05hello"
+)
+
+
+@pytest.mark.parametrize(
+    ("sent", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "protocol error: unknown PDU type 0x47"),
+        (
+            struct.pack(">BBI", 1, 0, len(_MALFORMED_RQ)) + _MALFORMED_RQ,
+            "protocol error: malformed A-ASSOCIATE-RQ",
+        ),
+        (
+            _command_pdu(0x0030, 1),
+            "protocol error: PDU type 0x04 before A-ASSOCIATE-RQ",
+        ),
+        (struct.pack(">BBI", 1, 0, 0xFFFFFFFF), "protocol error: PDU of 4294967295 bytes"),
+        (b"\x01\x00\x00", "the peer closed the connection in the middle of a PDU"),
+        (b"", "no A-ASSOCIATE-RQ within 0.5 s"),  # connect, then silence
+    ],
+    ids=["garbage", "malformed-rq", "p-data-first", "huge-length", "closed-mid-pdu", "silence"],
+)
+def test_a_connection_that_fails_before_an_association_is_logged_and_audited_once(
+    scp: IngestSCP, db: AuditDB, sent: bytes, reason: str
+) -> None:
+    scp.ACSE_TIMEOUT_S = 0.5
+    with structlog.testing.capture_logs() as logs:
+        with socket.create_connection(("127.0.0.1", scp.address[1]), timeout=20) as sock:
+            port = sock.getsockname()[1]
+            sock.sendall(sent)
+            if sent == b"\x01\x00\x00":
+                sock.shutdown(socket.SHUT_WR)  # 3 bytes of a PDU header, then the end
+            with contextlib.suppress(OSError, EOFError):
+                while _read_pdu(sock)[0] != 0x07:  # up to the A-ABORT (or the close)
+                    pass
+        event = wait_for(lambda: _events(db, "connection.aborted"), 10, "connection.aborted row")
+    assert len(event) == 1 and event[0].level == "warning"
+    assert f"connection from 127.0.0.1:{port} " in event[0].message
+    assert "before an association was established: " + reason in event[0].message
+    assert event[0].data["peer_port"] == port
+    # the event is in the process log too, once
+    (logged,) = [e for e in logs if e.get("event_kind") == "connection.aborted"]
+    assert logged["log_level"] == "warning" and logged["event"] == event[0].message
+    assert logged["peer_port"] == port and logged["reason"].startswith(reason)
+    assert not _events(db, "association.closed")
+
+
+def test_a_connection_closed_without_a_byte_is_not_audited(scp: IngestSCP, db: AuditDB) -> None:
+    # a TCP health check or port probe: the audit would fill with them
+    socket.create_connection(("127.0.0.1", scp.address[1]), timeout=20).close()
+    # then a garbage one, audited: the probe before it wrote nothing in the meantime
+    with socket.create_connection(("127.0.0.1", scp.address[1]), timeout=20) as sock:
+        sock.sendall(b"\xff" * 6)
+    event = wait_for(lambda: _events(db, "connection.aborted"), 10, "connection.aborted row")
+    time.sleep(0.2)
+    assert len(_events(db, "connection.aborted")) == 1
+    assert "unknown PDU type 0xFF" in event[0].message
+
+
+def test_stopping_the_node_aborts_open_associations_and_says_why(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    ds, data = _implicit_dataset(tmp_path)
+    with _running(_node(tmp_path), db) as scp:
+        idle = _raw_association(scp.address[1])
+        busy = _raw_association(scp.address[1])
+        busy.sendall(_c_store_rq(ds.SOPInstanceUID))
+        busy.sendall(_dataset_pdu(data[:100], last=False))
+        wait_for(lambda: scp.active_associations() == 2, 10, "both associations")
+        started = time.monotonic()
+        scp.stop()
+        assert time.monotonic() - started < 2.0
+    for sock in (idle, busy):
+        with sock:
+            pdu_type, body = _read_pdu(sock)
+            assert pdu_type == 0x07  # A-ABORT
+            assert body[2] == 0x02  # source: service provider
+    closed = _events(db, "association.closed")
+    assert len(closed) == 2
+    assert all(c.message.startswith("association aborted (the node is stopping): ") for c in closed)
+    assert any(f"the unfinished instance {ds.SOPInstanceUID}" in c.message for c in closed)
+    assert not [p for p in (tmp_path / "data" / "spool").rglob("*") if p.is_file()]
+
+
+def _negotiate(
+    scp: IngestSCP,
+    contexts: list[tuple[str, list[str]]],
+    roles: dict[str, tuple[bool, bool]] | None = None,
+) -> tuple[dicom_ul.Negotiated, Any]:
+    """Negotiate an A-ASSOCIATE-RQ proposing ``contexts`` (IDs 1, 3, ...) and SCP/SCU role
+    selection items ``roles`` (SOP class: (SCU role, SCP role)) against the node's contexts; the
+    outcome and the decoded A-ASSOCIATE-AC."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = "MODALITY", "RADNET"
+    proposed = []
+    for index, (abstract, syntaxes) in enumerate(contexts):
+        context = build_context(abstract, syntaxes)
+        context.context_id = 2 * index + 1
+        proposed.append(context)
+    primitive.presentation_context_definition_list = proposed
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    items: list[Any] = [maximum]
+    for sop_class, (scu, scp_role) in (roles or {}).items():
+        item = SCP_SCU_RoleSelectionNegotiation()
+        item.sop_class_uid, item.scu_role, item.scp_role = sop_class, scu, scp_role
+        items.append(item)
+    primitive.user_information = items
+    request = A_ASSOCIATE_RQ()
+    request.from_primitive(primitive)
+    negotiated = dicom_ul.negotiate(
+        request.encode(), scp.supported_contexts, max_pdu=scp.node.max_pdu_bytes
+    )
+    accept = A_ASSOCIATE_AC()
+    accept.decode(negotiated.accept_pdu)
+    return negotiated, accept.to_primitive()
+
+
+@pytest.mark.parametrize(
+    ("proposed", "chosen"),
+    [
+        ([ImplicitVRLittleEndian, ExplicitVRLittleEndian], ExplicitVRLittleEndian),
+        ([JPEG2000, ImplicitVRLittleEndian], ImplicitVRLittleEndian),
+        ([RLELossless, ExplicitVRLittleEndian], ExplicitVRLittleEndian),
+        ([JPEG2000Lossless, JPEGExtended12Bit], JPEGExtended12Bit),
+        ([JPEG2000Lossless], JPEG2000Lossless),
+    ],
+)
+def test_the_transfer_syntax_is_the_first_of_the_node_s_list_that_was_proposed(
+    tmp_path: Path, db: AuditDB, proposed: list[str], chosen: str
+) -> None:
+    # the requester's order does not count (deploy/CONFORMANCE.md, section 2)
+    scp = IngestSCP(_node(tmp_path), db)
+    negotiated, _ = _negotiate(scp, [(CTImageStorage, proposed)])
+    assert negotiated.accepted == {1: (CTImageStorage, chosen)}
+
+
+def test_the_ct_transfer_syntaxes_are_those_of_the_conformance_statement(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    statement = (Path(__file__).parents[2] / "deploy" / "CONFORMANCE.md").read_text("utf-8")
+    section = statement.split("## 2. Transfer syntaxes")[1].split("Other storage classes")[0]
+    listed = re.findall(r"^\|[^|]+\| (1\.2\.840\.10008\.1\.2[.0-9]*) \|$", section, re.M)
+    assert listed == list(CT_TRANSFER_SYNTAXES)  # the same, in the order that decides
+    scp = IngestSCP(_node(tmp_path), db)
+    for context in scp.supported_contexts:
+        if context.abstract_syntax in CT_STORAGE_CLASSES:
+            assert context.transfer_syntax == list(CT_TRANSFER_SYNTAXES)
+
+
+def test_scp_scu_role_selection_is_answered_the_node_is_only_the_scp(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    scp = IngestSCP(_node(tmp_path), db)
+    contexts = [(c, [ExplicitVRLittleEndian]) for c in (CTImageStorage, MRImageStorage)]
+    contexts.append((Verification, [ImplicitVRLittleEndian]))
+    # CT: the requester proposes both roles; MR: only the SCP role (it wants to be sent to)
+    roles = {CTImageStorage: (True, True), MRImageStorage: (False, True)}
+    negotiated, answer = _negotiate(scp, contexts, roles)
+    assert sorted(negotiated.accepted) == [1, 5]  # CT and Verification
+    assert negotiated.refused == [MRImageStorage]
+    replies = {
+        str(item.sop_class_uid): (item.scu_role, item.scp_role)
+        for item in answer.user_information
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+    }
+    # the requester may be the SCU, not the SCP; no item for what was not proposed
+    assert replies == {CTImageStorage: (True, False)}
+    # no role selection proposed: no item returned, default roles
+    _, plain = _negotiate(scp, contexts)
+    assert not [
+        i for i in plain.user_information if isinstance(i, SCP_SCU_RoleSelectionNegotiation)
+    ]
