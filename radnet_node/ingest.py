@@ -728,12 +728,13 @@ class _Association:
                                 raise dicom_ul.ProtocolError("a dataset without its command")
                             incoming.write(fragment)
                             if control & 0x02:
-                                status = incoming.finish()
+                                # the data set is whole: not unfinished, whatever the answer
+                                done, incoming = incoming, None
+                                status = done.finish()  # (drops its file unless it was placed)
                                 try:
-                                    self._answer(incoming.request, status, context_id)
+                                    self._answer(done.request, status, context_id)
                                 finally:
-                                    incoming.record()
-                                incoming = None
+                                    done.record()
                                 self._make_spare()
                 elif pdu_type == dicom_ul.RELEASE_RQ:
                     self._drop_spare()  # before the peer learns that the association is over

@@ -77,6 +77,13 @@ _log = structlog.get_logger("radnet_node.jobs")
 # seconds, doubled at each failure in a row up to the maximum
 _DB_RETRY_FIRST_SECONDS = 2.0
 _DB_RETRY_MAX_SECONDS = 60.0
+#: database failures in a row after which a job whose failure can be recorded is failed after all
+#: (about 20 minutes of backoff: a safety net for an error that only looks transient)
+_DB_RETRY_LIMIT = 24
+# SQLite's primary result codes of a database that is unavailable for now, not of a wrong
+# statement: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN (SQLITE_ERROR, 1, is a missing
+# table or column, a syntax error: the same at every try)
+_SQLITE_TRANSIENT = frozenset({5, 6, 8, 10, 13, 14})
 
 
 def _database_failed(error: BaseException) -> bool:
@@ -84,14 +91,16 @@ def _database_failed(error: BaseException) -> bool:
     connection, pool exhausted) rather than the series or the engine.
 
     An :class:`AuditError` chains the SQLAlchemy error it wraps; a constraint or programming error
-    (a bug in the node, the same at every try) does not count.
+    (a bug in the node, the same at every try) does not count, nor does a SQLite error whose
+    result code says the statement itself is wrong (SQLite reports those as OperationalError too).
     """
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, (OperationalError, InterfaceError, PoolTimeoutError)):
-            return True
         if isinstance(seen, DBAPIError) and seen.connection_invalidated:
             return True
+        if isinstance(seen, (OperationalError, InterfaceError, PoolTimeoutError)):
+            code = getattr(getattr(seen, "orig", None), "sqlite_errorcode", None)
+            return not isinstance(code, int) or code & 0xFF in _SQLITE_TRANSIENT
         seen = seen.__cause__
     return False
 
@@ -501,7 +510,8 @@ class Worker:
         """Record the job (and its series) failed for ``reason``; but when ``error`` is the audit
         database failing, or the failure cannot be recorded, run the job again later instead: the
         series is not at fault (a series that is runs again and fails again, recorded then)."""
-        if error is not None and _database_failed(error):
+        tries = self._retry.get(claimed.job_id, (0, 0.0))[0]
+        if error is not None and _database_failed(error) and tries < _DB_RETRY_LIMIT:
             self._retry_later(claimed, error)
             return
         try:

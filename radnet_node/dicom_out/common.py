@@ -266,7 +266,8 @@ def _value_fault(keyword: str, vr: str, value: object) -> str | None:
 def for_highdicom(ds: Dataset) -> Dataset:
     """``ds`` as highdicom's constructors take it: a patient or study value that they convert
     and refuse (a birth or study date that is no date, a time that is no time, a Patient's Sex
-    other than M, F or O) is left empty in a shallow copy; ``ds`` itself when there is none.
+    other than M, F or O) is left empty in a shallow copy without private elements; ``ds``
+    itself when there is none.
 
     The builders then write the source's own values onto the new object with
     :func:`copy_patient_study`, so the result still files with its study, and
@@ -283,7 +284,8 @@ def for_highdicom(ds: Dataset) -> Dataset:
         return ds
     copy = Dataset()
     for tag in ds.keys():
-        copy[tag] = ds.get_item(tag)
+        if not tag.is_private:  # (setting one decodes it when its creator is there already)
+            copy[tag] = ds.get_item(tag)
     if hasattr(ds, "file_meta"):
         copy.file_meta = ds.file_meta
     for keyword in faulty:

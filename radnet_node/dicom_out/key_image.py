@@ -20,6 +20,7 @@ from radnet_node.dicom_out.common import (
     copy_patient_study,
     for_highdicom,
     highdicom_character_set,
+    metadata_only,
     set_body_part,
     set_equipment,
     source_for_slice,
@@ -228,7 +229,7 @@ def build_key_image(
     orientation = patient_orientation(result.series.image_orientation)
     try:
         image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=for_highdicom(header),
+            ref_dataset=for_highdicom(metadata_only(header)),
             specific_character_set=highdicom_character_set(header),
             pixel_array=pixels,
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,

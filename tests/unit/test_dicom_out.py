@@ -372,15 +372,18 @@ def test_source_value_problems_name_the_attribute_and_the_fault_not_the_value(
     assert [p.split(":")[0] for p in source_value_problems(ds)] == ["StudyDate", "StudyID"]
 
 
+@pytest.mark.parametrize("sex", ["M", "U"], ids=["valid-values", "with-a-value-to-blank"])
 def test_a_private_element_that_does_not_fit_its_dictionary_vr_does_not_stop_the_outputs(
-    regular_series: list[Path], tmp_path: Path
+    regular_series: list[Path], tmp_path: Path, sex: str
 ) -> None:
     # a Philips private element holding text where pydicom's private dictionary says FD: in an
-    # Implicit VR file (or stored as UN by a PACS) it cannot be decoded; nothing needs it
+    # Implicit VR file (or stored as UN by a PACS) it cannot be decoded; nothing needs it (also
+    # not when a value highdicom refuses makes the builders copy the header for it)
     result = make_result(regular_series, [2, 3, 4])
     sources: dict[str, Dataset] = {}
     for path in regular_series:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds.PatientSex = sex
         ds.add_new(0x01F10010, "LO", "ELSCINT1")
         ds.add_new(0x01F11026, "UN", b"0.391 ")
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
@@ -392,6 +395,8 @@ def test_a_private_element_that_does_not_fit_its_dictionary_vr_does_not_stop_the
         list(copy.deepcopy(next(iter(sources.values()))))  # iterating decodes every element
     outputs = build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result))
     assert reread(outputs.seg).SOPClassUID == SegmentationStorage
+    assert outputs.key_image is not None
+    assert reread(outputs.key_image).PatientSex == sex
 
 
 def test_dates_times_and_sex_highdicom_refuses_are_copied_and_reported(

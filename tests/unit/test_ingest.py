@@ -42,10 +42,15 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    MRImageStorage,
+    Verification,
+)
 from sqlalchemy import func, select
 
-from radnet_node import dicom_ul
+from radnet_node import dicom_ul, ingest
 from radnet_node.audit import Association, AuditDB, Base, Event, Instance, Series
 from radnet_node.config import NodeSection
 from radnet_node.dicom_ul import PduReader
@@ -1049,13 +1054,15 @@ def test_scp_scu_role_selection_is_answered_the_node_is_only_the_scp(
     tmp_path: Path, db: AuditDB
 ) -> None:
     scp = IngestSCP(_node(tmp_path), db)
-    contexts = [(c, [ExplicitVRLittleEndian]) for c in (CTImageStorage, MRImageStorage)]
+    contexts = [(c, [ExplicitVRLittleEndian]) for c in (CTImageStorage, EnhancedCTImageStorage)]
     contexts.append((Verification, [ImplicitVRLittleEndian]))
-    # CT: the requester proposes both roles; MR: only the SCP role (it wants to be sent to)
-    roles = {CTImageStorage: (True, True), MRImageStorage: (False, True)}
+    # CT: the requester proposes both roles; Enhanced CT, a class the node takes: only the SCP
+    # role (it wants to be sent to), which alone refuses the context
+    roles = {CTImageStorage: (True, True), EnhancedCTImageStorage: (False, True)}
     negotiated, answer = _negotiate(scp, contexts, roles)
     assert sorted(negotiated.accepted) == [1, 5]  # CT and Verification
-    assert negotiated.refused == [MRImageStorage]
+    assert negotiated.refused == [EnhancedCTImageStorage]
+    assert sorted(_negotiate(scp, contexts)[0].accepted) == [1, 3, 5]  # without the roles
     replies = {
         str(item.sop_class_uid): (item.scu_role, item.scp_role)
         for item in answer.user_information
@@ -1068,3 +1075,27 @@ def test_scp_scu_role_selection_is_answered_the_node_is_only_the_scp(
     assert not [
         i for i in plain.user_information if isinstance(i, SCP_SCU_RoleSelectionNegotiation)
     ]
+
+
+def test_an_instance_stored_whose_answer_cannot_be_sent_is_not_called_unfinished(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the whole data set arrived and was stored; the peer is gone before the answer: the closing
+    # row must not say that an unfinished instance was dropped (it is in the spool and catalog)
+    real = ingest._Association._answer
+
+    def failing(self: Any, request: Any, status: int, context_id: int, **kw: Any) -> None:
+        if request.command_field == 0x0001:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        real(self, request, status, context_id, **kw)
+
+    monkeypatch.setattr(ingest._Association, "_answer", failing)
+    ds, data = _implicit_dataset(tmp_path)
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_c_store_rq(str(ds.SOPInstanceUID)))
+        sock.sendall(_dataset_pdu(data))
+        closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "1 instance(s) stored" in closed[0].message
+    assert "unfinished" not in closed[0].message
+    assert "unfinished_sop_instance_uid" not in (closed[0].data or {})
+    assert [p.name for p in scp.spool_dir.rglob("*.dcm")] == [f"{ds.SOPInstanceUID}.dcm"]

@@ -15,7 +15,8 @@ import pydicom
 import pytest
 import torch
 from node_support import instance_info, node_settings, tiny_weights, write_series
-from sqlalchemy import event, select
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.exc import OperationalError
 
 from radnet_node.audit import Association, AuditDB, Event, Export, Instance, Job, Result, Series
 from radnet_node.catalog import (
@@ -25,7 +26,7 @@ from radnet_node.catalog import (
 )
 from radnet_node.config import Settings
 from radnet_node.engine import Engine, EngineSettings
-from radnet_node.jobs import Worker, content_hash, recover
+from radnet_node.jobs import Worker, _database_failed, content_hash, recover
 from radnet_node.node import node_identity
 
 DESTINATIONS = [
@@ -405,3 +406,18 @@ def test_a_series_failure_still_fails_the_job(
     (job,) = _rows(db, Job)
     assert job.state == "failed" and "cannot take this series" in (job.error or "")
     assert _rows(db, Series)[0].state == "failed"
+
+
+def test_only_errors_of_an_unavailable_database_count_as_its_failure(tmp_path: Path) -> None:
+    # SQLite reports a wrong statement as OperationalError too: that one would fail at every
+    # try, so it must fail the job rather than requeue it forever
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.sqlite'}")
+    with engine.connect() as connection, pytest.raises(OperationalError) as wrong:
+        connection.exec_driver_sql("SELECT no_such_column FROM no_such_table")
+    assert not _database_failed(wrong.value)
+    path = tmp_path / "y.sqlite"
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.commit()
+    read_only = create_engine("sqlite:///file:" + str(path) + "?mode=ro&uri=true")
+    with read_only.connect() as connection, pytest.raises(OperationalError) as refused:
+        connection.exec_driver_sql("INSERT INTO t VALUES (1)")
+    assert _database_failed(refused.value)  # SQLITE_READONLY: the database, not the statement
