@@ -107,6 +107,10 @@ def _associate(
                 f"reason {primitive.reason_str})"
             )
         return None, f"association rejected by {called_ae_title}@{host}:{port}{detail}"
+    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # pynetdicom aborts an association on which the peer accepted no presentation context
+        refused = sorted({UID(str(c.abstract_syntax)).name for c in assoc.rejected_contexts})
+        return None, f"{called_ae_title}@{host}:{port} accepts none of {', '.join(refused)}"
     socket = assoc.dul.socket
     if socket is None or not getattr(socket, "_is_connected", False):
         return None, f"cannot connect to {host}:{port} (refused, unreachable or timed out)"
@@ -156,6 +160,9 @@ class StoreOutcome:
     delivered: bool
     statuses: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> status
     error: str | None = None
+    #: SOP classes of objects not sent because the destination refused them at negotiation
+    #: (a PACS that stores SR but not SEG, say): the others are delivered without them
+    not_accepted: tuple[str, ...] = ()
 
     @property
     def last_status(self) -> int | None:
@@ -182,7 +189,10 @@ def store_files(
 ) -> StoreOutcome:
     """Send ``files`` to ``destination`` on one association.
 
-    Delivered when every object was answered success or a warning (B000, B006, B007).
+    Delivered when every object was answered success or a warning (B000, B006, B007). An object
+    whose SOP class the destination refuses at negotiation is not sent and does not hold back the
+    others (named in ``not_accepted``): a PACS that takes the SR but not the SEG gets the SR.
+    Nothing is delivered when it takes none of them.
 
     Parameters
     ----------
@@ -219,10 +229,17 @@ def store_files(
     )
     if assoc is None:
         return StoreOutcome(False, error=why)
+    accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+    not_accepted = tuple(sorted({str(ds.SOPClassUID) for ds in datasets} - accepted))
+    sendable = [ds for ds in datasets if str(ds.SOPClassUID) in accepted]
     statuses: dict[str, int] = {}
     error = None
+    if not sendable:
+        error = "the destination accepts none of " + ", ".join(
+            UID(uid).name for uid in not_accepted
+        )
     try:
-        for ds in datasets:
+        for ds in sendable:
             sop_uid = str(ds.SOPInstanceUID)
             try:
                 answer = assoc.send_c_store(ds)
@@ -240,8 +257,8 @@ def store_files(
     finally:
         if assoc.is_established:
             assoc.release()
-    delivered = error is None and len(statuses) == len(datasets)
-    return StoreOutcome(delivered, statuses, error)
+    delivered = error is None and len(statuses) == len(sendable)
+    return StoreOutcome(delivered, statuses, error, not_accepted)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,13 +361,20 @@ def _record(db: AuditDB, destination: DestinationSection, due: _Due, outcome: St
             export.delivered_at = utcnow()
             export.last_error = None
             warned = [s for s in outcome.statuses.values() if s != 0x0000]
+            left_out = [UID(uid).name for uid in outcome.not_accepted]
             add_event(
                 session,
                 "export.delivered",
                 f"stored at {destination.name} ({len(outcome.statuses)} object(s)"
                 + (f", warnings {', '.join(f'0x{s:04X}' for s in warned)}" if warned else "")
-                + f", attempt {due.attempts})",
-                data={"statuses": statuses},
+                + f", attempt {due.attempts})"
+                + (
+                    f"; not sent, the destination does not accept {', '.join(left_out)}"
+                    if left_out
+                    else ""
+                ),
+                level="warning" if left_out else "info",
+                data={"statuses": statuses, "not_accepted": list(outcome.not_accepted)},
                 **ids,  # type: ignore[arg-type]
             )
             return

@@ -187,12 +187,14 @@ def reject_reason(
 class Destination:
     """A real pynetdicom Storage SCP on 127.0.0.1 that keeps what it receives in memory.
 
-    ``status`` is what it answers to every C-STORE (a warning or a failure on demand).
+    ``status`` is what it answers to every C-STORE (a warning or a failure on demand);
+    ``excluded``: storage SOP classes it does not accept (refused at negotiation).
     """
 
     ae_title: str = "PACS"
     status: int = 0x0000
     require_called_aet: bool = False
+    excluded: tuple[str, ...] = ()
     received: list[Dataset] = field(default_factory=list)
     port: int = 0
     _server: Any = None
@@ -210,7 +212,8 @@ class Destination:
         ae.require_called_aet = self.require_called_aet
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax)
+            if context.abstract_syntax not in self.excluded:
+                ae.add_supported_context(context.abstract_syntax)
         self._server = ae.start_server(
             ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
         )

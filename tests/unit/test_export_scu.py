@@ -10,8 +10,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from node_support import Destination, wait_for, write_series
+from pydicom.uid import ComprehensiveSRStorage, SegmentationStorage
 from sqlalchemy import select
 
 from radnet_node.audit import AuditDB, Event, Export, Job, Result, Series
@@ -125,6 +127,50 @@ def test_a_rejected_association_names_the_reason(tmp_path: Path) -> None:
     finally:
         picky.stop()
     assert not outcome.delivered and "rejected" in (outcome.error or "")
+
+
+def test_a_destination_that_does_not_take_seg_gets_the_sr_and_the_key_image(
+    tmp_path: Path, db: AuditDB
+) -> None:
+    # many PACS store SR but not SEG: the objects it refuses at negotiation are left out and
+    # named, the others delivered at the first attempt (no retries on a permanent refusal)
+    folder = _result_folder(tmp_path)
+    files = sorted(folder.glob("*.dcm"))
+    for path, (sop_class, modality) in zip(
+        files[1:], [(SegmentationStorage, "SEG"), (ComprehensiveSRStorage, "SR")], strict=True
+    ):  # objects of the classes a result holds (the CT slice stands for the key image)
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.Modality = modality
+        ds.save_as(path)
+    no_seg = Destination(excluded=(SegmentationStorage,)).start()
+    try:
+        outcome = store_files(_destination("pacs", no_seg.port), "RADNET", files)
+        assert outcome.delivered and outcome.error is None
+        assert outcome.not_accepted == (SegmentationStorage,)
+        assert no_seg.modalities() == ["CT", "SR"]
+        (export_id,) = _export_rows(db, folder, ["pacs"])
+        deliver_due(db, _destination("pacs", no_seg.port), "RADNET")
+    finally:
+        no_seg.stop()
+    assert _export(db, export_id).state == "delivered"
+    with db.session() as session:
+        event = session.scalars(select(Event).where(Event.kind == "export.delivered")).one()
+        assert "does not accept Segmentation Storage" in event.message
+        assert event.level == "warning"
+
+
+def test_a_destination_that_takes_none_of_the_objects_is_not_delivered(tmp_path: Path) -> None:
+    files = sorted(_result_folder(tmp_path).glob("*.dcm"))
+    classes = tuple(sorted({str(pydicom.dcmread(f).SOPClassUID) for f in files}))
+    nothing = Destination(excluded=classes).start()
+    try:
+        outcome = store_files(_destination("pacs", nothing.port), "RADNET", files)
+    finally:
+        nothing.stop()
+    assert not outcome.delivered
+    assert "accepts none of" in (outcome.error or "")
+    assert not nothing.received
 
 
 def test_destination_down_retries_then_dead_letter_then_resend(tmp_path: Path, db: AuditDB) -> None:
