@@ -835,8 +835,9 @@ def status_summary(session: Session, *, last: int = 5) -> StatusSummary:
         return {str(state): int(n) for state, n in rows}
 
     recent = session.execute(
-        select(Result, Series)
+        select(Result, Series, Job.state)
         .join(Series, Series.id == Result.series_id)
+        .join(Job, Job.id == Result.job_id)
         .order_by(Result.id.desc())
         .limit(last)
     ).all()
@@ -860,8 +861,10 @@ def status_summary(session: Session, *, last: int = 5) -> StatusSummary:
                 "ct_positive": r.ct_positive,
                 "certainty": round(r.certainty, 4),
                 "unchanged": r.unchanged,
+                # its series was re-opened while it ran: kept in the results folder, not sent
+                "superseded": job_state == JobState.SUPERSEDED,
             }
-            for r, s in recent
+            for r, s, job_state in recent
         ),
         dead_exports=tuple(
             {**_export_dict(e), "series_instance_uid": s.series_instance_uid} for e, s in dead

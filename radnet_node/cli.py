@@ -361,6 +361,8 @@ def _print_status(document: dict[str, Any], has_destinations: bool) -> None:
     for r in document["last_results"]:
         decision = "PRESENT" if r["ct_positive"] else "absent"
         unchanged = " (unchanged, not re-sent)" if r["unchanged"] else ""
+        if r.get("superseded"):
+            unchanged = " (superseded: the series was re-opened while it ran, not sent)"
         typer.echo(
             f"result {r['result_id']} {r['at']} series {r['series_instance_uid']}: hemorrhage "
             f"{decision}, certainty {r['certainty']:.2f}{unchanged}"

@@ -18,7 +18,17 @@ from node_support import instance_info, node_settings, tiny_weights, write_serie
 from sqlalchemy import create_engine, event, select
 from sqlalchemy.exc import OperationalError
 
-from radnet_node.audit import Association, AuditDB, Event, Export, Instance, Job, Result, Series
+from radnet_node.audit import (
+    Association,
+    AuditDB,
+    Event,
+    Export,
+    Instance,
+    Job,
+    Result,
+    Series,
+    status_summary,
+)
 from radnet_node.catalog import (
     complete_quiet_series,
     register_instance,
@@ -207,6 +217,9 @@ def test_a_series_reopened_while_it_runs_is_not_sent(
     worker.step()
     assert [j.state for j in _rows(db, Job)] == ["superseded", "done"]
     assert len(_rows(db, Export)) == 2
+    with db.session() as session:  # `status` says which of the two results was never sent
+        results = status_summary(session).last_results
+    assert [r["superseded"] for r in results] == [False, True]  # newest first
 
 
 def test_a_broken_series_fails_alone(tmp_path: Path, db: AuditDB, worker: Worker) -> None:
