@@ -68,6 +68,7 @@ __all__ = [
     "add_event",
     "dumps",
     "event_view",
+    "sqlite_primary_code",
     "status_summary",
     "study_story",
     "tail_events",
@@ -331,13 +332,20 @@ _SQLITE_READONLY = 8
 _OPENED_READ_ONLY = "radnet_opened_read_only"
 
 
+def sqlite_primary_code(error: BaseException | None) -> int | None:
+    """SQLite's primary result code of a ``sqlite3`` error (an extended code keeps it in its low
+    byte: SQLITE_READONLY_DBMOVED is SQLITE_READONLY), or None for any other error."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def _is_sqlite_read_only(error: BaseException) -> bool:
     """Whether ``error`` is SQLite refusing a write because its connection or file is read-only."""
     if not isinstance(error, sqlite3.Error):
         return False
-    code = getattr(error, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return code & 0xFF == _SQLITE_READONLY
+    code = sqlite_primary_code(error)
+    if code is not None:
+        return code == _SQLITE_READONLY
     return "readonly database" in str(error)  # raised without a code (by a test, say)
 
 

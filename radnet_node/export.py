@@ -192,7 +192,7 @@ def store_files(
     Delivered when every object was answered success or a warning (B000, B006, B007). An object
     whose SOP class the destination refuses at negotiation is not sent and does not hold back the
     others (named in ``not_accepted``): a PACS that takes the SR but not the SEG gets the SR.
-    Nothing is delivered when it takes none of them.
+    Nothing is delivered when it takes none of them (pynetdicom then aborts the association).
 
     Parameters
     ----------
@@ -234,10 +234,6 @@ def store_files(
     sendable = [ds for ds in datasets if str(ds.SOPClassUID) in accepted]
     statuses: dict[str, int] = {}
     error = None
-    if not sendable:
-        error = "the destination accepts none of " + ", ".join(
-            UID(uid).name for uid in not_accepted
-        )
     try:
         for ds in sendable:
             sop_uid = str(ds.SOPInstanceUID)

@@ -752,8 +752,7 @@ class _Association:
                     raise dicom_ul.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
         except dicom_ul.ProtocolError as exc:
             how, why = "aborted", f"protocol error: {exc}"
-            with contextlib.suppress(OSError):
-                self.sock.sendall(dicom_ul.abort_pdu())
+            self._abort()
         except (TimeoutError, *dicom_ul.KERNEL_TIMEOUTS):
             how = "aborted"
             if self.negotiated is None:
@@ -1077,6 +1076,8 @@ class _Discard:
 # the header elements the catalog records, decoded as text
 _TEXT_ELEMENTS = ("AccessionNumber", "Modality", "SeriesDescription", "SeriesNumber")
 _UID_ELEMENTS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+#: what :meth:`_Incoming._header` gives: those, and the SOP class (checked against the request)
+_HEADER_UIDS = (*_UID_ELEMENTS, "SOPClassUID")
 #: how much of a dataset's start is kept to find those elements (beyond it: read the spooled file)
 _HEAD_LIMIT = 1 << 20
 
@@ -1339,10 +1340,10 @@ class _Incoming:
         if found is None:
             ds = dcmread(self.temporary, stop_before_pixels=True)
             self._found_text = {name: _text(ds, name) for name in _TEXT_ELEMENTS}
-            return {name: _text(ds, name) for name in (*_UID_ELEMENTS, "SOPClassUID")}
+            return {name: _text(ds, name) for name in _HEADER_UIDS}
         return {
             name: found.get(name, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-            for name in (*_UID_ELEMENTS, "SOPClassUID")
+            for name in _HEADER_UIDS
         }
 
     def _texts(self) -> dict[str, str]:

@@ -35,6 +35,7 @@ from radnet_node.audit import (
     Series,
     SeriesState,
     add_event,
+    sqlite_primary_code,
     utcnow,
 )
 from radnet_node.catalog import (
@@ -99,8 +100,8 @@ def _database_failed(error: BaseException) -> bool:
         if isinstance(seen, DBAPIError) and seen.connection_invalidated:
             return True
         if isinstance(seen, (OperationalError, InterfaceError, PoolTimeoutError)):
-            code = getattr(getattr(seen, "orig", None), "sqlite_errorcode", None)
-            return not isinstance(code, int) or code & 0xFF in _SQLITE_TRANSIENT
+            code = sqlite_primary_code(getattr(seen, "orig", None))
+            return code is None or code in _SQLITE_TRANSIENT
         seen = seen.__cause__
     return False
 

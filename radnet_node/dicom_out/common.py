@@ -169,6 +169,19 @@ def source_datasets(result: SeriesResult, sources: Mapping[str, Dataset]) -> lis
     return list(seen.values())
 
 
+def _public_copy(ds: Dataset, leave_out: frozenset[int] = frozenset()) -> Dataset:
+    """A shallow copy of ``ds`` without its private elements (and ``leave_out``), each element
+    as read: a raw one stays raw, so nothing is decoded (setting a private element would decode
+    it when its creator is in the copy already)."""
+    copy = Dataset()
+    for tag in ds.keys():
+        if not tag.is_private and tag not in leave_out:
+            copy[tag] = ds.get_item(tag)
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    return copy
+
+
 def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Dataset:
     """A shallow copy of ``ds`` without pixel data and private elements (what highdicom needs of
     a source image).
@@ -182,12 +195,7 @@ def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Da
     value (type 2 in the CT Image module) gets ``slice_thickness_mm`` when given: the SEG's pixel
     measures need one, and the nominal slice spacing is the best the series can tell.
     """
-    copy = Dataset()
-    for tag in ds.keys():
-        if not tag.is_private and tag not in _PIXEL_TAGS:
-            copy[tag] = ds.get_item(tag)  # as read: a raw element stays raw
-    if hasattr(ds, "file_meta"):
-        copy.file_meta = ds.file_meta
+    copy = _public_copy(ds, leave_out=_PIXEL_TAGS)
     for keyword in _TYPE2_KEYWORDS:
         if keyword not in copy:
             setattr(copy, keyword, None)
@@ -282,12 +290,7 @@ def for_highdicom(ds: Dataset) -> Dataset:
     ]
     if not faulty:
         return ds
-    copy = Dataset()
-    for tag in ds.keys():
-        if not tag.is_private:  # (setting one decodes it when its creator is there already)
-            copy[tag] = ds.get_item(tag)
-    if hasattr(ds, "file_meta"):
-        copy.file_meta = ds.file_meta
+    copy = _public_copy(ds)
     for keyword in faulty:
         copy.add_new(keyword, ds[keyword].VR, None)  # a new element: ds's own stays as it is
     return copy

@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from association_pdus import associate_rq_pdu
 from dcmtk import StoreScp, echoscu, storescu
 from node_process import NodeProcess, to_toml
 from orthanc import free_port, wait_for
-from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from radnet_node.audit import Event
 from training.dicom_writer import SeriesGeometry, StudyInfo, write_ct_series
@@ -201,25 +198,6 @@ def test_a_node_on_a_port_in_use_exits_2_without_touching_the_audit(
     assert echoscu("127.0.0.1", first.port, called_ae="RADNET").returncode == 0
 
 
-def _associate_rq(called: str, contexts: list[str]) -> bytes:
-    """An A-ASSOCIATE-RQ from PROBE proposing ``contexts`` in Implicit VR Little Endian."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title, primitive.called_ae_title = "PROBE", called
-    proposed = []
-    for index, abstract in enumerate(contexts):
-        context = build_context(abstract, [ImplicitVRLittleEndian])
-        context.context_id = 2 * index + 1
-        proposed.append(context)
-    primitive.presentation_context_definition_list = proposed
-    maximum = MaximumLengthNotification()
-    maximum.maximum_length_received = 16384
-    primitive.user_information = [maximum]
-    request = A_ASSOCIATE_RQ()
-    request.from_primitive(primitive)
-    return bytes(request.encode())
-
-
 def _pdu_type(sock: socket.socket) -> int | None:
     """The type of the next PDU (its body read and dropped); None when the connection ends."""
     header = b""
@@ -247,7 +225,7 @@ def test_a_peer_speaking_another_protocol_and_an_association_open_at_sigterm_are
         assert _pdu_type(sock) == 0x07  # A-ABORT
     # an association left open while the node stops
     with socket.create_connection(("127.0.0.1", node.port), timeout=20) as sock:
-        sock.sendall(_associate_rq("RADNET", ["1.2.840.10008.5.1.4.1.1.2"]))
+        sock.sendall(associate_rq_pdu(["1.2.840.10008.5.1.4.1.1.2"]))
         assert _pdu_type(sock) == 0x02  # A-ASSOCIATE-AC
         assert node.terminate() == 0
         assert _pdu_type(sock) == 0x07  # A-ABORT, from the node's stop

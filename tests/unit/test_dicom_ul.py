@@ -8,7 +8,7 @@ import struct
 from io import BytesIO
 
 import pytest
-from node_support import associate_rq_pdu
+from association_pdus import associate_rq_pdu
 from pydicom import Dataset, dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset

@@ -20,7 +20,8 @@ from typing import Any
 import pydicom
 import pytest
 import structlog
-from node_support import associate_rq_pdu, reject_reason, send, wait_for, write_series
+from association_pdus import associate_rq_pdu
+from node_support import reject_reason, send, wait_for, write_series
 from pydicom import dcmwrite
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
