@@ -8,8 +8,17 @@ cd "$(dirname "$0")/.."
 with_tests=0
 [[ "${1:-}" == "--test" ]] && with_tests=1
 
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null 2>&1 || python=python3
+
 need_apt=()
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+# the C receive loop (radnet_node/_fastscp.c) is compiled at install: a C compiler and the Python
+# headers (without them the install goes on and the node receives with its slower Python loop)
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+if ! "$python" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+  need_apt+=("$("$python" -c 'import sys; print("python%d.%d-dev" % sys.version_info[:2])' 2>/dev/null || echo python3-dev)")
+fi
 if (( with_tests )); then
   command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
   command -v dsrdump >/dev/null 2>&1 || need_apt+=(dcmtk)
@@ -33,8 +42,6 @@ if (( ${#need_apt[@]} )); then
   fi
 fi
 
-python=${PYTHON:-python3.11}
-command -v "$python" >/dev/null 2>&1 || python=python3
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU wheel of torch first: a plain "torch" requirement would pull a multi-GB CUDA build.

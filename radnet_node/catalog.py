@@ -56,12 +56,12 @@ __all__ = [
 
 # A DICOM UID: digits and dots, at most 64 characters (PS3.5 9.1). Checked before a UID becomes a
 # file or folder name in the spool, so a peer cannot write outside it.
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def is_safe_uid(value: str) -> bool:
     """Whether ``value`` is a syntactically valid UID (and so a safe file name)."""
-    return len(value) <= 64 and bool(_UID.match(value))
+    return len(value) <= 64 and bool(_UID.fullmatch(value))
 
 
 def series_number_of(value: object) -> int | None:

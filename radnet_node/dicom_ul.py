@@ -59,6 +59,7 @@ __all__ = [
     "pdvs",
     "PduReader",
     "file_meta_header",
+    "file_meta_parts",
     "pdata_pdu",
     "reject_pdu",
     "release_rp_pdu",
@@ -98,6 +99,9 @@ STATUS_UNRECOGNIZED_OPERATION = 0x0211
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: CommandDataSetType: no dataset follows
 NO_DATASET = 0x0101
+#: the longest command set taken (a longer one is a protocol error: command sets are a few hundred
+#: bytes, and an endless one would only grow memory)
+MAX_COMMAND = 1 << 20
 
 
 class ProtocolError(Exception):
@@ -468,19 +472,27 @@ def file_meta_header(sop_class: str, sop_instance: str, syntax: str, source_ae: 
     """Preamble, 'DICM' and the file meta information (PS3.10 7.1) that make a received dataset
     a DICOM file, with this node as the implementation and ``source_ae`` (the calling AE title)
     as the Source Application Entity Title when given."""
-    elements = [
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", _uid_value(sop_class)),
-        _meta_element(0x0003, b"UI", _uid_value(sop_instance)),
+    before, after = file_meta_parts(sop_class, syntax, source_ae)
+    body = before + _meta_element(0x0003, b"UI", _uid_value(sop_instance)) + after
+    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + length + body
+
+
+def file_meta_parts(sop_class: str, syntax: str, source_ae: str) -> tuple[bytes, bytes]:
+    """The file meta elements before and after (0002,0003) Media Storage SOP Instance UID: the
+    same for every instance of one presentation context of one association (the C receive loop
+    puts the group length, the instance's UID and these together)."""
+    before = _meta_element(0x0001, b"OB", b"\x00\x01") + _meta_element(
+        0x0002, b"UI", _uid_value(sop_class)
+    )
+    after = [
         _meta_element(0x0010, b"UI", _uid_value(str(syntax))),
         _meta_element(0x0012, b"UI", _uid_value(IMPLEMENTATION_CLASS_UID)),
         _meta_element(0x0013, b"SH", _text_value(IMPLEMENTATION_VERSION_NAME)),
     ]
     if source_ae:
-        elements.append(_meta_element(0x0016, b"AE", _text_value(source_ae)))
-    body = b"".join(elements)
-    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
-    return b"\x00" * 128 + b"DICM" + length + body
+        after.append(_meta_element(0x0016, b"AE", _text_value(source_ae)))
+    return before, b"".join(after)
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:

@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -60,6 +61,14 @@ from radnet_node.catalog import (
 from radnet_node.config import NodeSection, TlsSection
 from radnet_node.durable import fsync_folder, make_folder_durably
 from radnet_node.errors import ConfigError, RadnetError
+
+try:  # the C-STORE receive loop in C (setup.py builds it when a C compiler is there)
+    from radnet_node import _fastscp
+except ImportError:  # pragma: no cover - the Python loop then receives everything
+    _fastscp = None  # type: ignore[assignment]
+
+#: the environment variable that selects the receive loop: ``c`` (default, when built) or ``python``
+C_LOOP_ENV = "RADNET_NODE_INGEST_LOOP"
 
 #: the Verification SOP Class (C-ECHO)
 Verification = UID("1.2.840.10008.1.1")
@@ -180,15 +189,26 @@ class _FreeSpace:
         OSError
             The file system cannot be queried.
         """
+        return self.reserve_lot(size, min_free_mb) is not None
+
+    def reserve_lot(self, size: int, min_free_mb: float) -> float | None:
+        """:meth:`reserve`, returning a token for :meth:`give_back` (None: refused)."""
         with self._lock:
             now = time.monotonic()
             if now - self._read_at >= self.max_age_s:
                 self._free_bytes = shutil.disk_usage(self.path).free
                 self._read_at = now
             if self._free_bytes - size < min_free_mb * 1024 * 1024:
-                return False
+                return None
             self._free_bytes -= size
-            return True
+            return self._read_at
+
+    def give_back(self, size: int, token: float) -> None:
+        """Return the unused part of a reservation (unless the space was read again since: the
+        new reading counts only what was written)."""
+        with self._lock:
+            if self._read_at == token:
+                self._free_bytes += size
 
 
 #: instances registered in one transaction at most; the longest the recorder waits to fill one;
@@ -445,6 +465,22 @@ class IngestSCP:
         self._connections_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        #: whether ordinary C-STOREs are received by the C loop (radnet_node/_fastscp.c): when it
+        #: is built and ``RADNET_NODE_INGEST_LOOP`` is not ``python``
+        self.c_loop = _fastscp is not None and os.environ.get(C_LOOP_ENV, "c") != "python"
+
+    @property
+    def receive_loop(self) -> str:
+        """Which loop receives ordinary C-STOREs, in words (the start-up log says it)."""
+        if self.c_loop:
+            return (
+                "C (radnet_node._fastscp)"
+                + ("; Python on TLS" if self.node.tls is not None else "")
+                + ("; Python with fsync_spool" if self.node.fsync_spool else "")
+            )
+        if _fastscp is None:
+            return "Python (the C loop is not built: no C compiler at install)"
+        return f"Python ({C_LOOP_ENV}=python)"
 
     @property
     def address(self) -> tuple[str, int]:
@@ -673,6 +709,14 @@ class _Association:
         self.negotiated: dicom_ul.Negotiated | None = None
         self.calling = ""
         self._spare: tuple[Path, int] | None = None
+        # what the Python loop has under way: the dataset being received, the command set being
+        # gathered; the SOP Instance UID of a dataset the C loop dropped, cut off
+        self._incoming: _Incoming | _Discard | None = None
+        self._command_bytes = bytearray()
+        self._unfinished: str | None = None
+        # the C loop's temporary files: their names' start (per association) and number
+        self._temporary_prefix = b""
+        self._c_counter = 0
 
     def take_spare(self) -> tuple[Path, int] | None:
         """The temporary file opened ahead for the next C-STORE (now its caller's), or None."""
@@ -699,7 +743,6 @@ class _Association:
 
     def run(self) -> None:
         how, why = "closed", ""
-        incoming: _Incoming | _Discard | None = None
         try:
             pdu_type, body = self.reader.read()
             if pdu_type != dicom_ul.ASSOCIATE_RQ:
@@ -707,35 +750,17 @@ class _Association:
             if not self._associate(self.reader.header + bytes(body)):
                 return
             dicom_ul.set_kernel_timeouts(self.sock, self.scp.NETWORK_TIMEOUT_S)
-            command = bytearray()
+            fast = self._fast_contexts()
             while True:
-                pdu_type, body = self.reader.read()
+                if fast and self._incoming is None and not self._command_bytes:
+                    pdu = self._receive_fast(fast)
+                    if pdu is None:
+                        continue
+                    pdu_type, body = pdu
+                else:
+                    pdu_type, body = self.reader.read()
                 if pdu_type == dicom_ul.PDATA:
-                    for context_id, control, fragment in dicom_ul.pdvs(body):
-                        if context_id not in self.negotiated.accepted:  # type: ignore[union-attr]
-                            raise dicom_ul.ProtocolError(
-                                f"P-DATA on presentation context {context_id}, not accepted"
-                            )
-                        if control & 0x01:  # a command fragment
-                            if incoming is not None:
-                                raise dicom_ul.ProtocolError("a command inside a dataset")
-                            command += fragment
-                            if control & 0x02:
-                                incoming = self._command(bytes(command), context_id)
-                                command.clear()
-                        else:
-                            if incoming is None or incoming.context_id != context_id:
-                                raise dicom_ul.ProtocolError("a dataset without its command")
-                            incoming.write(fragment)
-                            if control & 0x02:
-                                # the data set is whole: not unfinished, whatever the answer
-                                done, incoming = incoming, None
-                                status = done.finish()  # (drops its file unless it was placed)
-                                try:
-                                    self._answer(done.request, status, context_id)
-                                finally:
-                                    done.record()
-                                self._make_spare()
+                    self._pdata(body)
                 elif pdu_type == dicom_ul.RELEASE_RQ:
                     self._drop_spare()  # before the peer learns that the association is over
                     # the peer learns it once its instances are in the catalog too (if the
@@ -772,7 +797,8 @@ class _Association:
             if self.scp.stopping:
                 why = f"the node is stopping ({why})"
         finally:
-            unfinished = None
+            unfinished = self._unfinished
+            incoming, self._incoming = self._incoming, None
             if incoming is not None:
                 incoming.discard()
                 if isinstance(incoming, _Incoming):
@@ -782,6 +808,217 @@ class _Association:
                 self._closed(how, why, unfinished=unfinished)
             elif self.negotiated is None:  # no A-ASSOCIATE-RQ was understood
                 self._failed_before_association(how, why)
+
+    def _pdata(self, body: memoryview) -> None:
+        """The PDVs of a P-DATA-TF: command fragments gathered and answered, dataset fragments
+        streamed to the spool, each dataset answered once whole."""
+        accepted = self.negotiated.accepted  # type: ignore[union-attr]
+        command = self._command_bytes
+        for context_id, control, fragment in dicom_ul.pdvs(body):
+            if context_id not in accepted:
+                raise dicom_ul.ProtocolError(
+                    f"P-DATA on presentation context {context_id}, not accepted"
+                )
+            incoming = self._incoming
+            if control & 0x01:  # a command fragment
+                if incoming is not None:
+                    raise dicom_ul.ProtocolError("a command inside a dataset")
+                if len(command) + len(fragment) > dicom_ul.MAX_COMMAND:
+                    raise dicom_ul.ProtocolError(
+                        f"a command set of more than {dicom_ul.MAX_COMMAND} bytes"
+                    )
+                command += fragment
+                if control & 0x02:
+                    self._incoming = self._command(bytes(command), context_id)
+                    command.clear()
+            else:
+                if incoming is None or incoming.context_id != context_id:
+                    raise dicom_ul.ProtocolError("a dataset without its command")
+                incoming.write(fragment)
+                if control & 0x02:
+                    # the data set is whole: not unfinished, whatever the answer
+                    self._incoming = None
+                    self._dataset_done(incoming, context_id)
+
+    def _dataset_done(self, done: _Incoming | _Discard, context_id: int) -> None:
+        """Check and place a whole dataset (its file is dropped unless placed), answer, record,
+        and open the next temporary file."""
+        status = done.finish()
+        try:
+            self._answer(done.request, status, context_id)
+        finally:
+            done.record()
+        self._make_spare()
+
+    def _fast_contexts(self) -> dict[int, tuple[bytes, int, bytes, bytes] | None]:
+        """What the C receive loop needs of the accepted presentation contexts ({} when it does
+        not run here: not built, turned off, TLS, fsync_spool, another system than Linux or
+        macOS): per context ID its abstract syntax, how its datasets are scanned (1 implicit VR,
+        0 explicit, -1 read back with pydicom) and the file meta around the instance's UID;
+        None for the Verification context (C-ECHO is answered in Python)."""
+        state = self.state
+        if (
+            _fastscp is None
+            or not self.scp.c_loop
+            or state.tls
+            or state.node.fsync_spool
+            or sys.platform not in ("linux", "darwin")
+        ):
+            return {}
+        contexts: dict[int, tuple[bytes, int, bytes, bytes] | None] = {}
+        for context_id, (abstract, syntax) in self.negotiated.accepted.items():  # type: ignore[union-attr]
+            if abstract == Verification:
+                contexts[context_id] = None
+                continue
+            mode = _scan_mode(syntax)
+            before, after = dicom_ul.file_meta_parts(str(abstract), str(syntax), self.calling)
+            contexts[context_id] = (
+                str(abstract).encode("ascii"),
+                -1 if mode is None else int(mode),
+                before,
+                after,
+            )
+        self._temporary_prefix = os.fsencode(
+            state.spool_dir / f"{state.temporary_prefix}c{next(state.counter)}-"
+        )
+        return contexts
+
+    def _receive_fast(
+        self, contexts: dict[int, tuple[bytes, int, bytes, bytes] | None]
+    ) -> tuple[int, memoryview] | None:
+        """Let the C loop receive ordinary C-STOREs; register what it stored and take over what
+        it hands back. A PDU for :meth:`run` to handle, or None to go on."""
+        state = self.state
+        recorder = state.recorder
+        token = None
+        if recorder.error is None and recorder.backlog < _MAX_BACKLOG - _C_BATCH:
+            try:
+                token = state.free_space.reserve_lot(_C_BUDGET, state.node.min_free_disk_mb)
+            except OSError:
+                token = None  # the Python path checks the instance, and refuses it
+        if token is None:  # this PDU in Python (which refuses the instance, if it comes to it)
+            return self.reader.read()
+        spare = self.take_spare()
+        kind, stored, self._c_counter, spare_out, spent, detail = _fastscp.receive(
+            sock=self.sock.fileno(),
+            limit=self.reader.limit,
+            contexts=contexts,
+            spool_dir=os.fsencode(state.spool_dir),
+            temp_prefix=self._temporary_prefix,
+            counter=self._c_counter,
+            spare=None if spare is None else (os.fsencode(spare[0]), spare[1]),
+            budget=_C_BUDGET,
+            max_instances=_C_BATCH,
+            max_seconds=_C_REPORT_S,
+        )
+        state.free_space.give_back(_C_BUDGET - spent, token)
+        if spare_out is not None:
+            self._spare = (Path(os.fsdecode(spare_out[0])), spare_out[1])
+        if stored:
+            self._record_stored(stored)
+        if kind == _fastscp.KIND_BATCH:
+            return None
+        if kind == _fastscp.KIND_PDU:
+            pdu_type, body, self._unfinished = detail
+            return pdu_type, memoryview(body)
+        if kind == _fastscp.KIND_COMMAND:
+            context_id, command, rest = detail
+            self._incoming = self._command(command, context_id)
+        elif kind == _fastscp.KIND_DATASET:
+            (context_id, command, temporary, fd, size, head, complete, error, rest, at) = detail
+            request = dicom_ul.Command.decode(command)
+            abstract, syntax = self.negotiated.accepted[context_id]  # type: ignore[union-attr]
+            incoming = _Incoming(
+                self,
+                request,
+                context_id,
+                abstract,
+                syntax,
+                resume=_Resume(
+                    Path(os.fsdecode(temporary)),
+                    None if fd < 0 else fd,
+                    size,
+                    head,
+                    bool(complete),
+                    error,
+                    _from_timestamp(at),
+                ),
+            )
+            if complete:
+                self._dataset_done(incoming, context_id)
+            else:
+                self._incoming = incoming
+        else:
+            code, error, message, self._unfinished = detail
+            if code in (_fastscp.ERR_CLOSED, _fastscp.ERR_CLOSED_MID_PDU):
+                raise dicom_ul.ConnectionClosed(mid_pdu=code == _fastscp.ERR_CLOSED_MID_PDU)
+            if code == _fastscp.ERR_TIMEOUT:
+                raise TimeoutError(message)
+            if code == _fastscp.ERR_OS:
+                raise OSError(error, os.strerror(error))
+            raise dicom_ul.ProtocolError(message)
+        if rest:
+            self._pdata(memoryview(rest))
+        return None
+
+    def _record_stored(self, stored: list[tuple[dict[str, bytes], int, int, float]]) -> None:
+        """Hand the instances the C loop stored (and answered) to the recorder."""
+        spool_dir = self.state.spool_dir
+        accepted = self.negotiated.accepted  # type: ignore[union-attr]
+        for found, context_id, size, at in stored:
+            header = _header_of(found)
+            abstract, syntax = accepted[context_id]
+            final = spool_path(
+                spool_dir,
+                header["StudyInstanceUID"],
+                header["SeriesInstanceUID"],
+                header["SOPInstanceUID"],
+            )
+            self.record(
+                header,
+                found,
+                sop_class=str(abstract),
+                syntax=syntax,
+                final=final,
+                size=size,
+                written=True,
+                received_at=_from_timestamp(at),
+            )
+
+    def record(
+        self,
+        header: dict[str, str],
+        found: dict[str, bytes] | None,
+        *,
+        sop_class: str,
+        syntax: UID,
+        final: Path,
+        size: int,
+        written: bool,
+        received_at: dt.datetime,
+        texts: dict[str, str] | None = None,
+    ) -> None:
+        """Hand a stored instance to the recorder: its UIDs (``header``), its text elements
+        (decoded from ``found``, the raw values, or given as ``texts``)."""
+        try:
+            header = {**header, **(texts if found is None else _texts_of(found))}
+        except Exception:  # noqa: BLE001 - answered with success already: the row must follow
+            _log.exception("cannot decode the text elements of a stored instance", path=str(final))
+            header = {**header, **dict.fromkeys(_TEXT_ELEMENTS, "")}
+        info = InstanceInfo(
+            sop_instance_uid=header["SOPInstanceUID"],
+            sop_class_uid=sop_class,
+            study_instance_uid=header["StudyInstanceUID"],
+            series_instance_uid=header["SeriesInstanceUID"],
+            transfer_syntax_uid=str(syntax),
+            size_bytes=size if written else 0,
+            spool_path=str(final),
+            accession_number=header["AccessionNumber"][:64],
+            modality=header["Modality"][:16],
+            series_number=series_number_of(header["SeriesNumber"]),
+            series_description=header["SeriesDescription"],
+        )
+        self.state.recorder.put(_Received(info, self.info, received_at, written))
 
     def _abort(self) -> None:
         """Send an A-ABORT (service provider), if the peer still takes it."""
@@ -1093,6 +1330,8 @@ class _Incoming:
         context_id: int,
         abstract: UID,
         syntax: UID,
+        *,
+        resume: _Resume | None = None,
     ) -> None:
         state = association.state
         self.association = association
@@ -1100,15 +1339,18 @@ class _Incoming:
         self.request = request
         self.context_id = context_id
         self.transfer_syntax = syntax
-        self.received_at = utcnow()
-        # the temporary file the association opened while it waited for this request, if any
-        spare = association.take_spare()
+        self.received_at = utcnow() if resume is None else resume.received_at
         self._fd: int | None = None
-        if spare is not None:
-            self.temporary, self._fd = spare
-        else:
-            self.temporary = _temporary_path(state)
         self.size = 0  # the file's: file meta and dataset
+        if resume is not None:  # what the C loop received of it
+            self.temporary, self._fd, self.size = resume.temporary, resume.fd, resume.size
+        else:
+            # the temporary file the association opened while it waited for this request, if any
+            spare = association.take_spare()
+            if spare is not None:
+                self.temporary, self._fd = spare
+            else:
+                self.temporary = _temporary_path(state)
         # the file meta information, written together with the first fragment
         self._meta = b""
         self.error: tuple[int, str] | None = None
@@ -1144,14 +1386,32 @@ class _Incoming:
             }
             self.discard()
             return
-        self._meta = dicom_ul.file_meta_header(
-            request.affected_sop_class_uid, sop_uid, syntax, association.calling
-        )
-        if self._fd is None:
+        if self.size == 0:  # (the C loop wrote it with the first fragment)
+            self._meta = dicom_ul.file_meta_header(
+                request.affected_sop_class_uid, sop_uid, syntax, association.calling
+            )
+        if resume is not None:
+            self._resumed(resume)
+        elif self._fd is None:
             try:
                 self._fd = _open_temporary(self.temporary)
             except OSError as exc:
                 self._fail_write(exc)
+
+    def _resumed(self, resume: _Resume) -> None:
+        """Take over from the C loop: its write error, or the header scan of what it received."""
+        if resume.error:
+            failure = OSError(resume.error, os.strerror(resume.error))
+            if not resume.complete:
+                self._fail_write(failure)  # the rest of the dataset is read and dropped
+            else:  # closing the file failed
+                self.error = (
+                    STATUS_OUT_OF_RESOURCES,
+                    f"cannot write {self.temporary}: {failure}",
+                )
+            return
+        if resume.head:
+            self._scan_head(memoryview(resume.head))
 
     def _fail_write(self, exc: OSError) -> None:
         self.error = (
@@ -1163,29 +1423,35 @@ class _Incoming:
     def write(self, fragment: memoryview) -> None:
         if self._fd is None:
             return  # refused already: the rest of the dataset is read and dropped
-        if self._scan_mode is not None and self._found is None:
-            # the first fragment nearly always holds the header: scan it in place, keep a copy
-            # only when the scan needs the next fragment too
-            head = memoryview(self._head + fragment) if self._head else fragment
-            try:
-                self._found = dicom_ul.scan_header(head, implicit=self._scan_mode).values
-                self._head = bytearray()
-            except dicom_ul.NeedMoreData:
-                if len(head) > _HEAD_LIMIT:
-                    self._scan_mode, self._head = None, bytearray()  # read it from the file
-                elif not self._head:
-                    self._head = bytearray(fragment)
-                else:
-                    self._head += fragment
-            except dicom_ul.ProtocolError as exc:
-                self.error = (STATUS_CANNOT_UNDERSTAND, f"the dataset cannot be parsed ({exc})")
-                self.discard()
-                return
+        if self._scan_mode is not None and self._found is None and not self._scan_head(fragment):
+            return
         try:
             self.size += _write_all(self._fd, self._meta, fragment)
             self._meta = b""
         except OSError as exc:
             self._fail_write(exc)
+
+    def _scan_head(self, fragment: memoryview) -> bool:
+        """Look for the header elements in the dataset's bytes received so far; False when they
+        cannot be parsed (the instance is then refused, its file dropped)."""
+        # the first fragment nearly always holds the header: scan it in place, keep a copy
+        # only when the scan needs the next fragment too
+        head = memoryview(self._head + fragment) if self._head else fragment
+        try:
+            self._found = dicom_ul.scan_header(head, implicit=self._scan_mode).values
+            self._head = bytearray()
+        except dicom_ul.NeedMoreData:
+            if len(head) > _HEAD_LIMIT:
+                self._scan_mode, self._head = None, bytearray()  # read it from the file
+            elif not self._head:
+                self._head = bytearray(fragment)
+            else:
+                self._head += fragment
+        except dicom_ul.ProtocolError as exc:
+            self.error = (STATUS_CANNOT_UNDERSTAND, f"the dataset cannot be parsed ({exc})")
+            self.discard()
+            return False
+        return True
 
     def discard(self) -> None:
         """Drop the temporary file (the dataset is refused or was cut short)."""
@@ -1220,12 +1486,12 @@ class _Incoming:
             return self._refuse(*self.error)
         state = self.state
         fd = self._fd
-        assert fd is not None
         try:
-            if state.node.fsync_spool:
-                os.fsync(fd)
-            self._fd = None
-            os.close(fd)
+            if fd is not None:  # (None: the C loop closed it)
+                if state.node.fsync_spool:
+                    os.fsync(fd)
+                self._fd = None
+                os.close(fd)
         except OSError as exc:
             return self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot write {self.temporary}: {exc}")
         try:
@@ -1301,71 +1567,87 @@ class _Incoming:
             return
         header, final, written = self._to_record
         self._to_record = None
-        try:
-            header.update(self._texts())
-        except Exception:  # noqa: BLE001 - answered with success already: the row must follow
-            _log.exception("cannot decode the text elements of a stored instance", path=str(final))
-            header.update(dict.fromkeys(_TEXT_ELEMENTS, ""))
-        sop_uid, study_uid, series_uid = (
-            header["SOPInstanceUID"],
-            header["StudyInstanceUID"],
-            header["SeriesInstanceUID"],
+        self.association.record(
+            header,
+            self._found,
+            sop_class=self.request.affected_sop_class_uid,
+            syntax=self.transfer_syntax,
+            final=final,
+            size=self.size,
+            written=written,
+            received_at=self.received_at,
+            texts=self._found_text,
         )
-        series_number = series_number_of(header["SeriesNumber"])
-        info = InstanceInfo(
-            sop_instance_uid=sop_uid,
-            sop_class_uid=self.request.affected_sop_class_uid,
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            transfer_syntax_uid=str(self.transfer_syntax),
-            size_bytes=self.size if written else 0,
-            spool_path=str(final),
-            accession_number=header["AccessionNumber"][:64],
-            modality=header["Modality"][:16],
-            series_number=series_number,
-            series_description=header["SeriesDescription"],
-        )
-        self.state.recorder.put(_Received(info, self.association.info, self.received_at, written))
 
     def _header(self) -> dict[str, str]:
         """The UIDs as text (the SOP class's too, empty when the dataset has none): from the
         scan, or from the spooled file with pydicom (which gives the text elements too, kept
-        for :meth:`_texts`)."""
+        for :meth:`record`)."""
         if self._found is None and self._scan_mode is not None:
             # the whole dataset was shorter than what the scan needed
             self._found = dicom_ul.scan_header(
                 memoryview(self._head), implicit=self._scan_mode, complete=True
             ).values
-        found = self._found
-        if found is None:
+        if self._found is None:
             ds = dcmread(self.temporary, stop_before_pixels=True)
             self._found_text = {name: _text(ds, name) for name in _TEXT_ELEMENTS}
             return {name: _text(ds, name) for name in _HEADER_UIDS}
-        return {
-            name: found.get(name, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-            for name in _HEADER_UIDS
-        }
+        return _header_of(self._found)
 
-    def _texts(self) -> dict[str, str]:
-        """The text elements the catalog records, decoded in the dataset's character set."""
-        found = self._found
-        if found is None:
-            return self._found_text
-        charsets = found.get("SpecificCharacterSet", b"").decode("ascii", "replace").split("\\")
-        values: dict[str, str] = {}
+
+@dataclass(frozen=True)
+class _Resume:
+    """A dataset the C loop hands over: its temporary file (``fd`` None: closed), bytes written
+    (file meta included), the dataset's first bytes, whether it is whole, the errno of a failed
+    write (or close), and when its command arrived."""
+
+    temporary: Path
+    fd: int | None
+    size: int
+    head: bytes
+    complete: bool
+    error: int
+    received_at: dt.datetime
+
+
+def _header_of(found: dict[str, bytes]) -> dict[str, str]:
+    """The header UIDs as text, from the raw values a scan found ('' when absent)."""
+    return {
+        name: found.get(name, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+        for name in _HEADER_UIDS
+    }
+
+
+def _texts_of(found: dict[str, bytes]) -> dict[str, str]:
+    """The text elements the catalog records, decoded in the dataset's character set."""
+    charsets = found.get("SpecificCharacterSet", b"").decode("ascii", "replace").split("\\")
+    values: dict[str, str] = {}
+    try:
+        encodings = convert_encodings([term.strip() for term in charsets])
+    except (LookupError, ValueError):  # the instance is answered already: never lose it
+        encodings = None
+    for name in _TEXT_ELEMENTS:
+        raw = found.get(name, b"")
         try:
-            encodings = convert_encodings([term.strip() for term in charsets])
-        except (LookupError, ValueError):  # the instance is answered already: never lose it
-            encodings = None
-        for name in _TEXT_ELEMENTS:
-            raw = found.get(name, b"")
-            try:
-                text = decode_bytes(raw, encodings, set()) if raw and encodings else ""
-            except (LookupError, ValueError):
-                text = ""
-            values[name] = (text or raw.decode("ascii", "replace")).strip("\x00 ")
-        return values
+            text = decode_bytes(raw, encodings, set()) if raw and encodings else ""
+        except (LookupError, ValueError):
+            text = ""
+        values[name] = (text or raw.decode("ascii", "replace")).strip("\x00 ")
+    return values
 
+
+def _from_timestamp(seconds: float) -> dt.datetime:
+    """A POSIX time as :func:`radnet_node.audit.utcnow` gives times (UTC, no tzinfo)."""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).replace(tzinfo=None)
+
+
+#: the C loop reports what it stored after this many instances at most, or this long after the
+#: first it has not reported (or a pause of the peer as long): the recorder then has them
+_C_BATCH = 32
+_C_REPORT_S = 0.05
+#: disk space the C loop may fill before the free space is checked again (an instance that does
+#: not fit is finished in Python, which checks it against the threshold)
+_C_BUDGET = 64 << 20
 
 #: instances answered but not yet in the database beyond which ingest refuses (0xA700)
 _MAX_BACKLOG = 10_000

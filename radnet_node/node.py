@@ -222,8 +222,13 @@ class Node:
                 + (" (TLS)" if self.settings.node.tls else "")
                 + f"; model {self.engine.model_info.name} {self.engine.model_info.version} on "
                 f"{runtime['device']} {runtime['precision']}; quiet {quiet:g} s; "
-                f"{len(self.exporters)} destination(s)",
-                data={"data_dir": str(self.data_dir), "runtime": runtime},
+                f"{len(self.exporters)} destination(s); C-STOREs received by the "
+                f"{self.scp.receive_loop} loop",
+                data={
+                    "data_dir": str(self.data_dir),
+                    "runtime": runtime,
+                    "receive_loop": self.scp.receive_loop,
+                },
             )
         return self.address
 

@@ -1,6 +1,10 @@
 """The SCP against real associations on localhost: spool bytes and rows, duplicates, the association
 checks with their A-ASSOCIATE-RJ reasons, the association limit, the disk threshold, compressed
-transfer syntaxes; every refusal has an audit row."""
+transfer syntaxes; every refusal has an audit row.
+
+Every test runs twice: with the C receive loop (radnet_node/_fastscp.c, which settles ordinary
+C-STOREs and hands everything else to the Python code at a clean point) and with the Python loop
+alone (``RADNET_NODE_INGEST_LOOP=python``)."""
 
 from __future__ import annotations
 
@@ -67,6 +71,15 @@ from radnet_node.ingest import (
     _write_all,
     spool_path,
 )
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def receive_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The receive loop of the SCPs a test starts (read when an IngestSCP is made)."""
+    if request.param == "c":
+        assert ingest._fastscp is not None, "the C receive loop is not built (see setup.py)"
+    monkeypatch.setenv(ingest.C_LOOP_ENV, request.param)
+    return str(request.param)
 
 
 def _node(tmp_path: Path, **values: object) -> NodeSection:
@@ -499,14 +512,24 @@ def _implicit_dataset_of(ds: pydicom.Dataset) -> tuple[pydicom.Dataset, bytes]:
     return ds, out.getvalue()
 
 
+def _store_first_of_series(tmp_path: Path, sock: socket.socket) -> pydicom.Dataset:
+    """Store the first slice of a two-slice series (its folders then exist: the C loop settles
+    the second itself); returns the second."""
+    first, second = (pydicom.dcmread(p) for p in write_series(tmp_path, "pair", slices=2))
+    sock.sendall(_c_store_rq(str(first.SOPInstanceUID), 7))
+    sock.sendall(_dataset_pdu(_implicit_dataset_of(first)[1]))
+    assert _response(sock).Status == 0x0000
+    return second
+
+
 def test_a_data_set_of_another_sop_class_than_its_request_is_refused(
     tmp_path: Path, scp: IngestSCP, db: AuditDB
 ) -> None:
     # a CT request on the CT context whose data set says MR: 0xA900 (PS3.4 B.2.3), nothing kept
-    ds, _ = _implicit_dataset(tmp_path)
-    ds.SOPClassUID = MRImageStorage
-    _, data = _implicit_dataset_of(ds)
     with _raw_association(scp.address[1]) as sock:
+        ds = _store_first_of_series(tmp_path, sock)
+        ds.SOPClassUID = MRImageStorage
+        _, data = _implicit_dataset_of(ds)
         sock.sendall(_c_store_rq(str(ds.SOPInstanceUID)))
         sock.sendall(_dataset_pdu(data))
         assert _response(sock).Status == 0xA900
@@ -515,7 +538,27 @@ def test_a_data_set_of_another_sop_class_than_its_request_is_refused(
     assert len(refused) == 1
     assert "SOPClassUID MR Image Storage" in refused[0].message
     assert "CT Image Storage" in refused[0].message
-    assert not list(scp.spool_dir.rglob("*.dcm"))
+    assert len(list(scp.spool_dir.rglob("*.dcm"))) == 1  # the first slice only
+    assert not spool_path(scp.spool_dir, *_uids_of(ds)).exists()
+
+
+def test_a_data_set_whose_sop_instance_uid_is_not_its_request_s_is_refused(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    # the file would be stored under the request's UID while the data set says another
+    request_uid = "1.2.826.0.1.3680043.8.498.77"
+    with _raw_association(scp.address[1]) as sock:
+        ds = _store_first_of_series(tmp_path, sock)
+        sock.sendall(_c_store_rq(request_uid))
+        sock.sendall(_dataset_pdu(_implicit_dataset_of(ds)[1]))
+        assert _response(sock).Status == 0xC000
+        _release(sock)
+    refused = _events(db, "instance.refused")
+    assert len(refused) == 1
+    assert f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's" in refused[0].message
+    assert len(list(scp.spool_dir.rglob("*.dcm"))) == 1  # the first slice only
+    assert not spool_path(scp.spool_dir, *_uids_of(ds)[:2], request_uid).exists()
+    wait_for(lambda: _instance_count(db) == 1, 5, "the first slice's row")
 
 
 def test_a_slow_peer_that_keeps_sending_is_not_cut_off(tmp_path: Path, db: AuditDB) -> None:
