@@ -275,7 +275,6 @@ typedef struct {
     uint8_t *values; /* the wanted values, one after the other */
     uint32_t length[N_WANTED];
     int present[N_WANTED];
-    char final[PATH_CAP];
     uint64_t size;
     double received_at;
     int context_id;
@@ -302,9 +301,11 @@ typedef struct {
     uint64_t budget;
     int max_instances;
     double max_seconds;
-    /* the PDU buffer */
+    double pause_seconds;
+    /* the PDU buffer: the caller's (kept between calls), or one of this call for a larger PDU */
     uint8_t *buffer;
     uint64_t buffer_size;
+    uint8_t *own_buffer;
     /* the command set being received (kept for the dataset that follows) */
     uint8_t *command;
     size_t command_len, command_cap;
@@ -665,17 +666,18 @@ static int finish_store(Loop *L) {
                          memcmp(at[W_CLASS], L->in_context->abstract, len[W_CLASS])))
         return 0;
     if (L->size > L->budget - L->spent) return 0;
-    int n = snprintf(s->final, PATH_CAP, "%s/%.*s/%.*s/%.*s.dcm", L->spool_dir, (int)len[W_STUDY],
+    char final[PATH_CAP];
+    int n = snprintf(final, PATH_CAP, "%s/%.*s/%.*s/%.*s.dcm", L->spool_dir, (int)len[W_STUDY],
                      at[W_STUDY], (int)len[W_SERIES], at[W_SERIES], (int)L->uid_len, L->uid);
     if (n < 0 || n >= PATH_CAP) return 0;
     struct stat st;
-    if (lstat(s->final, &st) == 0 || errno != ENOENT) return 0; /* a duplicate: the Python side */
+    if (lstat(final, &st) == 0 || errno != ENOENT) return 0; /* a duplicate: the Python side */
     if (close(L->fd) != 0) {
         L->fd = -1;
         return -(errno ? errno : EIO); /* handed over closed: the Python side refuses it */
     }
     L->fd = -1;
-    if (rename(L->temp, s->final) != 0) return 0; /* e.g. a new series' folder: the Python side */
+    if (rename(L->temp, final) != 0) return 0; /* e.g. a new series' folder: the Python side */
     s->size = L->size;
     s->received_at = L->received_at;
     s->context_id = L->in_context->id;
@@ -714,18 +716,41 @@ static size_t store_response(Loop *L, uint8_t *out) {
     return (size_t)(p - out);
 }
 
-/* wait for the next PDU while instances are unreported: 1 when it is there, 0 to return */
-static int next_pdu_ready(Loop *L) {
-    if (L->n_stored == 0) return 1;
-    if (L->n_stored >= L->max_instances) return 0;
-    double left = L->first_unreported + L->max_seconds - monotonic();
-    if (left <= 0) return 0;
-    struct pollfd p = {.fd = L->sock, .events = POLLIN};
-    int r;
-    do {
-        r = poll(&p, 1, (int)(left * 1000) + 1);
-    } while (r < 0 && errno == EINTR);
-    return r != 0; /* (an error: the recv that follows reports it) */
+/* the next PDU's header. 0: read; 1: return first (instances are unreported and the batch is
+ * full, or the batch wait is over, or the peer pauses); -1: the loop's error is set. While
+ * instances are unreported the header is read without blocking, and a wait is bounded. */
+static int next_header(Loop *L, uint8_t *header) {
+    size_t got = 0;
+    if (L->n_stored > 0) {
+        if (L->n_stored >= L->max_instances) return 1;
+        for (;;) {
+            double left = L->first_unreported + L->max_seconds - monotonic();
+            if (left <= 0) return 1;
+            ssize_t r = recv(L->sock, header, 6, MSG_DONTWAIT);
+            if (r > 0) {
+                got = (size_t)r;
+                break;
+            }
+            if (r == 0) {
+                fail(L, ERR_CLOSED, 0, "closed");
+                return -1;
+            }
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                fail(L, ERR_OS, errno, "%s", strerror(errno));
+                return -1;
+            }
+            if (left > L->pause_seconds) left = L->pause_seconds;
+            struct pollfd p = {.fd = L->sock, .events = POLLIN};
+            int n = poll(&p, 1, (int)(left * 1000) + 1);
+            if (n == 0) return 1;
+            if (n < 0 && errno != EINTR) {
+                fail(L, ERR_OS, errno, "%s", strerror(errno));
+                return -1;
+            }
+        }
+    }
+    return recv_exact(L, header + got, 6 - got, got > 0) != 0 ? -1 : 0;
 }
 
 /* the PDVs of a P-DATA-TF body; 0 to go on with the next PDU, -1 when the loop returns */
@@ -828,15 +853,20 @@ static int pdata(Loop *L, const uint8_t *body, size_t end) {
 static void run(Loop *L) {
     uint8_t header[6];
     for (;;) {
-        if (!L->incoming && L->command_len == 0 && !next_pdu_ready(L)) {
-            L->kind = KIND_BATCH;
-            return;
+        int next = next_header(L, header);
+        if (next < 0) return;
+        if (next > 0) { /* report what is stored */
+            if (L->incoming) { /* with the dataset under way, finished in Python */
+                hand_over(L, 0, 0, NULL, 0);
+                return;
+            }
+            if (L->command_len == 0) {
+                L->kind = KIND_BATCH;
+                return;
+            }
+            /* a command set in fragments: its rest first, then report */
+            if (recv_exact(L, header, 6, 0) != 0) return;
         }
-        if (L->incoming && L->n_stored > 0 && !next_pdu_ready(L)) {
-            hand_over(L, 0, 0, NULL, 0); /* the peer pauses: report what is stored */
-            return;
-        }
-        if (recv_exact(L, header, 6, 0) != 0) return;
         int type = header[0];
         uint32_t length = be32(header + 2);
         if (type < 0x01 || type > 0x07) {
@@ -849,12 +879,12 @@ static void run(Loop *L) {
             return;
         }
         if (length > L->buffer_size) {
-            uint8_t *grown = realloc(L->buffer, length);
+            uint8_t *grown = realloc(L->own_buffer, length);
             if (!grown) {
                 fail(L, ERR_OS, ENOMEM, "%s", strerror(ENOMEM));
                 return;
             }
-            L->buffer = grown;
+            L->buffer = L->own_buffer = grown;
             L->buffer_size = length;
         }
         if (recv_exact(L, L->buffer, length, 1) != 0) return;
@@ -954,20 +984,26 @@ error:
 }
 
 static PyObject *py_receive(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"sock", "limit", "contexts", "spool_dir", "temp_prefix",
-                               "counter", "spare", "budget", "max_instances", "max_seconds", NULL};
+    static char *keywords[] = {"sock",         "buffer",      "limit",         "contexts",
+                               "spool_dir",    "temp_prefix", "counter",       "spare",
+                               "budget",       "max_instances", "max_seconds", "pause_seconds",
+                               NULL};
     Loop L;
     memset(&L, 0, sizeof L);
     PyObject *contexts, *spare;
+    Py_buffer buffer;
     const char *spool_dir, *temp_prefix;
     unsigned long long limit, budget;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iKOyyLOKid", keywords, &L.sock, &limit,
-                                     &contexts, &spool_dir, &temp_prefix, &L.counter, &spare,
-                                     &budget, &L.max_instances, &L.max_seconds))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iw*KOyyLOKidd", keywords, &L.sock, &buffer,
+                                     &limit, &contexts, &spool_dir, &temp_prefix, &L.counter,
+                                     &spare, &budget, &L.max_instances, &L.max_seconds,
+                                     &L.pause_seconds))
         return NULL;
-    if (L.max_instances < 1) {
-        PyErr_SetString(PyExc_ValueError, "max_instances must be at least 1");
+    PyObject *result = NULL, *stored = NULL, *detail = NULL, *spare_out = NULL;
+    if (L.max_instances < 1 || buffer.len < 6) {
+        PyErr_SetString(PyExc_ValueError, "max_instances must be at least 1, buffer 6 bytes");
+        PyBuffer_Release(&buffer);
         return NULL;
     }
     L.limit = limit;
@@ -978,27 +1014,32 @@ static PyObject *py_receive(PyObject *self, PyObject *args, PyObject *kwargs) {
     L.spare_fd = -1;
     if (spare != Py_None) {
         const char *path;
-        if (!PyArg_ParseTuple(spare, "yi", &path, &L.spare_fd)) return NULL;
+        int fd;
+        if (!PyArg_ParseTuple(spare, "yi", &path, &fd)) {
+            PyBuffer_Release(&buffer);
+            return NULL;
+        }
         if (strlen(path) >= PATH_CAP) {
             PyErr_SetString(PyExc_ValueError, "spare path too long");
+            PyBuffer_Release(&buffer);
             return NULL;
         }
         strcpy(L.spare, path);
+        L.spare_fd = fd; /* this call's now: handed back in the result, or closed and removed */
     }
-    if (parse_contexts(contexts, &L, &L.contexts, &L.n_contexts) < 0) return NULL;
-    L.buffer_size = 1u << 20;
-    L.buffer = malloc(L.buffer_size);
+    if (parse_contexts(contexts, &L, &L.contexts, &L.n_contexts) < 0) goto done;
+    L.buffer = buffer.buf;
+    L.buffer_size = (uint64_t)buffer.len;
     L.stored = calloc((size_t)L.max_instances, sizeof *L.stored);
-    if (!L.buffer || !L.stored) {
-        free(L.buffer);
-        free(L.stored);
-        free(L.contexts);
-        return PyErr_NoMemory();
+    if (!L.stored) {
+        PyErr_NoMemory();
+        goto done;
     }
 
     Py_BEGIN_ALLOW_THREADS
     run(&L);
-    if ((L.kind == KIND_ERROR || L.kind == KIND_PDU) && L.incoming) { /* cut off: dropped, named in the closing row */
+    if ((L.kind == KIND_ERROR || L.kind == KIND_PDU) && L.incoming) {
+        /* cut off: dropped, named in the closing row */
         memcpy(L.unfinished, L.uid, L.uid_len);
         L.unfinished[L.uid_len] = 0;
         drop_incoming_file(&L);
@@ -1006,7 +1047,7 @@ static PyObject *py_receive(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     Py_END_ALLOW_THREADS
 
-    PyObject *result = NULL, *stored = stored_list(&L), *detail = NULL, *spare_out = NULL;
+    stored = stored_list(&L);
     if (!stored) goto done;
     if (L.spare_fd >= 0) {
         spare_out = Py_BuildValue("(yi)", L.spare, L.spare_fd);
@@ -1060,7 +1101,8 @@ done:
     for (int i = 0; i < L.n_stored; i++) free(L.stored[i].values);
     free(L.pending.values);
     free(L.stored);
-    free(L.buffer);
+    free(L.own_buffer);
+    PyBuffer_Release(&buffer);
     free(L.command);
     free(L.head);
     free(L.contexts);

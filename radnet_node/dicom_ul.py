@@ -205,6 +205,11 @@ class PduReader:
         return pdu_type, body
 
     @property
+    def buffer(self) -> bytearray:
+        """The buffer PDUs are read into (lent to the C receive loop, which reads into it too)."""
+        return self._buffer
+
+    @property
     def header(self) -> bytes:
         """The 6-byte header of the last PDU read."""
         return bytes(self._header)

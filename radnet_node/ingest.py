@@ -223,15 +223,93 @@ _RELEASE_FLUSH_S = 5.0
 _STOP_ABORT_S = 2.0
 
 
-@dataclass
 class _Received:
-    """One instance spooled and answered, on its way to the catalog."""
+    """One instance spooled and answered, on its way to the catalog: what the catalog records
+    of it, or (from the C loop) the raw header values that is made of, decoded when the
+    recorder's thread first asks, not in the association's."""
 
-    info: InstanceInfo
-    association: _Open | None
-    received_at: dt.datetime
-    #: this C-STORE wrote the file (False: a file was at its place already)
-    written: bool
+    __slots__ = ("_info", "_raw", "_received_at", "association", "written")
+
+    def __init__(
+        self,
+        association: _Open | None,
+        received_at: dt.datetime | float,
+        *,
+        written: bool = True,
+        info: InstanceInfo | None = None,
+        raw: tuple[dict[str, bytes], str, UID, Path, int] | None = None,
+    ) -> None:
+        self.association = association
+        self._received_at = received_at
+        #: this C-STORE wrote the file (False: a file was at its place already)
+        self.written = written
+        self._info = info
+        #: (the scan's values, SOP class, transfer syntax, spool folder, file size)
+        self._raw = raw
+
+    @property
+    def info(self) -> InstanceInfo:
+        if self._info is None:
+            found, sop_class, syntax, spool_dir, size = self._raw  # type: ignore[misc]
+            header = _header_of(found)
+            final = spool_path(
+                spool_dir,
+                header["StudyInstanceUID"],
+                header["SeriesInstanceUID"],
+                header["SOPInstanceUID"],
+            )
+            self._info = _instance_info(
+                header,
+                _texts_or_empty(found, final),
+                sop_class=sop_class,
+                syntax=syntax,
+                final=final,
+                size=size,
+            )
+            self._raw = None
+        return self._info
+
+    @property
+    def received_at(self) -> dt.datetime:
+        """When its command arrived (UTC, no tzinfo, as :func:`radnet_node.audit.utcnow`)."""
+        if isinstance(self._received_at, float):
+            self._received_at = _from_timestamp(self._received_at)
+        return self._received_at
+
+
+def _instance_info(
+    header: dict[str, str],
+    texts: dict[str, str],
+    *,
+    sop_class: str,
+    syntax: UID,
+    final: Path,
+    size: int,
+) -> InstanceInfo:
+    """What the catalog records of an instance: its UIDs (``header``), its text elements."""
+    return InstanceInfo(
+        sop_instance_uid=header["SOPInstanceUID"],
+        sop_class_uid=sop_class,
+        study_instance_uid=header["StudyInstanceUID"],
+        series_instance_uid=header["SeriesInstanceUID"],
+        transfer_syntax_uid=str(syntax),
+        size_bytes=size,
+        spool_path=str(final),
+        accession_number=texts["AccessionNumber"][:64],
+        modality=texts["Modality"][:16],
+        series_number=series_number_of(texts["SeriesNumber"]),
+        series_description=texts["SeriesDescription"],
+    )
+
+
+def _texts_or_empty(found: dict[str, bytes], final: Path) -> dict[str, str]:
+    """:func:`_texts_of`, or empty texts (logged) when they cannot be decoded: the instance was
+    answered with success already, its row must follow."""
+    try:
+        return _texts_of(found)
+    except Exception:  # noqa: BLE001
+        _log.exception("cannot decode the text elements of a stored instance", path=str(final))
+        return dict.fromkeys(_TEXT_ELEMENTS, "")
 
 
 class _Recorder:
@@ -261,14 +339,13 @@ class _Recorder:
         self._thread = threading.Thread(target=self._run, name="ingest-recorder", daemon=True)
         self._thread.start()
 
-    def put(self, item: _Received) -> None:
+    def put(self, *items: _Received) -> None:
         with self._wake:
-            self._queue.append(item)
+            before = len(self._queue)
+            self._queue.extend(items)
             self._last_put = time.monotonic()
-            if len(self._queue) in (
-                1,
-                _BATCH,
-            ):  # the recorder waits for a first one or a full batch
+            # the recorder waits for a first one or a full batch
+            if before == 0 or before < _BATCH <= len(self._queue):
                 self._wake.notify()
 
     def pending_series(self) -> set[str]:
@@ -891,7 +968,7 @@ class _Association:
         state = self.state
         recorder = state.recorder
         token = None
-        if recorder.error is None and recorder.backlog < _MAX_BACKLOG - _C_BATCH:
+        if recorder.error is None and recorder.backlog < _MAX_BACKLOG - _BATCH:
             try:
                 token = state.free_space.reserve_lot(_C_BUDGET, state.node.min_free_disk_mb)
             except OSError:
@@ -899,8 +976,11 @@ class _Association:
         if token is None:  # this PDU in Python (which refuses the instance, if it comes to it)
             return self.reader.read()
         spare = self.take_spare()
+        # it reports what it stored when the recorder would commit it: a full batch, the batch
+        # wait after the first instance not reported, or a pause of the peer
         kind, stored, self._c_counter, spare_out, spent, detail = _fastscp.receive(
             sock=self.sock.fileno(),
+            buffer=self.reader.buffer,
             limit=self.reader.limit,
             contexts=contexts,
             spool_dir=os.fsencode(state.spool_dir),
@@ -908,8 +988,9 @@ class _Association:
             counter=self._c_counter,
             spare=None if spare is None else (os.fsencode(spare[0]), spare[1]),
             budget=_C_BUDGET,
-            max_instances=_C_BATCH,
-            max_seconds=_C_REPORT_S,
+            max_instances=_BATCH,
+            max_seconds=_BATCH_WAIT_S,
+            pause_seconds=_PAUSE_S,
         )
         state.free_space.give_back(_C_BUDGET - spent, token)
         if spare_out is not None:
@@ -965,25 +1046,22 @@ class _Association:
         """Hand the instances the C loop stored (and answered) to the recorder."""
         spool_dir = self.state.spool_dir
         accepted = self.negotiated.accepted  # type: ignore[union-attr]
-        for found, context_id, size, at in stored:
-            header = _header_of(found)
-            abstract, syntax = accepted[context_id]
-            final = spool_path(
-                spool_dir,
-                header["StudyInstanceUID"],
-                header["SeriesInstanceUID"],
-                header["SOPInstanceUID"],
+        self.state.recorder.put(
+            *(
+                _Received(
+                    self.info,
+                    at,
+                    raw=(
+                        found,
+                        str(accepted[context_id][0]),
+                        accepted[context_id][1],
+                        spool_dir,
+                        size,
+                    ),
+                )
+                for found, context_id, size, at in stored
             )
-            self.record(
-                header,
-                found,
-                sop_class=str(abstract),
-                syntax=syntax,
-                final=final,
-                size=size,
-                written=True,
-                received_at=_from_timestamp(at),
-            )
+        )
 
     def record(
         self,
@@ -1000,25 +1078,15 @@ class _Association:
     ) -> None:
         """Hand a stored instance to the recorder: its UIDs (``header``), its text elements
         (decoded from ``found``, the raw values, or given as ``texts``)."""
-        try:
-            header = {**header, **(texts if found is None else _texts_of(found))}
-        except Exception:  # noqa: BLE001 - answered with success already: the row must follow
-            _log.exception("cannot decode the text elements of a stored instance", path=str(final))
-            header = {**header, **dict.fromkeys(_TEXT_ELEMENTS, "")}
-        info = InstanceInfo(
-            sop_instance_uid=header["SOPInstanceUID"],
-            sop_class_uid=sop_class,
-            study_instance_uid=header["StudyInstanceUID"],
-            series_instance_uid=header["SeriesInstanceUID"],
-            transfer_syntax_uid=str(syntax),
-            size_bytes=size if written else 0,
-            spool_path=str(final),
-            accession_number=header["AccessionNumber"][:64],
-            modality=header["Modality"][:16],
-            series_number=series_number_of(header["SeriesNumber"]),
-            series_description=header["SeriesDescription"],
+        info = _instance_info(
+            header,
+            texts if found is None else _texts_or_empty(found, final),
+            sop_class=sop_class,
+            syntax=syntax,
+            final=final,
+            size=size if written else 0,
         )
-        self.state.recorder.put(_Received(info, self.info, received_at, written))
+        self.state.recorder.put(_Received(self.info, received_at, written=written, info=info))
 
     def _abort(self) -> None:
         """Send an A-ABORT (service provider), if the peer still takes it."""
@@ -1641,10 +1709,6 @@ def _from_timestamp(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).replace(tzinfo=None)
 
 
-#: the C loop reports what it stored after this many instances at most, or this long after the
-#: first it has not reported (or a pause of the peer as long): the recorder then has them
-_C_BATCH = 32
-_C_REPORT_S = 0.05
 #: disk space the C loop may fill before the free space is checked again (an instance that does
 #: not fit is finished in Python, which checks it against the threshold)
 _C_BUDGET = 64 << 20

@@ -248,9 +248,10 @@ def _spooled(scp: IngestSCP) -> dict[str, bytes]:
 def test_both_loops_spool_the_same_bytes_and_record_the_same_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # more instances than the C loop reports at once, two series (a second series' folder is
-    # made by the Python code), implicit and explicit VR, a non-ASCII description
-    files = write_series(tmp_path / "in", "a", slices=ingest._C_BATCH + 8)
+    # more instances than the C loop reports at once (8 here), two series (a second series'
+    # folder is made by the Python code), implicit and explicit VR, a non-ASCII description
+    monkeypatch.setattr(ingest, "_BATCH", 8)
+    files = write_series(tmp_path / "in", "a", slices=20)
     files += write_series(tmp_path / "in", "b", slices=3, series_number=3)
     datasets = [pydicom.dcmread(f) for f in files]
     for ds in datasets[-3:]:
