@@ -831,7 +831,8 @@ static int pdata(Loop *L, const uint8_t *body, size_t end) {
         L->meta_pending = 0;
         L->size += meta_len + n;
         if (!(control & 0x02)) continue;
-        int finished = finish_store(L);
+        /* (the results have room for max_instances: one PDU may hold many small C-STOREs) */
+        int finished = L->n_stored < L->max_instances ? finish_store(L) : 0;
         if (finished != 1) {
             hand_over(L, 1, -finished, body + pos, end - pos);
             return -1;

@@ -387,6 +387,28 @@ def test_a_c_echo_between_c_stores_is_answered_and_the_stores_go_on(
         assert len(_rows(scp)) == 4
 
 
+def test_one_p_data_tf_holding_more_c_stores_than_a_report_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a peer may pack whole C-STOREs, command and data set, into one PDU: the C loop stores as
+    # many as one report holds (4 here) and hands the rest of the PDU to the Python code (it once
+    # wrote past the end of its results)
+    monkeypatch.setattr(ingest, "_BATCH", 4)
+    instances = _instances(tmp_path, 11)
+    (first_uid, first), rest = instances[0], instances[1:]
+    with _scp(tmp_path / "node", "c", monkeypatch) as scp, _raw_association(scp.address[1]) as sock:
+        sock.sendall(_store_rq(first_uid, 1) + _pdv_pdu(first, 0x02, 3))  # makes the folders
+        assert _status(sock) == 0
+        pdvs = b"".join(
+            _store_rq(uid, number)[6:] + _pdv_pdu(data, 0x02, 3)[6:]
+            for number, (uid, data) in enumerate(rest, start=2)
+        )
+        sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdvs)) + pdvs)
+        assert [_status(sock) for _ in rest] == [0] * len(rest)
+        _release(sock)
+        assert sorted(r["sop_instance_uid"] for r in _rows(scp)) == sorted(u for u, _ in instances)
+
+
 def test_instances_beyond_the_disk_budget_are_finished_in_python(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
