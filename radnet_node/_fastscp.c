@@ -22,6 +22,9 @@
  *
  * Every length read from the network is checked against what was received before it is used.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* renameat2 */
+#endif
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -265,9 +268,9 @@ typedef struct {
     int implicit;      /* how its datasets are scanned: 1 implicit VR, 0 explicit, -1 not here */
     uint8_t abstract[MAX_UID];
     size_t abstract_len;
-    const uint8_t *meta_head; /* file meta elements (0002,0001) and (0002,0002) */
+    uint8_t meta_head[512]; /* file meta elements (0002,0001) and (0002,0002) */
     size_t meta_head_len;
-    const uint8_t *meta_tail; /* (0002,0010) to the end */
+    uint8_t meta_tail[512]; /* (0002,0010) to the end */
     size_t meta_tail_len;
 } Context;
 
@@ -318,7 +321,8 @@ typedef struct {
     uint64_t size;
     int meta_pending;
     int settled; /* the header was found and fits: this loop may finish it */
-    int scanned; /* the scan has ended (found, or given up) */
+    int scanned;  /* the scan has ended (found, or given up) */
+    int scan_bad; /* the first bytes are no dataset: the Python side refuses it */
     uint8_t *head;
     size_t head_len, head_cap;
     Found found;
@@ -459,6 +463,7 @@ static void reset_incoming(Loop *L) {
     L->head_len = 0;
     L->settled = 0;
     L->scanned = 0;
+    L->scan_bad = 0;
     free(L->pending.values);
     L->pending.values = NULL;
 }
@@ -508,6 +513,7 @@ static int start_store(Loop *L, Context *ctx) {
     L->meta_pending = 1;
     L->settled = 0;
     L->scanned = 0;
+    L->scan_bad = 0;
     L->head_len = 0;
     memcpy(L->uid, value[4], uid_len);
     L->uid_len = uid_len;
@@ -565,75 +571,47 @@ static int keep_found(Loop *L, const uint8_t *d) {
     return 1;
 }
 
-/* scan a dataset fragment as it arrives (ingest._Incoming.write) */
-static void scan_fragment(Loop *L, const uint8_t *fragment, size_t n) {
-    const uint8_t *d = fragment;
-    size_t len = n;
-    if (L->head_len) { /* the scan needs the bytes before this fragment too */
-        if (L->head_len + n > L->head_cap) {
-            size_t cap = (L->head_len + n) * 2;
-            uint8_t *grown = realloc(L->head, cap);
-            if (!grown) {
-                L->scanned = 1; /* handed over: the Python side scans */
-                return;
-            }
-            L->head = grown;
-            L->head_cap = cap;
+/* append n bytes to the dataset's first bytes kept for the scan; -1 (the loop's error set) when
+ * memory runs out */
+static int keep_head(Loop *L, const uint8_t *p, size_t n) {
+    if (n == 0) return 0;
+    if (L->head_len + n > L->head_cap) {
+        size_t cap = (L->head_len + n) * 2;
+        uint8_t *grown = realloc(L->head, cap);
+        if (!grown) {
+            fail(L, ERR_OS, ENOMEM, "%s", strerror(ENOMEM));
+            return -1;
         }
-        memcpy(L->head + L->head_len, fragment, n);
-        L->head_len += n;
-        d = L->head;
-        len = L->head_len;
+        L->head = grown;
+        L->head_cap = cap;
     }
+    memcpy(L->head + L->head_len, p, n);
+    L->head_len += n;
+    return 0;
+}
+
+/* scan a dataset fragment as it arrives (ingest._Incoming._scan_head), keeping what the Python
+ * side scans if the dataset is handed over; 0, or -1 with the loop's error set */
+static int scan_fragment(Loop *L, const uint8_t *fragment, size_t n) {
+    int kept = L->head_len > 0; /* the scan needs the bytes before this fragment too */
+    if (kept && keep_head(L, fragment, n) < 0) return -1;
+    const uint8_t *d = kept ? L->head : fragment;
+    size_t len = kept ? L->head_len : n;
     uint64_t stop = 0;
     int r = scan(d, len, L->in_context->implicit, &L->found, &stop);
     if (r == SCAN_OK) {
         L->scanned = 1;
-        L->settled = keep_found(L, d);
-        /* what the Python side scans if the dataset is handed over: up to the element header
-         * that ended the scan (12 bytes at most) */
-        if (!L->head_len) {
-            size_t keep = stop + 12 < n ? (size_t)stop + 12 : n;
-            if (keep > L->head_cap) {
-                uint8_t *grown = realloc(L->head, keep);
-                if (!grown) {
-                    L->settled = 0;
-                    return;
-                }
-                L->head = grown;
-                L->head_cap = keep;
-            }
-            memcpy(L->head, fragment, keep);
-            L->head_len = keep;
-        }
-        return;
+        L->settled = keep_found(L, d); /* (0 when memory runs out: then handed over) */
+        /* up to the element header that ended the scan (12 bytes at most) */
+        return kept ? 0 : keep_head(L, fragment, stop + 12 < n ? (size_t)stop + 12 : n);
     }
-    if (r == SCAN_BAD || len > HEAD_LIMIT) { /* the Python side reports it, or reads the file */
+    if (r == SCAN_BAD) {
         L->scanned = 1;
-        if (!L->head_len) { /* keep what the Python side scans */
-            uint8_t *grown = n > L->head_cap ? realloc(L->head, n) : L->head;
-            if (grown) {
-                L->head = grown;
-                L->head_cap = n > L->head_cap ? n : L->head_cap;
-                memcpy(L->head, fragment, n);
-                L->head_len = n;
-            }
-        }
-        return;
+        L->scan_bad = 1;
+    } else if (len > HEAD_LIMIT) {
+        L->scanned = 1; /* the Python side reads the header from the spooled file */
     }
-    if (!L->head_len) { /* more is needed: keep this fragment */
-        if (n > L->head_cap) {
-            uint8_t *grown = realloc(L->head, n * 2);
-            if (!grown) {
-                L->scanned = 1;
-                return;
-            }
-            L->head = grown;
-            L->head_cap = n * 2;
-        }
-        memcpy(L->head, fragment, n);
-        L->head_len = n;
-    }
+    return kept ? 0 : keep_head(L, fragment, n);
 }
 
 /* hand the incoming dataset over to the Python side */
@@ -643,6 +621,17 @@ static void hand_over(Loop *L, int complete, int err, const uint8_t *rest, size_
     L->handover_errno = err;
     L->rest = rest;
     L->rest_len = rest_len;
+}
+
+/* move a temporary file to its place unless a file is there (another association may have
+ * stored the same instance since the check); 0, or -1 with errno */
+static int place(const char *temporary, const char *final) {
+#if defined(__linux__) && defined(RENAME_NOREPLACE)
+    if (renameat2(AT_FDCWD, temporary, AT_FDCWD, final, RENAME_NOREPLACE) == 0) return 0;
+    if (errno != EINVAL && errno != ENOSYS) return -1;
+    /* (a file system without RENAME_NOREPLACE: checked just before, as the Python side does) */
+#endif
+    return rename(temporary, final);
 }
 
 /* the whole dataset is in: check, place and answer it here (1), or hand it over (0) */
@@ -677,7 +666,7 @@ static int finish_store(Loop *L) {
         return -(errno ? errno : EIO); /* handed over closed: the Python side refuses it */
     }
     L->fd = -1;
-    if (rename(L->temp, final) != 0) return 0; /* e.g. a new series' folder: the Python side */
+    if (place(L->temp, final) != 0) return 0; /* a new series' folder, a duplicate: Python */
     s->size = L->size;
     s->received_at = L->received_at;
     s->context_id = L->in_context->id;
@@ -794,7 +783,7 @@ static int pdata(Loop *L, const uint8_t *body, size_t end) {
                 L->command = grown;
                 L->command_cap = cap;
             }
-            memcpy(L->command + L->command_len, fragment, n);
+            if (n) memcpy(L->command + L->command_len, fragment, n);
             L->command_len += n;
             if (control & 0x02) {
                 L->command_context = context_id;
@@ -811,7 +800,13 @@ static int pdata(Loop *L, const uint8_t *body, size_t end) {
             fail(L, ERR_PROTOCOL, 0, "a dataset without its command");
             return -1;
         }
-        if (!L->scanned) scan_fragment(L, fragment, n);
+        if (!L->scanned) {
+            if (scan_fragment(L, fragment, n) < 0) return -1;
+            if (L->scan_bad) { /* refused by the Python side, which stops writing it here */
+                hand_over(L, control & 0x02, 0, body + pos, end - pos);
+                return -1;
+            }
+        }
         uint8_t meta[132 + 12 + 2 * 256 + 8 + MAX_UID + 1];
         struct iovec iov[2];
         int count = 0;
@@ -970,9 +965,9 @@ static int parse_contexts(PyObject *contexts, Loop *L, Context **out, int *count
         c->implicit = implicit;
         memcpy(c->abstract, abstract, (size_t)abstract_len);
         c->abstract_len = (size_t)abstract_len;
-        c->meta_head = (const uint8_t *)head;
+        memcpy(c->meta_head, head, (size_t)head_len); /* (copied: used without the GIL) */
         c->meta_head_len = (size_t)head_len;
-        c->meta_tail = (const uint8_t *)tail;
+        memcpy(c->meta_tail, tail, (size_t)tail_len);
         c->meta_tail_len = (size_t)tail_len;
     }
     (void)L;
@@ -1022,6 +1017,8 @@ static PyObject *py_receive(PyObject *self, PyObject *args, PyObject *kwargs) {
         }
         if (strlen(path) >= PATH_CAP) {
             PyErr_SetString(PyExc_ValueError, "spare path too long");
+            close(fd);
+            unlink(path);
             PyBuffer_Release(&buffer);
             return NULL;
         }
@@ -1052,7 +1049,6 @@ static PyObject *py_receive(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (!stored) goto done;
     if (L.spare_fd >= 0) {
         spare_out = Py_BuildValue("(yi)", L.spare, L.spare_fd);
-        L.spare_fd = -1;
     } else {
         spare_out = Py_NewRef(Py_None);
     }
@@ -1068,18 +1064,19 @@ static PyObject *py_receive(PyObject *self, PyObject *args, PyObject *kwargs) {
                                                : Py_NewRef(Py_None));
         break;
     case KIND_COMMAND:
-        detail = Py_BuildValue("(iy#y#)", L.command_context, (const char *)L.command,
+        detail = Py_BuildValue("(iy#y#)", L.command_context,
+                               (const char *)(L.command ? L.command : (const uint8_t *)""),
                                (Py_ssize_t)L.command_len, (const char *)L.rest,
                                (Py_ssize_t)L.rest_len);
         break;
     case KIND_DATASET:
-        detail = Py_BuildValue("(iy#yiKy#iiy#d)", L.in_context->id, (const char *)L.command,
+        detail = Py_BuildValue("(iy#yiKy#iiy#d)", L.in_context->id,
+                               (const char *)(L.command ? L.command : (const uint8_t *)""),
                                (Py_ssize_t)L.command_len, L.temp, L.fd, (unsigned long long)L.size,
                                (const char *)(L.head ? L.head : (const uint8_t *)""),
                                (Py_ssize_t)L.head_len, L.handover_complete, L.handover_errno,
                                (const char *)(L.rest ? L.rest : (const uint8_t *)""),
                                (Py_ssize_t)L.rest_len, L.received_at);
-        if (detail) L.fd = -1; /* the Python side's now */
         break;
     default:
         detail = Py_BuildValue("(iisN)", L.error, L.error_errno, L.message,
@@ -1090,6 +1087,10 @@ static PyObject *py_receive(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (!detail) goto done;
     result = Py_BuildValue("(iOLOKO)", L.kind, stored, L.counter, spare_out,
                            (unsigned long long)L.spent, detail);
+    if (result) { /* the spare file and a handed-over dataset's file are the caller's now */
+        L.spare_fd = -1;
+        if (L.kind == KIND_DATASET) L.fd = -1;
+    }
 done:
     Py_XDECREF(stored);
     Py_XDECREF(spare_out);

@@ -406,6 +406,36 @@ def test_a_broken_protocol_aborts_the_association_with_the_reason_audited(
     assert "aborted (protocol error: P-DATA on presentation context 99" in closed[0].message
 
 
+def test_an_empty_command_set_aborts_the_association_with_the_reason_audited(
+    scp: IngestSCP, db: AuditDB
+) -> None:
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_p_data_tf(b"", 0x03))  # a last command fragment of no bytes
+        assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+    closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+    assert "aborted (protocol error: command set lacks (0000,0100))" in closed[0].message
+
+
+def test_a_data_set_that_cannot_be_parsed_is_refused_and_nothing_is_kept(
+    scp: IngestSCP, db: AuditDB
+) -> None:
+    # an undefined length on an element that starts no sequence, in the first fragment; the
+    # rest of the data set follows in a second one
+    bad = struct.pack("<HHI", 0x0008, 0x0005, 0xFFFFFFFF) + struct.pack("<HHI", 0x0008, 0x0016, 4)
+    with _raw_association(scp.address[1]) as sock:
+        sock.sendall(_c_store_rq("1.2.826.0.1.3680043.8.498.5"))
+        sock.sendall(_dataset_pdu(bad + b"1.2\x00", last=False))
+        sock.sendall(_dataset_pdu(b"\x00" * 4096))
+        assert _response(sock).Status == 0xC000
+        _release(sock)
+    refused = _events(db, "instance.refused")
+    assert len(refused) == 1
+    assert (
+        "the dataset cannot be parsed (unexpected tag 00080016 in a sequence)" in refused[0].message
+    )
+    assert not [p for p in scp.spool_dir.rglob("*") if p.is_file()]
+
+
 def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept(
     tmp_path: Path, db: AuditDB
 ) -> None:
