@@ -1,7 +1,7 @@
 """Benchmark of DICOM ingest: images/s of the node's Storage SCP (``radnet-node serve``) receiving a
 series from DCMTK ``storescu``, against DCMTK ``storescp`` receiving the same files in the same run.
 
-Run ``python benchmarks/bench_ingest.py [--slices 200] [--size 512] [--repeats 6] [--json F]``.
+Run ``python benchmarks/bench_ingest.py [--slices 200] [--size 512] [--repeats 8] [--json F]``.
 It writes a synthetic head CT (default 200 slices of 512 x 512, uncompressed, ~100 MB) and sends it
 on one association with ``storescu -pdu 131072``, ``TCP_NODELAY=1`` in every DCMTK environment
 (Debian's DCMTK stalls on Nagle's algorithm without it), to
@@ -9,12 +9,15 @@ on one association with ``storescu -pdu 131072``, ``TCP_NODELAY=1`` in every DCM
 - ``storescp -pdu 131072 +B`` writing every file to disk (the reference),
 - ``radnet-node serve`` (``quiet_seconds`` of a day so no job runs;
   the model is a tiny one because ingest never touches it), which puts each instance in its place
-  in the spool before it answers, and
-- the same with ``[node] fsync_spool = true`` (every file and folder fsynced before the answer).
+  in the spool before it answers, its C-STOREs received by the C loop (``radnet_node/_fastscp.c``),
+- the same with the Python loop alone (``RADNET_NODE_INGEST_LOOP=python``), and
+- the same with ``[node] fsync_spool = true`` (every file and folder fsynced before the answer;
+  the Python loop receives then too).
 
-The three receivers are started once and stay up, as servers do; each round sends one new series
-(its own UIDs, so nothing is a duplicate) to each of them, the rounds taking the six orders of the
-three receivers in turn, each send after ``sync``. Nothing is deleted until the end. The median wall
+The four receivers are started once and stay up, as servers do; each round sends one new series
+(its own UIDs, so nothing is a duplicate) to each of them, the rounds taking the receivers in
+rotated orders, forwards and backwards (8 rounds: each receiver twice in each place), each send
+after ``sync``. Nothing is deleted until the end. The median wall
 time of ``storescu`` from start to exit gives images/s, and the ratio node / DCMTK is printed
 (target: >= 1), with the median of the per-round ratios. Every run's instances are counted right
 after it. A second table gives the CPU time per instance of each receiver (user and system, from
@@ -50,7 +53,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import itertools
 import json
 import os
 import platform
@@ -148,11 +150,12 @@ def children_cpu() -> tuple[float, float]:
 
 
 def run_split(files: list[Path], work: Path) -> dict[str, float]:
-    """One run into the node's SCP in this process with its parts timed (``--split``): the
-    association thread's time in the dataset writes (spool file + header scan), in the checks and
-    the move into place, and after the answer (the hand-over to the recorder and the next request's
-    spool file: the sender's next request is usually waiting by then, so this is on the critical
-    path too); the recorder's own thread (catalog rows, in batches)."""
+    """One run into the node's SCP in this process, with the Python loop, its parts timed
+    (``--split``): the association thread's time in the dataset writes (spool file + header
+    scan), in the checks and the move into place, and after the answer (the hand-over to the
+    recorder and the next request's spool file: the sender's next request is usually waiting by
+    then, so this is on the critical path too); the recorder's own thread (catalog rows, in
+    batches)."""
     spent = {
         "spool write": 0.0,
         "checks + place": 0.0,
@@ -185,6 +188,7 @@ def run_split(files: list[Path], work: Path) -> dict[str, float]:
         work.mkdir(parents=True)
         node = NodeSection(host="127.0.0.1", port=free_port(), data_dir=work, min_free_disk_mb=1)
         scp = ingest.IngestSCP(node, AuditDB(f"sqlite:///{work / 'audit.sqlite'}"))
+        scp.c_loop = False  # the parts timed are the Python loop's (the C loop has none)
         scp.start()
         try:
             elapsed = send(node.port, node.ae_title, files)
@@ -218,15 +222,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=_positive, default=6, help="rounds (6: every order once)")
+    parser.add_argument(
+        "--repeats", type=_positive, default=8, help="rounds (8: each receiver twice in each place)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--split", action="store_true", help="also time the node's C-STORE handler in-process"
     )
     args = parser.parse_args(argv)
 
-    names = ("dcmtk storescp", "radnet-node", "radnet-node, fsync_spool = true")
-    orders = list(itertools.permutations(names))  # every order, so no receiver has fixed neighbours
+    names = (
+        "dcmtk storescp",
+        "radnet-node",
+        "radnet-node, Python loop",
+        "radnet-node, fsync_spool = true",
+    )
+    # each receiver in each place of a round twice (rotations, forwards and backwards), so none
+    # has fixed neighbours
+    orders = [names[i:] + names[:i] for i in range(len(names))]
+    orders += [order[::-1] for order in orders]
     times: dict[str, list[float]] = {name: [] for name in names}
     # CPU seconds over all runs: the receiver's user and system time, then storescu's
     cpu: dict[str, list[float]] = {name: [0.0, 0.0, 0.0, 0.0] for name in names}
@@ -247,9 +261,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     weights=weights,
                     quiet_seconds=86400.0,
                     sections={"node": {"fsync_spool": fsync}},
+                    environment={ingest.C_LOOP_ENV: loop},
                 )
             )
-            for name, folder, fsync in ((names[1], "node", False), (names[2], "fsync", True))
+            for name, folder, fsync, loop in (
+                (names[1], "node", False, "c"),
+                (names[2], "python", False, "python"),
+                (names[3], "fsync", True, "c"),
+            )
         }
         targets = {names[0]: (dcmtk.port, "STORESCP")}
         targets.update({name: (node.port, node.ae_title) for name, node in nodes.items()})
@@ -294,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = ", ".join(f"{x:.2f}" for x in t)
         print(f"| {name} | {rates[name]:.0f} | {rates[name] * megabytes / args.slices:.1f} "
               f"| {statistics.median(t):.2f} ({runs}) |")  # fmt: skip
-    print(f"\nratio radnet-node / DCMTK: {ratio:.2f} (target >= 1); with fsync_spool = true: "
+    print(f"\nratio radnet-node / DCMTK: {ratio:.2f} (target >= 1); with the Python loop: "
+          f"{rates['radnet-node, Python loop'] / rates['dcmtk storescp']:.2f}; with "
+          f"fsync_spool = true: "
           f"{rates['radnet-node, fsync_spool = true'] / rates['dcmtk storescp']:.2f}; median of "
           f"the per-round ratios {paired:.2f}")  # fmt: skip
     per_instance = args.slices * args.repeats / 1e6  # CPU seconds -> microseconds per instance

@@ -123,7 +123,7 @@ class NodeProcess:
 
     ``sections`` is merged into the generated config per section (``{"node": {...}}`` adds or
     replaces keys of ``[node]``; a value ``None`` removes the key, so the node's default applies);
-    ``destinations`` become ``[[destinations]]``.
+    ``destinations`` become ``[[destinations]]``; ``environment`` is added to the process's.
     """
 
     workdir: Path
@@ -132,6 +132,7 @@ class NodeProcess:
     quiet_seconds: float = 1.0
     destinations: Sequence[Mapping[str, Any]] = ()
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    environment: Mapping[str, str] = field(default_factory=dict)
     start_timeout_s: float = 120.0
     port: int = field(default_factory=free_port)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -212,7 +213,7 @@ class NodeProcess:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(to_toml(self.config()), encoding="utf-8")
-        env = os.environ | {"TCP_NODELAY": "1", "PYTHONUNBUFFERED": "1"}
+        env = os.environ | {"TCP_NODELAY": "1", "PYTHONUNBUFFERED": "1"} | dict(self.environment)
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts + 1} ---\n".encode())
             log.flush()

@@ -31,8 +31,10 @@ def test_bench_ingest_runs_and_prints_the_ratio_to_dcmtk() -> None:
     out = _run("bench_ingest.py", "--slices", "6", "--size", "64", "--repeats", "1", "--split")
     assert re.search(r"^\| dcmtk storescp \| \d+", out, re.MULTILINE), out
     assert re.search(r"^\| radnet-node \| \d+", out, re.MULTILINE), out
+    assert re.search(r"^\| radnet-node, Python loop \| \d+", out, re.MULTILINE), out
     assert re.search(r"^\| radnet-node, fsync_spool = true \| \d+", out, re.MULTILINE), out
     assert re.search(r"^ratio radnet-node / DCMTK: \d+\.\d+", out, re.MULTILINE), out
+    assert re.search(r"with the Python loop: \d+\.\d+", out), out
     assert re.search(r"dataset written to the spool \(and header scanned\) \d+\.\d+", out), out
     assert re.search(r"recorder thread, in parallel \d+\.\d+", out), out
     assert "CPU per instance, us" in out, out
