@@ -628,9 +628,15 @@ static void hand_over(Loop *L, int complete, int err, const uint8_t *rest, size_
 static int place(const char *temporary, const char *final) {
 #if defined(__linux__) && defined(RENAME_NOREPLACE)
     if (renameat2(AT_FDCWD, temporary, AT_FDCWD, final, RENAME_NOREPLACE) == 0) return 0;
-    if (errno != EINVAL && errno != ENOSYS) return -1;
-    /* (a file system without RENAME_NOREPLACE: checked just before, as the Python side does) */
+    if (errno != EINVAL && errno != ENOSYS) return -1; /* EEXIST: a duplicate */
 #endif
+    /* (no RENAME_NOREPLACE here: checked just before, as the Python side does) */
+    struct stat st;
+    if (lstat(final, &st) == 0) {
+        errno = EEXIST;
+        return -1;
+    }
+    if (errno != ENOENT) return -1;
     return rename(temporary, final);
 }
 
@@ -659,8 +665,6 @@ static int finish_store(Loop *L) {
     int n = snprintf(final, PATH_CAP, "%s/%.*s/%.*s/%.*s.dcm", L->spool_dir, (int)len[W_STUDY],
                      at[W_STUDY], (int)len[W_SERIES], at[W_SERIES], (int)L->uid_len, L->uid);
     if (n < 0 || n >= PATH_CAP) return 0;
-    struct stat st;
-    if (lstat(final, &st) == 0 || errno != ENOENT) return 0; /* a duplicate: the Python side */
     if (close(L->fd) != 0) {
         L->fd = -1;
         return -(errno ? errno : EIO); /* handed over closed: the Python side refuses it */
