@@ -375,6 +375,17 @@ static void fail(Loop *L, int error, int err, const char *fmt, ...) {
     va_end(args);
 }
 
+/* after a failed recv or send (r < 0): 0 to try again (EINTR), or -1 with the loop's error set
+ * (the kernel's timeout, SO_RCVTIMEO / SO_SNDTIMEO, ran out: ERR_TIMEOUT) */
+static int io_failed(Loop *L, const char *timeout_message) {
+    if (errno == EINTR) return 0;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        fail(L, ERR_TIMEOUT, 0, "%s", timeout_message);
+    else
+        fail(L, ERR_OS, errno, "%s", strerror(errno));
+    return -1;
+}
+
 /* recv exactly n bytes. 0: done; -1: the loop's error is set. */
 static int recv_exact(Loop *L, uint8_t *p, size_t n, int mid_pdu) {
     size_t got = 0;
@@ -385,13 +396,7 @@ static int recv_exact(Loop *L, uint8_t *p, size_t n, int mid_pdu) {
         } else if (r == 0) {
             fail(L, (mid_pdu || got > 0) ? ERR_CLOSED_MID_PDU : ERR_CLOSED, 0, "closed");
             return -1;
-        } else if (errno == EINTR) {
-            continue;
-        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            fail(L, ERR_TIMEOUT, 0, "nothing received within the network timeout");
-            return -1;
-        } else {
-            fail(L, ERR_OS, errno, "%s", strerror(errno));
+        } else if (io_failed(L, "nothing received within the network timeout")) {
             return -1;
         }
     }
@@ -402,17 +407,10 @@ static int send_all(Loop *L, const uint8_t *p, size_t n) {
     size_t sent = 0;
     while (sent < n) {
         ssize_t r = send(L->sock, p + sent, n - sent, MSG_NOSIGNAL);
-        if (r >= 0) {
+        if (r >= 0)
             sent += (size_t)r;
-        } else if (errno == EINTR) {
-            continue;
-        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            fail(L, ERR_TIMEOUT, 0, "nothing sent within the network timeout");
+        else if (io_failed(L, "nothing sent within the network timeout"))
             return -1;
-        } else {
-            fail(L, ERR_OS, errno, "%s", strerror(errno));
-            return -1;
-        }
     }
     return 0;
 }
@@ -902,11 +900,6 @@ static void run(Loop *L) {
 /* ------------------------------------------------------------------------------------------ */
 /* Python                                                                                        */
 
-static PyObject *bytes_or_none(const uint8_t *p, size_t n, int present) {
-    if (!present) Py_RETURN_NONE;
-    return PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n);
-}
-
 static PyObject *stored_list(Loop *L) {
     PyObject *list = PyList_New(L->n_stored);
     if (!list) return NULL;
@@ -937,7 +930,7 @@ error:
     return NULL;
 }
 
-static int parse_contexts(PyObject *contexts, Loop *L, Context **out, int *count) {
+static int parse_contexts(PyObject *contexts, Context **out, int *count) {
     /* {context_id: (abstract: bytes, implicit: int, meta_head: bytes, meta_tail: bytes) | None} */
     if (!PyDict_Check(contexts)) {
         PyErr_SetString(PyExc_TypeError, "contexts must be a dict");
@@ -974,7 +967,6 @@ static int parse_contexts(PyObject *contexts, Loop *L, Context **out, int *count
         memcpy(c->meta_tail, tail, (size_t)tail_len);
         c->meta_tail_len = (size_t)tail_len;
     }
-    (void)L;
     *out = array;
     *count = (int)n;
     return 0;
@@ -1029,7 +1021,7 @@ static PyObject *py_receive(PyObject *self, PyObject *args, PyObject *kwargs) {
         strcpy(L.spare, path);
         L.spare_fd = fd; /* this call's now: handed back in the result, or closed and removed */
     }
-    if (parse_contexts(contexts, &L, &L.contexts, &L.n_contexts) < 0) goto done;
+    if (parse_contexts(contexts, &L.contexts, &L.n_contexts) < 0) goto done;
     L.buffer = buffer.buf;
     L.buffer_size = (uint64_t)buffer.len;
     L.stored = calloc((size_t)L.max_instances, sizeof *L.stored);
@@ -1128,7 +1120,8 @@ static PyObject *py_scan_header(PyObject *self, PyObject *args) {
         PyObject *values = PyDict_New();
         for (int w = 0; values && w < N_WANTED; w++) {
             if (!f.present[w]) continue;
-            PyObject *v = bytes_or_none((const uint8_t *)data.buf + f.offset[w], f.length[w], 1);
+            PyObject *v = PyBytes_FromStringAndSize((const char *)data.buf + f.offset[w],
+                                                    (Py_ssize_t)f.length[w]);
             if (!v || PyDict_SetItemString(values, WANTED_NAMES[w], v) < 0) {
                 Py_XDECREF(v);
                 Py_CLEAR(values);

@@ -9,7 +9,6 @@ The behaviour of ingest as a whole is tested with both loops in ``test_ingest.py
 from __future__ import annotations
 
 import random
-import socket
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,19 +17,24 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from association_pdus import associate_rq_pdu
+from association_pdus import (
+    c_store_rq,
+    command_pdu,
+    encoded,
+    p_data_tf,
+    raw_association,
+    read_response,
+    release,
+)
 from node_support import send, wait_for, write_series
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from radnet_node import catalog, dicom_ul, ingest
 from radnet_node.audit import AuditDB, Instance, Series
 from radnet_node.config import NodeSection
-from radnet_node.dicom_ul import PduReader
 from radnet_node.ingest import IngestSCP
 
 fastscp = ingest._fastscp
@@ -57,13 +61,6 @@ def _python_scan(data: bytes, implicit: bool) -> tuple[str, dict[str, bytes] | N
         return "more", None
     except dicom_ul.ProtocolError:
         return "bad", None
-
-
-def _encoded(ds: Dataset, implicit: bool) -> bytes:
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, implicit
-    write_dataset(out, ds)
-    return out.getvalue()
 
 
 def _with_sequences(ds: Dataset) -> Dataset:
@@ -115,7 +112,7 @@ def _corpus(tmp_path: Path, dicom_data_dir: Path) -> list[tuple[bytes, bool]]:
     for ds in datasets:
         for implicit in (True, False):
             try:
-                corpus.append((_encoded(ds, implicit)[:4096], implicit))
+                corpus.append((encoded(ds, implicit=implicit)[:4096], implicit))
             except Exception:  # noqa: BLE001 - a value pydicom cannot write in that encoding
                 continue
     return corpus
@@ -146,8 +143,8 @@ def test_the_header_walk_gives_the_python_answer_on_real_truncated_and_broken_da
     # and the nesting limit is the same: 18 levels of sequences are too many, 17 are not
     for depth, answer in ((17, "ok"), (18, "bad")):
         for implicit in (True, False):
-            data = _encoded(_nested(Dataset(), depth), implicit) + _encoded(
-                _wanted_after(), implicit
+            data = encoded(_nested(Dataset(), depth), implicit=implicit) + encoded(
+                _wanted_after(), implicit=implicit
             )
             assert fastscp.scan_header(data, implicit)[0] == answer
             assert _python_scan(data, implicit)[0] == answer
@@ -276,76 +273,12 @@ def test_both_loops_spool_the_same_bytes_and_record_the_same_rows(
     assert len(results["c"][0]) == len(datasets)
 
 
-def _raw_association(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-    sock.sendall(associate_rq_pdu([Verification, CTImageStorage]))
-    assert PduReader(sock, 1 << 20).read()[0] == 0x02
-    return sock
-
-
-def _pdv_pdu(payload: bytes, control: int, context_id: int) -> bytes:
-    pdv = struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
-    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
-
-
-def _command(elements: list[tuple[int, bytes]]) -> bytes:
-    return b"".join(struct.pack("<HHI", 0, e, len(v)) + v for e, v in elements)
-
-
-def _even(value: str) -> bytes:
-    raw = value.encode()
-    return raw + b"\x00" * (len(raw) % 2)
-
-
-def _store_rq(sop_uid: str, message_id: int) -> bytes:
-    return _pdv_pdu(
-        _command(
-            [
-                (0x0002, _even(CTImageStorage)),
-                (0x0100, struct.pack("<H", 0x0001)),
-                (0x0110, struct.pack("<H", message_id)),
-                (0x0700, struct.pack("<H", 0)),
-                (0x0800, struct.pack("<H", 0)),
-                (0x1000, _even(sop_uid)),
-            ]
-        ),
-        0x03,
-        3,
-    )
-
-
-def _echo_rq(message_id: int) -> bytes:
-    return _pdv_pdu(
-        _command(
-            [
-                (0x0002, _even(Verification)),
-                (0x0100, struct.pack("<H", 0x0030)),
-                (0x0110, struct.pack("<H", message_id)),
-                (0x0800, struct.pack("<H", 0x0101)),
-            ]
-        ),
-        0x03,
-        1,
-    )
-
-
-def _status(sock: socket.socket) -> int:
-    pdu_type, body = PduReader(sock, 1 << 20).read()
-    assert pdu_type == 0x04
-    return int(pydicom.dcmread(BytesIO(bytes(body)[6:]), force=True).Status)
-
-
-def _release(sock: socket.socket) -> None:
-    sock.sendall(bytes.fromhex("05000000000400000000"))
-    assert PduReader(sock, 1 << 20).read()[0] == 0x06
-
-
 def _instances(tmp_path: Path, count: int) -> list[tuple[str, bytes]]:
     """(SOP Instance UID, implicit VR data set) of a new series of ``count`` slices."""
     out = []
     for path in write_series(tmp_path, f"raw{count}", slices=count):
         ds = pydicom.dcmread(path)
-        out.append((str(ds.SOPInstanceUID), _encoded(ds, True)))
+        out.append((str(ds.SOPInstanceUID), encoded(ds, implicit=True)))
     return out
 
 
@@ -355,15 +288,15 @@ def test_a_peer_pausing_inside_a_dataset_finds_the_instances_before_it_recorded(
     # the C loop never holds answered instances back while the peer is silent: it hands the
     # dataset under way to the Python code, which finishes it when the peer goes on
     (first_uid, first), (second_uid, second) = _instances(tmp_path, 2)
-    with _scp(tmp_path / "node", "c", monkeypatch) as scp, _raw_association(scp.address[1]) as sock:
-        sock.sendall(_store_rq(first_uid, 1) + _pdv_pdu(first, 0x02, 3))
-        assert _status(sock) == 0
+    with _scp(tmp_path / "node", "c", monkeypatch) as scp, raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq(first_uid, 1) + p_data_tf(first, 0x02, 3))
+        assert read_response(sock).Status == 0
         half = len(second) // 2
-        sock.sendall(_store_rq(second_uid, 2) + _pdv_pdu(second[:half], 0x00, 3))
+        sock.sendall(c_store_rq(second_uid, 2) + p_data_tf(second[:half], 0x00, 3))
         wait_for(lambda: len(_rows(scp)) == 1, 5, "the first instance's row")
-        sock.sendall(_pdv_pdu(second[half:], 0x02, 3))
-        assert _status(sock) == 0
-        _release(sock)
+        sock.sendall(p_data_tf(second[half:], 0x02, 3))
+        assert read_response(sock).Status == 0
+        release(sock)
         rows = _rows(scp)
     assert [r["sop_instance_uid"] for r in rows] == sorted([first_uid, second_uid])
     spooled = _spooled(scp)
@@ -377,13 +310,13 @@ def test_a_c_echo_between_c_stores_is_answered_and_the_stores_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     instances = _instances(tmp_path, 4)
-    with _scp(tmp_path / "node", "c", monkeypatch) as scp, _raw_association(scp.address[1]) as sock:
+    with _scp(tmp_path / "node", "c", monkeypatch) as scp, raw_association(scp.address[1]) as sock:
         for number, (uid, data) in enumerate(instances, start=1):
-            sock.sendall(_store_rq(uid, number) + _pdv_pdu(data, 0x02, 3))
-            assert _status(sock) == 0
-            sock.sendall(_echo_rq(100 + number))
-            assert _status(sock) == 0
-        _release(sock)
+            sock.sendall(c_store_rq(uid, number) + p_data_tf(data, 0x02, 3))
+            assert read_response(sock).Status == 0
+            sock.sendall(command_pdu(0x0030, 100 + number))
+            assert read_response(sock).Status == 0
+        release(sock)
         assert len(_rows(scp)) == 4
 
 
@@ -396,16 +329,16 @@ def test_one_p_data_tf_holding_more_c_stores_than_a_report_takes(
     monkeypatch.setattr(ingest, "_BATCH", 4)
     instances = _instances(tmp_path, 11)
     (first_uid, first), rest = instances[0], instances[1:]
-    with _scp(tmp_path / "node", "c", monkeypatch) as scp, _raw_association(scp.address[1]) as sock:
-        sock.sendall(_store_rq(first_uid, 1) + _pdv_pdu(first, 0x02, 3))  # makes the folders
-        assert _status(sock) == 0
+    with _scp(tmp_path / "node", "c", monkeypatch) as scp, raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq(first_uid, 1) + p_data_tf(first, 0x02, 3))  # makes the folders
+        assert read_response(sock).Status == 0
         pdvs = b"".join(
-            _store_rq(uid, number)[6:] + _pdv_pdu(data, 0x02, 3)[6:]
+            c_store_rq(uid, number)[6:] + p_data_tf(data, 0x02, 3)[6:]
             for number, (uid, data) in enumerate(rest, start=2)
         )
         sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdvs)) + pdvs)
-        assert [_status(sock) for _ in rest] == [0] * len(rest)
-        _release(sock)
+        assert [read_response(sock).Status for _ in rest] == [0] * len(rest)
+        release(sock)
         assert sorted(r["sop_instance_uid"] for r in _rows(scp)) == sorted(u for u, _ in instances)
 
 

@@ -24,11 +24,18 @@ from typing import Any
 import pydicom
 import pytest
 import structlog
-from association_pdus import associate_rq_pdu
+from association_pdus import (
+    c_store_rq,
+    command_pdu,
+    encoded,
+    p_data_tf,
+    raw_association,
+    read_pdu,
+    read_response,
+    release,
+)
 from node_support import reject_reason, send, wait_for, write_series
 from pydicom import dcmwrite
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRBigEndian,
@@ -58,7 +65,6 @@ from sqlalchemy import func, select
 from radnet_node import dicom_ul, ingest
 from radnet_node.audit import Association, AuditDB, Base, Event, Instance, Series
 from radnet_node.config import NodeSection
-from radnet_node.dicom_ul import PduReader
 from radnet_node.ingest import (
     CT_STORAGE_CLASSES,
     CT_TRANSFER_SYNTAXES,
@@ -381,27 +387,13 @@ def _instance_count(db: AuditDB) -> int:
         return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
 
 
-def _raw_association(port: int) -> socket.socket:
-    """A TCP connection with an accepted association (Verification and CT Image Storage, context
-    IDs 1 and 3), made by hand so that the test can then break the protocol."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-    sock.sendall(associate_rq_pdu([Verification, CTImageStorage]))
-    assert _read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
-    return sock
-
-
-def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    pdu_type, body = PduReader(sock, 1 << 20).read()
-    return pdu_type, bytes(body)
-
-
 def test_a_broken_protocol_aborts_the_association_with_the_reason_audited(
     scp: IngestSCP, db: AuditDB
 ) -> None:
-    with _raw_association(scp.address[1]) as sock:
+    with raw_association(scp.address[1]) as sock:
         # a PDV on presentation context 99, which was never proposed
         sock.sendall(struct.pack(">BBIIBB", 0x04, 0, 8, 4, 99, 0x03) + b"xx")
-        assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+        assert read_pdu(sock)[0] == 0x07  # A-ABORT
     closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
     assert "aborted (protocol error: P-DATA on presentation context 99" in closed[0].message
 
@@ -409,9 +401,9 @@ def test_a_broken_protocol_aborts_the_association_with_the_reason_audited(
 def test_an_empty_command_set_aborts_the_association_with_the_reason_audited(
     scp: IngestSCP, db: AuditDB
 ) -> None:
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_p_data_tf(b"", 0x03))  # a last command fragment of no bytes
-        assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(p_data_tf(b"", 0x03))  # a last command fragment of no bytes
+        assert read_pdu(sock)[0] == 0x07  # A-ABORT
     closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
     assert "aborted (protocol error: command set lacks (0000,0100))" in closed[0].message
 
@@ -422,12 +414,12 @@ def test_a_data_set_that_cannot_be_parsed_is_refused_and_nothing_is_kept(
     # an undefined length on an element that starts no sequence, in the first fragment; the
     # rest of the data set follows in a second one
     bad = struct.pack("<HHI", 0x0008, 0x0005, 0xFFFFFFFF) + struct.pack("<HHI", 0x0008, 0x0016, 4)
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_c_store_rq("1.2.826.0.1.3680043.8.498.5"))
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq("1.2.826.0.1.3680043.8.498.5"))
         sock.sendall(_dataset_pdu(bad + b"1.2\x00", last=False))
         sock.sendall(_dataset_pdu(b"\x00" * 4096))
-        assert _response(sock).Status == 0xC000
-        _release(sock)
+        assert read_response(sock).Status == 0xC000
+        release(sock)
     refused = _events(db, "instance.refused")
     assert len(refused) == 1
     assert (
@@ -441,13 +433,13 @@ def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept
 ) -> None:
     with _running(_node(tmp_path), db) as scp:
         scp.NETWORK_TIMEOUT_S = 0.5
-        with _raw_association(scp.address[1]) as sock:
-            sock.sendall(_c_store_rq("1.2.826.0.1.3680043.8.498.1"))
+        with raw_association(scp.address[1]) as sock:
+            sock.sendall(c_store_rq("1.2.826.0.1.3680043.8.498.1"))
             # the first bytes of the data set (not its last fragment), then nothing
             part = struct.pack("<HHI", 0x0008, 0x0016, 26) + b"1.2.840.10008.5.1.4.1.1.2\x00"
             sock.sendall(_dataset_pdu(part, last=False))
             started = time.monotonic()
-            assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+            assert read_pdu(sock)[0] == 0x07  # A-ABORT
             assert time.monotonic() - started < 10
         closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
         assert "aborted (no progress for 0.5 s)" in closed[0].message
@@ -457,77 +449,9 @@ def test_a_peer_silent_in_the_middle_of_a_dataset_is_aborted_and_nothing_is_kept
         )
 
 
-def _c_store_rq(
-    sop_uid: str,
-    message_id: int = 1,
-    *,
-    sop_class: str = CTImageStorage,
-    context_id: int = 3,
-    data_set_type: int = 0x0000,
-) -> bytes:
-    """A P-DATA-TF holding a whole C-STORE-RQ command (by default: for CT Image Storage, on
-    context 3, a data set follows)."""
-    uid = sop_uid.encode() + b"\x00" * (len(sop_uid) % 2)
-    command = b"".join(
-        struct.pack("<HHI", 0, element, len(value)) + value
-        for element, value in (
-            (0x0002, _even(sop_class.encode())),
-            (0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
-            (0x0110, struct.pack("<H", message_id)),
-            (0x0700, struct.pack("<H", 0)),
-            (0x0800, struct.pack("<H", data_set_type)),  # 0x0000: a data set follows
-            (0x1000, uid),
-        )
-    )
-    return _p_data_tf(command, 0x03, context_id)
-
-
-def _even(value: bytes) -> bytes:
-    return value + b"\x00" * (len(value) % 2)
-
-
-def _command_pdu(
-    field_: int,
-    message_id: int,
-    *,
-    context_id: int = 1,
-    sop_class: str = Verification,
-    data_set_follows: bool = False,
-) -> bytes:
-    """A P-DATA-TF holding a whole command set of ``field_`` (e.g. 0x0020 C-FIND-RQ)."""
-    command = b"".join(
-        struct.pack("<HHI", 0, element, len(value)) + value
-        for element, value in (
-            (0x0002, _even(sop_class.encode())),
-            (0x0100, struct.pack("<H", field_)),
-            (0x0110, struct.pack("<H", message_id)),
-            (0x0800, struct.pack("<H", 0x0000 if data_set_follows else 0x0101)),
-        )
-    )
-    return _p_data_tf(command, 0x03, context_id)
-
-
-def _response(sock: socket.socket) -> pydicom.Dataset:
-    """The next PDU, which must be a P-DATA-TF holding a response command set."""
-    pdu_type, body = _read_pdu(sock)
-    assert pdu_type == 0x04
-    return pydicom.dcmread(BytesIO(body[6:]), force=True)
-
-
-def _release(sock: socket.socket) -> None:
-    sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
-    assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
-
-
-def _p_data_tf(payload: bytes, control: int, context_id: int = 3) -> bytes:
-    """A P-DATA-TF with one PDV (context 3: CT Image Storage; 1: Verification)."""
-    pdv = struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
-    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
-
-
 def _dataset_pdu(data: bytes, *, last: bool = True) -> bytes:
     """A P-DATA-TF holding a data set fragment (the last one unless ``last`` is False)."""
-    return _p_data_tf(data, 0x02 if last else 0x00)
+    return p_data_tf(data, 0x02 if last else 0x00)
 
 
 def _implicit_dataset(tmp_path: Path) -> tuple[pydicom.Dataset, bytes]:
@@ -536,19 +460,16 @@ def _implicit_dataset(tmp_path: Path) -> tuple[pydicom.Dataset, bytes]:
 
 
 def _implicit_dataset_of(ds: pydicom.Dataset) -> tuple[pydicom.Dataset, bytes]:
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, True
-    write_dataset(out, ds)
-    return ds, out.getvalue()
+    return ds, encoded(ds, implicit=True)
 
 
 def _store_first_of_series(tmp_path: Path, sock: socket.socket) -> pydicom.Dataset:
     """Store the first slice of a two-slice series (its folders then exist: the C loop settles
     the second itself); returns the second."""
     first, second = (pydicom.dcmread(p) for p in write_series(tmp_path, "pair", slices=2))
-    sock.sendall(_c_store_rq(str(first.SOPInstanceUID), 7))
+    sock.sendall(c_store_rq(str(first.SOPInstanceUID), 7))
     sock.sendall(_dataset_pdu(_implicit_dataset_of(first)[1]))
-    assert _response(sock).Status == 0x0000
+    assert read_response(sock).Status == 0x0000
     return second
 
 
@@ -556,14 +477,14 @@ def test_a_data_set_of_another_sop_class_than_its_request_is_refused(
     tmp_path: Path, scp: IngestSCP, db: AuditDB
 ) -> None:
     # a CT request on the CT context whose data set says MR: 0xA900 (PS3.4 B.2.3), nothing kept
-    with _raw_association(scp.address[1]) as sock:
+    with raw_association(scp.address[1]) as sock:
         ds = _store_first_of_series(tmp_path, sock)
         ds.SOPClassUID = MRImageStorage
         _, data = _implicit_dataset_of(ds)
-        sock.sendall(_c_store_rq(str(ds.SOPInstanceUID)))
+        sock.sendall(c_store_rq(str(ds.SOPInstanceUID)))
         sock.sendall(_dataset_pdu(data))
-        assert _response(sock).Status == 0xA900
-        _release(sock)
+        assert read_response(sock).Status == 0xA900
+        release(sock)
     refused = _events(db, "instance.refused")
     assert len(refused) == 1
     assert "SOPClassUID MR Image Storage" in refused[0].message
@@ -577,12 +498,12 @@ def test_a_data_set_whose_sop_instance_uid_is_not_its_request_s_is_refused(
 ) -> None:
     # the file would be stored under the request's UID while the data set says another
     request_uid = "1.2.826.0.1.3680043.8.498.77"
-    with _raw_association(scp.address[1]) as sock:
+    with raw_association(scp.address[1]) as sock:
         ds = _store_first_of_series(tmp_path, sock)
-        sock.sendall(_c_store_rq(request_uid))
+        sock.sendall(c_store_rq(request_uid))
         sock.sendall(_dataset_pdu(_implicit_dataset_of(ds)[1]))
-        assert _response(sock).Status == 0xC000
-        _release(sock)
+        assert read_response(sock).Status == 0xC000
+        release(sock)
     refused = _events(db, "instance.refused")
     assert len(refused) == 1
     assert f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's" in refused[0].message
@@ -597,19 +518,19 @@ def test_a_slow_peer_that_keeps_sending_is_not_cut_off(tmp_path: Path, db: Audit
     ds, data = _implicit_dataset(tmp_path)
     with _running(_node(tmp_path), db) as scp:
         scp.NETWORK_TIMEOUT_S = 0.6
-        with _raw_association(scp.address[1]) as sock:
-            sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+        with raw_association(scp.address[1]) as sock:
+            sock.sendall(c_store_rq(ds.SOPInstanceUID))
             pdu = _dataset_pdu(data)
             pieces = 5
             step = len(pdu) // pieces + 1
             for start in range(0, len(pdu), step):
                 sock.sendall(pdu[start : start + step])
                 time.sleep(0.25)  # 5 x 0.25 s: the PDU takes twice the timeout
-            pdu_type, body = _read_pdu(sock)
+            pdu_type, body = read_pdu(sock)
             assert pdu_type == 0x04
             assert pydicom.dcmread(BytesIO(body[6:]), force=True).Status == 0x0000
             sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
-            assert _read_pdu(sock)[0] == 0x06
+            assert read_pdu(sock)[0] == 0x06
         spooled = pydicom.dcmread(spool_path(scp.spool_dir, *_uids_of(ds)))
         assert spooled.PixelData == ds.PixelData
 
@@ -620,12 +541,12 @@ def test_a_peer_silent_in_the_middle_of_a_pdu_is_aborted_and_nothing_is_kept(
     ds, data = _implicit_dataset(tmp_path)
     with _running(_node(tmp_path), db) as scp:
         scp.NETWORK_TIMEOUT_S = 1.0
-        with _raw_association(scp.address[1]) as sock:
-            sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+        with raw_association(scp.address[1]) as sock:
+            sock.sendall(c_store_rq(ds.SOPInstanceUID))
             pdu = _dataset_pdu(data)
             sock.sendall(pdu[: len(pdu) // 2])  # half of the PDU, then nothing
             started = time.monotonic()
-            assert _read_pdu(sock)[0] == 0x07  # A-ABORT
+            assert read_pdu(sock)[0] == 0x07  # A-ABORT
             # after the timeout, not twice it (a read that must fill the PDU restarts no clock)
             assert time.monotonic() - started < 1.8
         closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
@@ -638,7 +559,7 @@ def test_a_peer_silent_in_the_middle_of_a_pdu_is_aborted_and_nothing_is_kept(
 def test_a_c_store_whose_sop_class_uid_is_not_a_uid_is_refused_and_nothing_is_kept(
     scp: IngestSCP, db: AuditDB
 ) -> None:
-    with _raw_association(scp.address[1]) as sock:
+    with raw_association(scp.address[1]) as sock:
         command = b"".join(
             struct.pack("<HHI", 0, element, len(value)) + value
             for element, value in (
@@ -650,16 +571,16 @@ def test_a_c_store_whose_sop_class_uid_is_not_a_uid_is_refused_and_nothing_is_ke
                 (0x1000, b"1.2.826.0.1.3680043.8.498.2\x00"),
             )
         )
-        sock.sendall(_p_data_tf(command, 0x03))
+        sock.sendall(p_data_tf(command, 0x03))
         part = struct.pack("<HHI", 0x0008, 0x0016, 26) + b"1.2.840.10008.5.1.4.1.1.2\x00"
         sock.sendall(_dataset_pdu(part))  # the whole (tiny) data set
-        pdu_type, body = _read_pdu(sock)
+        pdu_type, body = read_pdu(sock)
         assert pdu_type == 0x04
         response = pydicom.dcmread(BytesIO(body[6:]), force=True)
         assert response.MessageIDBeingRespondedTo == 5
         assert response.Status == 0xC000
         sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
-        assert _read_pdu(sock)[0] == 0x06
+        assert read_pdu(sock)[0] == 0x06
     assert "AffectedSOPClassUID" in _events(db, "instance.refused")[0].message
     assert not [p for p in scp.spool_dir.rglob("*") if p.is_file()]
 
@@ -667,7 +588,7 @@ def test_a_c_store_whose_sop_class_uid_is_not_a_uid_is_refused_and_nothing_is_ke
 def test_a_service_the_node_does_not_offer_is_refused_and_the_association_goes_on(
     scp: IngestSCP,
 ) -> None:
-    with _raw_association(scp.address[1]) as sock:
+    with raw_association(scp.address[1]) as sock:
         # a C-FIND-RQ (no data set) on the Verification context, then a C-ECHO-RQ
         for field_, message_id in ((0x0020, 7), (0x0030, 8)):
             command = b"".join(
@@ -679,15 +600,15 @@ def test_a_service_the_node_does_not_offer_is_refused_and_the_association_goes_o
                     (0x0800, struct.pack("<H", 0x0101)),
                 )
             )
-            sock.sendall(_p_data_tf(command, 0x03, context_id=1))
-            pdu_type, body = _read_pdu(sock)
+            sock.sendall(p_data_tf(command, 0x03, context_id=1))
+            pdu_type, body = read_pdu(sock)
             assert pdu_type == 0x04
             response = pydicom.dcmread(BytesIO(body[6:]), force=True)
             assert response.CommandField == field_ | 0x8000
             assert response.MessageIDBeingRespondedTo == message_id
             assert response.Status == (0x0211 if field_ == 0x0020 else 0x0000)
         sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
-        assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+        assert read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
 
 
 def test_the_file_meta_and_the_first_fragment_go_in_one_write_in_order(tmp_path: Path) -> None:
@@ -751,8 +672,8 @@ def test_an_instance_whose_peer_leaves_without_waiting_for_the_answer_is_recorde
     # the peer closes the connection right after the last fragment (no release): the instance
     # is at its place and gets its row whether or not the answer could still be sent
     ds, data = _implicit_dataset(tmp_path)
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq(ds.SOPInstanceUID))
         sock.sendall(_dataset_pdu(data))
     wait_for(lambda: _instance_count(db) == 1, 10, "the instance row")
     closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
@@ -770,8 +691,8 @@ def test_an_instance_whose_answer_cannot_be_sent_is_still_recorded(
 
     monkeypatch.setattr("radnet_node.ingest._Association._answer", broken)
     ds, data = _implicit_dataset(tmp_path)
-    with _running(_node(tmp_path), db) as scp, _raw_association(scp.address[1]) as sock:
-        sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+    with _running(_node(tmp_path), db) as scp, raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq(ds.SOPInstanceUID))
         sock.sendall(_dataset_pdu(data))
         wait_for(lambda: _instance_count(db) == 1, 10, "the instance row")
         closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed")
@@ -792,13 +713,13 @@ def test_a_series_number_that_is_no_usable_number_is_stored_without_one(
     element = struct.pack("<HHI", 0x0020, 0x0011, 4) + b"1234"
     assert data.count(element) == 1
     data = data.replace(element, element[:8] + number)  # what pydicom would not write
-    with _running(_node(tmp_path), db) as scp, _raw_association(scp.address[1]) as sock:
-        sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+    with _running(_node(tmp_path), db) as scp, raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq(ds.SOPInstanceUID))
         sock.sendall(_dataset_pdu(data))
-        pdu_type, body = _read_pdu(sock)
+        pdu_type, body = read_pdu(sock)
         assert pydicom.dcmread(BytesIO(body[6:]), force=True).Status == 0x0000
         sock.sendall(bytes.fromhex("05000000000400000000"))  # A-RELEASE-RQ
-        assert _read_pdu(sock)[0] == 0x06
+        assert read_pdu(sock)[0] == 0x06
     with db.session() as session:
         assert session.scalars(select(Series)).one().series_number is None
     closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
@@ -844,21 +765,21 @@ def test_a_c_store_on_a_context_of_another_sop_class_is_refused_and_dropped(
     context_name: str,
 ) -> None:
     ds, data = _implicit_dataset(tmp_path)
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_c_store_rq(ds.SOPInstanceUID, 5, sop_class=sop_class, context_id=context_id))
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq(ds.SOPInstanceUID, 5, sop_class=sop_class, context_id=context_id))
         # the data set in two fragments: read and dropped
         half = len(data) // 2
-        sock.sendall(_p_data_tf(data[:half], 0x00, context_id))
-        sock.sendall(_p_data_tf(data[half:], 0x02, context_id))
-        response = _response(sock)
+        sock.sendall(p_data_tf(data[:half], 0x00, context_id))
+        sock.sendall(p_data_tf(data[half:], 0x02, context_id))
+        response = read_response(sock)
         assert response.Status == STATUS_SOP_CLASS_NOT_SUPPORTED == 0x0122
         assert response.MessageIDBeingRespondedTo == 5
         assert response.AffectedSOPInstanceUID == ds.SOPInstanceUID
         # the association goes on: the same instance on its own context is stored
-        sock.sendall(_c_store_rq(ds.SOPInstanceUID, 6))
+        sock.sendall(c_store_rq(ds.SOPInstanceUID, 6))
         sock.sendall(_dataset_pdu(data))
-        assert _response(sock).Status == 0x0000
-        _release(sock)
+        assert read_response(sock).Status == 0x0000
+        release(sock)
     (refused,) = _events(db, "instance.refused")
     assert refused.message.startswith("C-STORE refused with 0x0122: C-STORE-RQ for SOP class ")
     assert sop_class in refused.message
@@ -876,14 +797,14 @@ def test_a_c_store_on_a_context_of_another_sop_class_is_refused_and_dropped(
 
 
 def test_a_c_echo_on_a_storage_context_is_refused_and_audited(scp: IngestSCP, db: AuditDB) -> None:
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_command_pdu(0x0030, 7, context_id=3, sop_class=Verification))
-        response = _response(sock)
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(command_pdu(0x0030, 7, context_id=3, sop_class=Verification))
+        response = read_response(sock)
         assert response.CommandField == 0x8030
         assert response.Status == 0x0122
-        sock.sendall(_command_pdu(0x0030, 8))  # on the Verification context
-        assert _response(sock).Status == 0x0000
-        _release(sock)
+        sock.sendall(command_pdu(0x0030, 8))  # on the Verification context
+        assert read_response(sock).Status == 0x0000
+        release(sock)
     (refused,) = _events(db, "request.refused")
     assert refused.level == "warning"
     assert "C-ECHO-RQ refused with 0x0122" in refused.message
@@ -902,14 +823,14 @@ def test_a_c_cancel_is_ignored_and_the_association_goes_on(scp: IngestSCP, db: A
             (0x0800, struct.pack("<H", 0x0101)),
         )
     )
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_p_data_tf(cancel, 0x03, context_id=1))
-        sock.sendall(_command_pdu(0x0030, 2))
-        response = _response(sock)  # no answer to the C-CANCEL: the next is the C-ECHO's
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(p_data_tf(cancel, 0x03, context_id=1))
+        sock.sendall(command_pdu(0x0030, 2))
+        response = read_response(sock)  # no answer to the C-CANCEL: the next is the C-ECHO's
         assert response.CommandField == 0x8030
         assert response.MessageIDBeingRespondedTo == 2
         assert response.Status == 0x0000
-        _release(sock)
+        release(sock)
     closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
     assert closed[0].message.startswith("association released: ")
     assert not _events(db, "request.refused")
@@ -919,18 +840,18 @@ def test_every_request_refused_with_0211_is_audited_and_counted(
     tmp_path: Path, scp: IngestSCP, db: AuditDB
 ) -> None:
     ds, data = _implicit_dataset(tmp_path)
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_command_pdu(0x0020, 1))  # C-FIND-RQ without an identifier
-        assert _response(sock).Status == 0x0211
-        sock.sendall(_command_pdu(0x0021, 2, data_set_follows=True))  # C-MOVE-RQ, identifier
-        sock.sendall(_p_data_tf(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", 0x02, 1))
-        assert _response(sock).Status == 0x0211
-        sock.sendall(_command_pdu(0x0110, 3))  # N-GET-RQ
-        assert _response(sock).Status == 0x0211
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(command_pdu(0x0020, 1))  # C-FIND-RQ without an identifier
+        assert read_response(sock).Status == 0x0211
+        sock.sendall(command_pdu(0x0021, 2, data_set_follows=True))  # C-MOVE-RQ, identifier
+        sock.sendall(p_data_tf(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", 0x02, 1))
+        assert read_response(sock).Status == 0x0211
+        sock.sendall(command_pdu(0x0110, 3))  # N-GET-RQ
+        assert read_response(sock).Status == 0x0211
         # a C-STORE-RQ whose CommandDataSetType says that no data set follows
-        sock.sendall(_c_store_rq(ds.SOPInstanceUID, 4, data_set_type=0x0101))
-        assert _response(sock).Status == 0x0211
-        _release(sock)
+        sock.sendall(c_store_rq(ds.SOPInstanceUID, 4, data_set_type=0x0101))
+        assert read_response(sock).Status == 0x0211
+        release(sock)
     refused = sorted(_events(db, "request.refused"), key=lambda e: e.id)
     assert [e.message.split(" refused with ")[0] for e in refused] == [
         "C-FIND-RQ",
@@ -952,13 +873,13 @@ def test_an_instance_cut_off_by_the_end_of_its_association_is_named_in_the_audit
     tmp_path: Path, scp: IngestSCP, db: AuditDB, end: str
 ) -> None:
     ds, data = _implicit_dataset(tmp_path)
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_c_store_rq(ds.SOPInstanceUID))
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq(ds.SOPInstanceUID))
         sock.sendall(_dataset_pdu(data[: len(data) // 2], last=False))
         if end == "abort":
             sock.sendall(bytes.fromhex("07000000000400000000"))  # A-ABORT
         elif end == "release":
-            _release(sock)
+            release(sock)
     closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
     message = closed[0].message
     assert "0 instance(s) stored" in message
@@ -986,7 +907,7 @@ _MALFORMED_RQ = (
             "protocol error: malformed A-ASSOCIATE-RQ",
         ),
         (
-            _command_pdu(0x0030, 1),
+            command_pdu(0x0030, 1),
             "protocol error: PDU type 0x04 before A-ASSOCIATE-RQ",
         ),
         (struct.pack(">BBI", 1, 0, 0xFFFFFFFF), "protocol error: PDU of 4294967295 bytes"),
@@ -1006,7 +927,7 @@ def test_a_connection_that_fails_before_an_association_is_logged_and_audited_onc
             if sent == b"\x01\x00\x00":
                 sock.shutdown(socket.SHUT_WR)  # 3 bytes of a PDU header, then the end
             with contextlib.suppress(OSError, EOFError):
-                while _read_pdu(sock)[0] != 0x07:  # up to the A-ABORT (or the close)
+                while read_pdu(sock)[0] != 0x07:  # up to the A-ABORT (or the close)
                     pass
         event = wait_for(lambda: _events(db, "connection.aborted"), 10, "connection.aborted row")
     assert len(event) == 1 and event[0].level == "warning"
@@ -1037,9 +958,9 @@ def test_stopping_the_node_aborts_open_associations_and_says_why(
 ) -> None:
     ds, data = _implicit_dataset(tmp_path)
     with _running(_node(tmp_path), db) as scp:
-        idle = _raw_association(scp.address[1])
-        busy = _raw_association(scp.address[1])
-        busy.sendall(_c_store_rq(ds.SOPInstanceUID))
+        idle = raw_association(scp.address[1])
+        busy = raw_association(scp.address[1])
+        busy.sendall(c_store_rq(ds.SOPInstanceUID))
         busy.sendall(_dataset_pdu(data[:100], last=False))
         wait_for(lambda: scp.active_associations() == 2, 10, "both associations")
         started = time.monotonic()
@@ -1047,7 +968,7 @@ def test_stopping_the_node_aborts_open_associations_and_says_why(
         assert time.monotonic() - started < 2.0
     for sock in (idle, busy):
         with sock:
-            pdu_type, body = _read_pdu(sock)
+            pdu_type, body = read_pdu(sock)
             assert pdu_type == 0x07  # A-ABORT
             assert body[2] == 0x02  # source: service provider
     closed = _events(db, "association.closed")
@@ -1165,8 +1086,8 @@ def test_an_instance_stored_whose_answer_cannot_be_sent_is_not_called_unfinished
 
     monkeypatch.setattr(ingest._Association, "_answer", failing)
     ds, data = _implicit_dataset(tmp_path)
-    with _raw_association(scp.address[1]) as sock:
-        sock.sendall(_c_store_rq(str(ds.SOPInstanceUID)))
+    with raw_association(scp.address[1]) as sock:
+        sock.sendall(c_store_rq(str(ds.SOPInstanceUID)))
         sock.sendall(_dataset_pdu(data))
         closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
     assert "1 instance(s) stored" in closed[0].message
