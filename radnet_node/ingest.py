@@ -216,6 +216,10 @@ class _FreeSpace:
 _BATCH = 256
 _BATCH_WAIT_S = 0.5
 _PAUSE_S = 0.02
+#: instances the C loop reports at most at a time: the recorder commits each report at once (the
+#: sender goes on meanwhile), so the A-RELEASE-RP waits for the rows of fewer instances than
+#: that (a commit costs about 1 ms and 35 us per row here)
+_C_REPORT = 32
 #: how long the A-RELEASE-RP waits for the association's rows to be committed
 _RELEASE_FLUSH_S = 5.0
 #: how long :meth:`IngestSCP.stop` lets the associations send their A-ABORT before it closes
@@ -318,7 +322,8 @@ class _Recorder:
     An instance is answered with success once its file is at its place in the spool; its row
     follows once the arrivals pause (:data:`_PAUSE_S`), or with a full batch, or at most
     :data:`_BATCH_WAIT_S` after it: a commit holds the interpreter for milliseconds, which every
-    association thread would wait for. A kill in between loses nothing: recovery registers
+    association thread would wait for. What the C loop reports is a batch already, and is
+    committed at once (``put(..., whole=True)``). A kill in between loses nothing: recovery registers
     spool files without a row at the next start (:func:`radnet_node.jobs.recover`). While the
     database fails, the batch is retried with backoff and :attr:`error` says why, so ingest
     refuses new instances (0xA700) instead of taking more it cannot record.
@@ -334,18 +339,21 @@ class _Recorder:
         self._batch: list[_Received] = []  # what is being committed now
         self._last_put = 0.0
         self._flushing = 0  # callers of flush(): no waiting for a fuller batch
+        self._whole = False  # a batch put whole (the C loop's report): no waiting either
         self._stopping = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ingest-recorder", daemon=True)
         self._thread.start()
 
-    def put(self, *items: _Received) -> None:
+    def put(self, *items: _Received, whole: bool = False) -> None:
         with self._wake:
             before = len(self._queue)
             self._queue.extend(items)
             self._last_put = time.monotonic()
+            if whole:
+                self._whole = True
             # the recorder waits for a first one or a full batch
-            if before == 0 or before < _BATCH <= len(self._queue):
+            if before == 0 or whole or before < _BATCH <= len(self._queue):
                 self._wake.notify()
 
     def pending_series(self) -> set[str]:
@@ -399,12 +407,15 @@ class _Recorder:
                 # full batch, or _BATCH_WAIT_S): each commit holds the interpreter for a few
                 # milliseconds, which the associations then wait for
                 deadline = time.monotonic() + _BATCH_WAIT_S
-                while len(self._queue) < _BATCH and not (self._stopping or self._flushing):
+                while len(self._queue) < _BATCH and not (
+                    self._stopping or self._flushing or self._whole
+                ):
                     left = min(deadline, self._last_put + _PAUSE_S) - time.monotonic()
                     if left <= 0:
                         break
                     self._wake.wait(left)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), _BATCH))]
+                self._whole = False
                 self._in_flight = len(batch)
                 self._batch = batch
             backoff = 0.2
@@ -976,8 +987,8 @@ class _Association:
         if token is None:  # this PDU in Python (which refuses the instance, if it comes to it)
             return self.reader.read()
         spare = self.take_spare()
-        # it reports what it stored when the recorder would commit it: a full batch, the batch
-        # wait after the first instance not reported, or a pause of the peer
+        # it reports what it stored after _C_REPORT instances, the batch wait after the first
+        # instance not reported, or a pause of the peer; the recorder commits each report at once
         kind, stored, self._c_counter, spare_out, spent, detail = _fastscp.receive(
             sock=self.sock.fileno(),
             buffer=self.reader.buffer,
@@ -988,7 +999,7 @@ class _Association:
             counter=self._c_counter,
             spare=None if spare is None else (os.fsencode(spare[0]), spare[1]),
             budget=_C_BUDGET,
-            max_instances=_BATCH,
+            max_instances=_C_REPORT,
             max_seconds=_BATCH_WAIT_S,
             pause_seconds=_PAUSE_S,
         )
@@ -1060,7 +1071,8 @@ class _Association:
                     ),
                 )
                 for found, context_id, size, at in stored
-            )
+            ),
+            whole=True,
         )
 
     def record(

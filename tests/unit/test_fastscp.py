@@ -247,7 +247,7 @@ def test_both_loops_spool_the_same_bytes_and_record_the_same_rows(
 ) -> None:
     # more instances than the C loop reports at once (8 here), two series (a second series'
     # folder is made by the Python code), implicit and explicit VR, a non-ASCII description
-    monkeypatch.setattr(ingest, "_BATCH", 8)
+    monkeypatch.setattr(ingest, "_C_REPORT", 8)
     files = write_series(tmp_path / "in", "a", slices=20)
     files += write_series(tmp_path / "in", "b", slices=3, series_number=3)
     datasets = [pydicom.dcmread(f) for f in files]
@@ -306,6 +306,29 @@ def test_a_peer_pausing_inside_a_dataset_finds_the_instances_before_it_recorded(
     }
 
 
+def test_each_report_of_the_c_loop_is_committed_while_the_peer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the recorder commits a report (4 instances here) at once, without waiting for a pause in
+    # the arrivals or a fuller batch (a minute each here): the A-RELEASE-RP then waits for the
+    # rows of one report at most, not for those of a whole series
+    monkeypatch.setattr(ingest, "_C_REPORT", 4)
+    monkeypatch.setattr(ingest, "_PAUSE_S", 60.0)
+    monkeypatch.setattr(ingest, "_BATCH_WAIT_S", 60.0)
+    instances = _instances(tmp_path, 6)
+    with _scp(tmp_path / "node", "c", monkeypatch) as scp, raw_association(scp.address[1]) as sock:
+        # the first makes the series' folder (in Python), the next 4 are the C loop's report
+        for number, (uid, data) in enumerate(instances[:5], start=1):
+            sock.sendall(c_store_rq(uid, number) + p_data_tf(data, 0x02, 3))
+            assert read_response(sock).Status == 0
+        wait_for(lambda: len(_rows(scp)) == 5, 10, "the report's rows, association still open")
+        uid, data = instances[5]
+        sock.sendall(c_store_rq(uid, 6) + p_data_tf(data, 0x02, 3))
+        assert read_response(sock).Status == 0
+        release(sock)
+        assert len(_rows(scp)) == 6
+
+
 def test_a_c_echo_between_c_stores_is_answered_and_the_stores_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,7 +349,7 @@ def test_one_p_data_tf_holding_more_c_stores_than_a_report_takes(
     # a peer may pack whole C-STOREs, command and data set, into one PDU: the C loop stores as
     # many as one report holds (4 here) and hands the rest of the PDU to the Python code (it once
     # wrote past the end of its results)
-    monkeypatch.setattr(ingest, "_BATCH", 4)
+    monkeypatch.setattr(ingest, "_C_REPORT", 4)
     instances = _instances(tmp_path, 11)
     (first_uid, first), rest = instances[0], instances[1:]
     with _scp(tmp_path / "node", "c", monkeypatch) as scp, raw_association(scp.address[1]) as sock:
