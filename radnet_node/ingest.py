@@ -323,10 +323,10 @@ class _Recorder:
     follows once the arrivals pause (:data:`_PAUSE_S`), or with a full batch, or at most
     :data:`_BATCH_WAIT_S` after it: a commit holds the interpreter for milliseconds, which every
     association thread would wait for. What the C loop reports is a batch already, and is
-    committed at once (``put(..., whole=True)``). A kill in between loses nothing: recovery registers
-    spool files without a row at the next start (:func:`radnet_node.jobs.recover`). While the
-    database fails, the batch is retried with backoff and :attr:`error` says why, so ingest
-    refuses new instances (0xA700) instead of taking more it cannot record.
+    committed at once (``put(..., whole=True)``). A kill in between loses nothing: recovery
+    registers spool files without a row at the next start (:func:`radnet_node.jobs.recover`).
+    While the database fails, the batch is retried with backoff and :attr:`error` says why, so
+    ingest refuses new instances (0xA700) instead of taking more it cannot record.
     """
 
     def __init__(self, db: AuditDB, on_instance: Callable[[], None] | None) -> None:
