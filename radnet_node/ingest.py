@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,10 @@ _PAUSE_S = 0.02
 _C_REPORT = 32
 #: how long the A-RELEASE-RP waits for the association's rows to be committed
 _RELEASE_FLUSH_S = 5.0
+#: A-ASSOCIATE-RQs whose answers :meth:`IngestSCP.negotiate` keeps (all forgotten when full), and
+#: the largest it keeps
+_NEGOTIATIONS = 64
+_NEGOTIATION_MAX_BYTES = 16 << 10
 #: how long :meth:`IngestSCP.stop` lets the associations send their A-ABORT before it closes
 #: the connections of those still busy
 _STOP_ABORT_S = 2.0
@@ -487,6 +491,9 @@ class _IngestState:
     counter: itertools.count[int] = field(default_factory=itertools.count)
     #: the start of this process's temporary spool file names
     temporary_prefix: str = field(init=False)
+    #: the last association row could not be written: the next one is written before the
+    #: A-ASSOCIATE-AC (and the association rejected if it cannot be), not after it
+    audit_failing: bool = False
 
     def __post_init__(self) -> None:
         self.free_space = _FreeSpace(self.spool_dir)
@@ -544,6 +551,7 @@ class IngestSCP:
         self.spool_dir = node.data_dir / "spool"
         self._ssl = server_ssl_context(node.tls) if node.tls is not None else None
         self.supported_contexts = _supported_contexts(node)
+        self._negotiations: dict[bytes, dicom_ul.Negotiated] = {}
         self._db = db
         self._on_instance = on_instance
         self._state: _IngestState | None = None
@@ -710,6 +718,28 @@ class IngestSCP:
             return 0
         with self._state.lock:
             return len(self._state.open)
+
+    def negotiate(self, request: bytes) -> dicom_ul.Negotiated:
+        """:func:`radnet_node.dicom_ul.negotiate` with this node's presentation contexts, the
+        answer kept per request: a modality or a PACS sends the same A-ASSOCIATE-RQ bytes every
+        time, and decoding one with pynetdicom costs most of a millisecond of the peer's wait.
+
+        Raises
+        ------
+        radnet_node.dicom_ul.ProtocolError
+            The PDU cannot be decoded (never kept).
+        """
+        known = self._negotiations.get(request)
+        if known is None:
+            known = dicom_ul.negotiate(
+                request, self.supported_contexts, max_pdu=self.node.max_pdu_bytes
+            )
+            if len(request) <= _NEGOTIATION_MAX_BYTES:
+                if len(self._negotiations) >= _NEGOTIATIONS:
+                    self._negotiations.clear()
+                self._negotiations[request] = known
+        # (each association its own copy of what it may change)
+        return replace(known, accepted=dict(known.accepted), refused=list(known.refused))
 
     def _accept(self) -> None:
         listener = self._listener
@@ -1137,9 +1167,7 @@ class _Association:
         """Negotiate, check, record; send the accept or the reject. True when accepted."""
         state = self.state
         node = state.node
-        negotiated = dicom_ul.negotiate(
-            request, self.scp.supported_contexts, max_pdu=node.max_pdu_bytes
-        )
+        negotiated = self.scp.negotiate(request)
         self.negotiated = negotiated
         calling, called, host, port = (
             negotiated.calling_ae_title,
@@ -1167,6 +1195,16 @@ class _Association:
                     )
                 else:  # hold the place while the row is written
                     state.open[id(self)] = _Open(-1)
+        # the accept goes first while the database answers: the peer prepares its first request
+        # while the row is written (a millisecond or two); after a failure the row goes first
+        # again, so that a database still failing rejects instead of accepting and aborting
+        answered: OSError | None = None
+        answer_first = reject is None and not state.audit_failing and state.recorder.error is None
+        if answer_first:
+            try:
+                self.sock.sendall(negotiated.accept_pdu)
+            except OSError as exc:  # the peer is gone: the row still says it was accepted
+                answered = exc
         try:
             with state.db.session() as session:
                 row = Association(
@@ -1204,9 +1242,19 @@ class _Association:
                     )
         except RadnetError as exc:
             # nothing can be recorded: refuse rather than accept instances we could not catalog
+            state.audit_failing = True
+            if answer_first:
+                _log.error("association aborted: audit database unavailable", error=str(exc))
+                with state.lock:
+                    state.open.pop(id(self), None)
+                if answered is None:
+                    self._abort()
+                return False
             _log.error("association refused: audit database unavailable", error=str(exc))
             reject = reject or (0x02, 0x01, 0x01)  # transient, service user, no reason given
             association_id = -1
+        else:
+            state.audit_failing = False
         if reject is not None:
             with state.lock:
                 state.open.pop(id(self), None)
@@ -1217,7 +1265,10 @@ class _Association:
         self.info = _Open(association_id)
         with state.lock:
             state.open[id(self)] = self.info
-        self.sock.sendall(negotiated.accept_pdu)
+        if answered is not None:
+            raise answered
+        if not answer_first:
+            self.sock.sendall(negotiated.accept_pdu)
         return True
 
     def _command(self, data: bytes, context_id: int) -> _Incoming | _Discard | None:

@@ -25,6 +25,8 @@ import pydicom
 import pytest
 import structlog
 from association_pdus import (
+    VERIFICATION,
+    associate_rq_pdu,
     c_store_rq,
     command_pdu,
     encoded,
@@ -306,6 +308,29 @@ def test_a_database_failure_keeps_what_was_answered_and_refuses_more_until_it_is
         paths = session.scalars(select(Instance.spool_path)).all()
     assert paths == [str(first_path)]
     assert send(scp.address[1], [second]) == [0x0000]
+
+
+def test_an_association_whose_row_cannot_be_written_is_aborted_then_rejected_until_it_can(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    # while the database answers, the A-ASSOCIATE-AC goes out before the association's row is
+    # written; when that write fails, nothing is taken on that association (A-ABORT), and the
+    # next row is written before the answer again, so the next association is rejected
+    (first,) = write_series(tmp_path, "a", slices=1)
+    with db.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE associations")
+    with socket.create_connection(("127.0.0.1", scp.address[1]), timeout=20) as sock:
+        sock.sendall(associate_rq_pdu([VERIFICATION, CTImageStorage]))
+        assert read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+        assert read_pdu(sock)[0] == 0x07  # A-ABORT
+    assert reject_reason(scp.address[1]) == (0x02, 0x01, 0x01)  # transient, no reason given
+    Base.metadata.create_all(db.engine)  # the database is back
+    assert send(scp.address[1], [first]) == [0x0000]
+    assert send(scp.address[1], [first]) == [0x0000]  # (a duplicate) answered first again
+    with db.session() as session:
+        rows = session.execute(select(Association.accepted, Association.end_reason)).all()
+    assert rows == [(True, "released"), (True, "released")]
+    assert not scp._state.audit_failing  # type: ignore[union-attr]
 
 
 def test_a_dataset_without_valid_uids_is_not_understood(
@@ -1005,12 +1030,30 @@ def _negotiate(
     primitive.user_information = items
     request = A_ASSOCIATE_RQ()
     request.from_primitive(primitive)
-    negotiated = dicom_ul.negotiate(
-        request.encode(), scp.supported_contexts, max_pdu=scp.node.max_pdu_bytes
-    )
+    negotiated = scp.negotiate(request.encode())
     accept = A_ASSOCIATE_AC()
     accept.decode(negotiated.accept_pdu)
     return negotiated, accept.to_primitive()
+
+
+def test_the_answer_kept_for_a_request_is_given_for_those_bytes_only(
+    tmp_path: Path, db: AuditDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest, "_NEGOTIATIONS", 2)
+    scp = IngestSCP(_node(tmp_path), db)
+    ct = associate_rq_pdu([CTImageStorage])
+    first = scp.negotiate(ct)
+    assert first.accepted == {1: (CTImageStorage, ImplicitVRLittleEndian)}
+    first.accepted.clear()  # an association's own copy: the next one gets the whole answer
+    assert scp.negotiate(ct).accepted == {1: (CTImageStorage, ImplicitVRLittleEndian)}
+    other = scp.negotiate(associate_rq_pdu([CTImageStorage], called="OTHER"))
+    assert other.called_ae_title == "OTHER"
+    echo = scp.negotiate(associate_rq_pdu([VERIFICATION]))
+    assert echo.accepted == {1: (VERIFICATION, ImplicitVRLittleEndian)}
+    assert len(scp._negotiations) <= 2  # forgotten when full
+    for _ in range(2):  # a request that cannot be decoded is never kept
+        with pytest.raises(dicom_ul.ProtocolError, match="malformed A-ASSOCIATE-RQ"):
+            scp.negotiate(ct[:20])
 
 
 @pytest.mark.parametrize(
