@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from radnet_node.audit import (
@@ -182,6 +182,9 @@ def register_instances(session: Session, arrivals: Sequence[Arrival]) -> list[Re
     list[Registration]
         One per arrival, in order.
     """
+    usual = _register_in_receiving_series(session, arrivals)
+    if usual is not None:
+        return usual
     uids = list({a.info.sop_instance_uid for a in arrivals})
     stored: dict[str, tuple[str, int, int]] = {}
     for start in range(0, len(uids), 500):
@@ -269,6 +272,75 @@ def register_instances(session: Session, arrivals: Sequence[Arrival]) -> list[Re
         registrations.append(Registration(outcome, series.id, series.generation))
     if rows:
         session.execute(insert(Instance), rows)
+    return registrations
+
+
+# the statements of the usual case, made once (SQLAlchemy then reuses their compiled form)
+_ANY_STORED = select(Instance.id).where(
+    Instance.sop_instance_uid.in_(bindparam("uids", expanding=True))
+)
+_SERIES_STATES = select(
+    Series.series_instance_uid, Series.id, Series.state, Series.generation
+).where(Series.series_instance_uid.in_(bindparam("uids", expanding=True)))
+_COUNT_INSTANCES = (
+    update(Series)
+    .where(Series.id == bindparam("series"))
+    .values(
+        instance_count=Series.instance_count + bindparam("added"),
+        last_instance_at=bindparam("last"),
+    )
+)
+_INSERT_INSTANCES = insert(Instance.__table__)
+
+
+def _register_in_receiving_series(
+    session: Session, arrivals: Sequence[Arrival]
+) -> list[Registration] | None:
+    """:func:`register_instances` in the usual case, in four plain statements: every instance new
+    (and once in ``arrivals``), every series known and receiving, so there is no event to write,
+    no series to create or re-open. None, having written nothing, in any other case."""
+    uids = [a.info.sop_instance_uid for a in arrivals]
+    if not 0 < len(uids) <= 500 or len(set(uids)) != len(uids):
+        return None
+    connection = session.connection()
+    if connection.execute(_ANY_STORED, {"uids": uids}).first() is not None:
+        return None
+    series = {
+        row[0]: row[1:]
+        for row in connection.execute(
+            _SERIES_STATES, {"uids": list({a.info.series_instance_uid for a in arrivals})}
+        )
+    }
+    rows: list[dict[str, object]] = []
+    registrations: list[Registration] = []
+    counts: dict[int, tuple[int, dt.datetime]] = {}
+    for arrival in arrivals:
+        info = arrival.info
+        known = series.get(info.series_instance_uid)
+        if known is None or known[1] != SeriesState.RECEIVED:
+            return None
+        series_id, generation = known[0], known[2]
+        rows.append(
+            {
+                "sop_instance_uid": info.sop_instance_uid,
+                "sop_class_uid": info.sop_class_uid,
+                "series_id": series_id,
+                "transfer_syntax_uid": info.transfer_syntax_uid,
+                "size_bytes": info.size_bytes,
+                "spool_path": info.spool_path,
+                "association_id": arrival.association_id,
+                "received_at": arrival.received_at,
+                "generation": generation,
+            }
+        )
+        registrations.append(Registration(RegistrationOutcome.NEW, series_id, generation))
+        counts[series_id] = (counts.get(series_id, (0, arrival.received_at))[0] + 1,
+                             arrival.received_at)  # fmt: skip
+    connection.execute(_INSERT_INSTANCES, rows)
+    connection.execute(
+        _COUNT_INSTANCES,
+        [{"series": k, "added": n, "last": last} for k, (n, last) in counts.items()],
+    )
     return registrations
 
 

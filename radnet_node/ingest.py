@@ -260,11 +260,11 @@ class _Received:
         if self._info is None:
             found, sop_class, syntax, spool_dir, size = self._raw  # type: ignore[misc]
             header = _header_of(found)
-            final = spool_path(
-                spool_dir,
-                header["StudyInstanceUID"],
-                header["SeriesInstanceUID"],
-                header["SOPInstanceUID"],
+            # spool_path's, as text (the C loop checked the UIDs; pathlib's joins cost more than
+            # the rest of this)
+            final = (
+                f"{spool_dir}/{header['StudyInstanceUID']}/{header['SeriesInstanceUID']}/"
+                f"{header['SOPInstanceUID']}.dcm"
             )
             self._info = _instance_info(
                 header,
@@ -291,7 +291,7 @@ def _instance_info(
     *,
     sop_class: str,
     syntax: UID,
-    final: Path,
+    final: Path | str,
     size: int,
 ) -> InstanceInfo:
     """What the catalog records of an instance: its UIDs (``header``), its text elements."""
@@ -310,7 +310,7 @@ def _instance_info(
     )
 
 
-def _texts_or_empty(found: dict[str, bytes], final: Path) -> dict[str, str]:
+def _texts_or_empty(found: dict[str, bytes], final: Path | str) -> dict[str, str]:
     """:func:`_texts_of`, or empty texts (logged) when they cannot be decoded: the instance was
     answered with success already, its row must follow."""
     try:

@@ -6,19 +6,23 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from node_support import instance_info, write_series
 from sqlalchemy import select
 
-from radnet_node.audit import AuditDB, Event, Job, Series, utcnow
+from radnet_node import catalog
+from radnet_node.audit import AuditDB, Event, Instance, Job, Series, utcnow
 from radnet_node.catalog import (
+    Arrival,
     RegistrationOutcome,
     Selection,
     complete_quiet_series,
     is_safe_uid,
     register_instance,
+    register_instances,
     restart_quiet_periods,
     select_series,
     series_number_of,
@@ -116,6 +120,66 @@ def test_duplicate_changes_nothing(tmp_path: Path, db: AuditDB) -> None:
     assert _register(db, files[:1]) == [RegistrationOutcome.DUPLICATE]
     assert _series(db).instance_count == 3
     assert _kinds(db)[-1] == "instance.duplicate"
+
+
+def test_batches_in_the_usual_case_record_what_the_general_path_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the usual case (new instances of receiving series) takes four plain statements; the
+    # others (a new series, a duplicate, one twice in a batch, a late instance) the general path.
+    # Both must leave the same rows.
+    first = write_series(tmp_path / "in", "a", slices=9)
+    second = write_series(tmp_path / "in", "b", slices=4, series_number=3)
+    start = dt.datetime(2026, 11, 27, 8, 0, 0)
+    batches = [first[:1], first[1:5] + second[:1], first[5:8] + second[1:3], first[2:3], second[3:]]
+    batches += [first[8:] + first[8:]]
+    taken: list[bool] = []
+    usual = catalog._register_in_receiving_series
+
+    def spy(session: Any, arrivals: Any) -> Any:
+        result = usual(session, arrivals)
+        taken.append(result is not None)
+        return result
+
+    tables = {}
+    for path in ("usual", "general"):
+        monkeypatch.setattr(
+            catalog, "_register_in_receiving_series", spy if path == "usual" else lambda s, a: None
+        )
+        database = AuditDB(f"sqlite:///{tmp_path / path}.sqlite")
+        outcomes = []
+        at = start
+        for batch in batches:
+            arrivals = []
+            for file in batch:
+                at += dt.timedelta(seconds=1)
+                arrivals.append(Arrival(instance_info(file), None, at))
+            with database.session() as session:
+                outcomes.append([r.outcome for r in register_instances(session, arrivals)])
+        with database.session() as session:
+            instances = session.execute(
+                select(Instance.sop_instance_uid, Instance.series_id, Instance.spool_path,
+                       Instance.received_at, Instance.generation, Instance.association_id,
+                       Instance.size_bytes, Instance.transfer_syntax_uid)
+                .order_by(Instance.sop_instance_uid)
+            ).all()  # fmt: skip
+            series = session.execute(
+                select(Series.series_instance_uid, Series.instance_count, Series.state,
+                       Series.generation, Series.first_instance_at, Series.last_instance_at)
+                .order_by(Series.id)
+            ).all()  # fmt: skip
+            kinds = session.scalars(select(Event.kind).order_by(Event.id)).all()
+        tables[path] = (outcomes, instances, series, kinds)
+        database.dispose()
+    assert taken == [False, False, True, False, True, False]  # each path is taken
+    assert tables["usual"] == tables["general"]
+    outcomes, instances, series, _ = tables["usual"]
+    assert outcomes[3] == [RegistrationOutcome.DUPLICATE]
+    assert [(s[1], s[5]) for s in series] == [
+        (9, start + dt.timedelta(seconds=14)),  # its last arrival is a duplicate
+        (4, start + dt.timedelta(seconds=13)),
+    ]
+    assert len(instances) == 13
 
 
 def test_late_instance_reopens_and_supersedes_the_queued_job(tmp_path: Path, db: AuditDB) -> None:
