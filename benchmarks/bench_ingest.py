@@ -1,7 +1,7 @@
 """Benchmark of DICOM ingest: images/s of the node's Storage SCP (``radnet-node serve``) receiving a
 series from DCMTK ``storescu``, against DCMTK ``storescp`` receiving the same files in the same run.
 
-Run ``python benchmarks/bench_ingest.py [--slices 200] [--size 512] [--repeats 8] [--json F]``.
+Run ``python benchmarks/bench_ingest.py [--slices 200] [--size 512] [--repeats 16] [--json F]``.
 It writes a synthetic head CT (default 200 slices of 512 x 512, uncompressed, ~100 MB) and sends it
 on one association with ``storescu -pdu 131072``, ``TCP_NODELAY=1`` in every DCMTK environment
 (Debian's DCMTK stalls on Nagle's algorithm without it), to
@@ -16,14 +16,16 @@ on one association with ``storescu -pdu 131072``, ``TCP_NODELAY=1`` in every DCM
 
 The four receivers are started once and stay up, as servers do; each round sends one new series
 (its own UIDs, so nothing is a duplicate) to each of them, the rounds taking the receivers in
-rotated orders, forwards and backwards (8 rounds: each receiver twice in each place), each send
-after ``sync``. Nothing is deleted until the end. The median wall
+rotated orders, forwards and backwards (16 rounds: each receiver four times in each place), each
+send after ``sync``. Nothing is deleted until the end. The median wall
 time of ``storescu`` from start to exit gives images/s, and the ratio node / DCMTK is printed
-(target: >= 1), with the median of the per-round ratios. Every run's instances are counted right
-after it. A second table gives the CPU time per instance of each receiver (user and system, from
-``/proc``, its ended threads included, so the catalog commit and the association's bookkeeping
-count) and of ``storescu`` (its rusage, start-up included): less noisy than wall time on a shared
-VM, and it shows where a receiver's cost is.
+(target: >= 1), with the median of the per-round ratios and a 90 % bootstrap interval of the ratio
+(the rounds resampled, 10,000 times): on this VM whole runs of either receiver are sometimes 2-3
+times slower than the next, so a single ratio means little without it. Every run's instances are
+counted right after it. A second table gives the CPU time per instance of each receiver (user
+and system, from ``/proc``, its ended threads included, so the catalog commit and the
+association's bookkeeping count) and of ``storescu`` (its rusage, start-up included): less noisy
+than wall time on a shared VM, and it shows where a receiver's cost is.
 
 Two effects of the machine, not of the receivers, were found to move the ratio (2026-11-27, the
 2-core CI-like VM; both hit ``storescp`` and the node alike, in different places):
@@ -203,6 +205,19 @@ def run_split(files: list[Path], work: Path) -> dict[str, float]:
     return {"wall": elapsed, **spent}
 
 
+def _ratio_interval(
+    reference: list[float], node: list[float], resamples: int = 10_000
+) -> tuple[float, float]:
+    """5th and 95th percentiles of the ratio node / reference in images/s (the median time of the
+    reference over the node's) over the rounds resampled with replacement, each round's pair of
+    runs kept together: how far the ratio could move on this machine's noise alone."""
+    pairs = np.array([reference, node])
+    picks = np.random.default_rng(0).integers(0, pairs.shape[1], size=(resamples, pairs.shape[1]))
+    ratios = np.median(pairs[0][picks], axis=1) / np.median(pairs[1][picks], axis=1)
+    low, high = np.percentile(ratios, [5, 95])
+    return float(low), float(high)
+
+
 def _files(folder: Path) -> list[Path]:
     """The files under ``folder`` (storescp names them by SOP class and UID, the node's spool by
     study, series and UID, ending in .dcm; the node's temporary files end in .tmp), oldest first."""
@@ -223,7 +238,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument(
-        "--repeats", type=_positive, default=8, help="rounds (8: each receiver twice in each place)"
+        "--repeats",
+        type=_positive,
+        default=16,
+        help="rounds (16: each receiver four times in each place)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
@@ -302,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     rates = {name: args.slices / statistics.median(t) for name, t in times.items()}
     ratio = rates["radnet-node"] / rates["dcmtk storescp"]
+    low, high = _ratio_interval(times[names[0]], times[names[1]])
     print(
         f"\n{args.slices} instances, {args.size} x {args.size}, {megabytes:.0f} MB, one "
         f"association, max PDU {MAX_PDU}, TCP_NODELAY=1, {args.repeats} runs each (median), "
@@ -317,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{rates['radnet-node, Python loop'] / rates['dcmtk storescp']:.2f}; with "
           f"fsync_spool = true: "
           f"{rates['radnet-node, fsync_spool = true'] / rates['dcmtk storescp']:.2f}; median of "
-          f"the per-round ratios {paired:.2f}")  # fmt: skip
+          f"the per-round ratios {paired:.2f}; 90 % bootstrap interval of the ratio "
+          f"{low:.2f}-{high:.2f} (rounds resampled)")  # fmt: skip
     per_instance = args.slices * args.repeats / 1e6  # CPU seconds -> microseconds per instance
     if any(any(values) for values in cpu.values()):
         print(
@@ -353,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "images_per_second": rates,
         "ratio_node_over_dcmtk": ratio,
         "median_round_ratio": paired,
+        "ratio_interval_90": [low, high],
         "cpu_us_per_instance": {
             name: dict(
                 zip(
