@@ -218,7 +218,7 @@ _BATCH_WAIT_S = 0.5
 _PAUSE_S = 0.02
 #: instances the C loop reports at most at a time: the recorder commits each report at once (the
 #: sender goes on meanwhile), so the A-RELEASE-RP waits for the rows of fewer instances than
-#: that (a commit costs about 1 ms and 35 us per row here)
+#: that (a commit of 32 rows costs about 0.6 ms here on its own, three times that beside a stream)
 _C_REPORT = 32
 #: how long the A-RELEASE-RP waits for the association's rows to be committed
 _RELEASE_FLUSH_S = 5.0
