@@ -216,9 +216,8 @@ class _FreeSpace:
 _BATCH = 256
 _BATCH_WAIT_S = 0.5
 _PAUSE_S = 0.02
-#: instances the C loop reports at most at a time: the recorder commits each report at once (the
-#: sender goes on meanwhile), so the A-RELEASE-RP waits for the rows of fewer instances than
-#: that (a commit of 32 rows costs about 0.6 ms here on its own, three times that beside a stream)
+#: instances the C loop reports at most at a time (its results array; a report of this size means
+#: the sender is going on, and its rows wait: :meth:`_Association._record_stored`)
 _C_REPORT = 32
 #: how long the A-RELEASE-RP waits for the association's rows to be committed
 _RELEASE_FLUSH_S = 5.0
@@ -326,11 +325,13 @@ class _Recorder:
     An instance is answered with success once its file is at its place in the spool; its row
     follows once the arrivals pause (:data:`_PAUSE_S`), or with a full batch, or at most
     :data:`_BATCH_WAIT_S` after it: a commit holds the interpreter for milliseconds, which every
-    association thread would wait for. What the C loop reports is a batch already, and is
-    committed at once (``put(..., whole=True)``). A kill in between loses nothing: recovery
-    registers spool files without a row at the next start (:func:`radnet_node.jobs.recover`).
-    While the database fails, the batch is retried with backoff and :attr:`error` says why, so
-    ingest refuses new instances (0xA700) instead of taking more it cannot record.
+    association thread would wait for. What the C loop reports is a batch already: committed at
+    once (``put(..., whole=True)``), unless the sender is going on (``later=True``), whose rows
+    wait for the release's flush, a full batch or the batch wait. A kill in between loses
+    nothing: recovery registers spool files without a row at the next start
+    (:func:`radnet_node.jobs.recover`). While the database fails, the batch is retried with
+    backoff and :attr:`error` says why, so ingest refuses new instances (0xA700) instead of
+    taking more it cannot record.
     """
 
     def __init__(self, db: AuditDB, on_instance: Callable[[], None] | None) -> None:
@@ -344,16 +345,21 @@ class _Recorder:
         self._last_put = 0.0
         self._flushing = 0  # callers of flush(): no waiting for a fuller batch
         self._whole = False  # a batch put whole (the C loop's report): no waiting either
+        self._later = False  # the last put said more follow: no commit on a pause of the puts
         self._stopping = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ingest-recorder", daemon=True)
         self._thread.start()
 
-    def put(self, *items: _Received, whole: bool = False) -> None:
+    def put(self, *items: _Received, whole: bool = False, later: bool = False) -> None:
+        """Queue ``items`` for the catalog: ``whole``, a batch to commit at once; ``later``,
+        more follow at once (no commit on a pause of the puts: at a flush, a full batch, or
+        :data:`_BATCH_WAIT_S` after the first item queued)."""
         with self._wake:
             before = len(self._queue)
             self._queue.extend(items)
             self._last_put = time.monotonic()
+            self._later = later
             if whole:
                 self._whole = True
             # the recorder waits for a first one or a full batch
@@ -414,7 +420,8 @@ class _Recorder:
                 while len(self._queue) < _BATCH and not (
                     self._stopping or self._flushing or self._whole
                 ):
-                    left = min(deadline, self._last_put + _PAUSE_S) - time.monotonic()
+                    paused = deadline if self._later else self._last_put + _PAUSE_S
+                    left = min(deadline, paused) - time.monotonic()
                     if left <= 0:
                         break
                     self._wake.wait(left)
@@ -1018,7 +1025,7 @@ class _Association:
             return self.reader.read()
         spare = self.take_spare()
         # it reports what it stored after _C_REPORT instances, the batch wait after the first
-        # instance not reported, or a pause of the peer; the recorder commits each report at once
+        # instance not reported, or a pause of the peer
         kind, stored, self._c_counter, spare_out, spent, detail = _fastscp.receive(
             sock=self.sock.fileno(),
             buffer=self.reader.buffer,
@@ -1037,7 +1044,10 @@ class _Association:
         if spare_out is not None:
             self._spare = (Path(os.fsdecode(spare_out[0])), spare_out[1])
         if stored:
-            self._record_stored(stored)
+            # a full report means the sender is going on: its rows wait for the release, a pause
+            # or a full batch (a commit beside the stream slows the stream's next instance by
+            # about half the commit's CPU time); any other report is committed at once
+            self._record_stored(stored, going_on=len(stored) >= _C_REPORT)
         if kind == _fastscp.KIND_BATCH:
             return None
         if kind == _fastscp.KIND_PDU:
@@ -1083,8 +1093,11 @@ class _Association:
             self._pdata(memoryview(rest))
         return None
 
-    def _record_stored(self, stored: list[tuple[dict[str, bytes], int, int, float]]) -> None:
-        """Hand the instances the C loop stored (and answered) to the recorder."""
+    def _record_stored(
+        self, stored: list[tuple[dict[str, bytes], int, int, float]], *, going_on: bool
+    ) -> None:
+        """Hand the instances the C loop stored (and answered) to the recorder; ``going_on``:
+        the sender is still sending (the C loop stopped at its report size)."""
         spool_dir = self.state.spool_dir
         accepted = self.negotiated.accepted  # type: ignore[union-attr]
         self.state.recorder.put(
@@ -1102,7 +1115,8 @@ class _Association:
                 )
                 for found, context_id, size, at in stored
             ),
-            whole=True,
+            whole=not going_on,
+            later=going_on,
         )
 
     def record(

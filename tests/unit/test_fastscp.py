@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -306,27 +307,58 @@ def test_a_peer_pausing_inside_a_dataset_finds_the_instances_before_it_recorded(
     }
 
 
-def test_each_report_of_the_c_loop_is_committed_while_the_peer_goes_on(
+def test_full_reports_of_the_c_loop_wait_for_the_release_and_commit_in_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the recorder commits a report (4 instances here) at once, without waiting for a pause in
-    # the arrivals or a fuller batch (a minute each here): the A-RELEASE-RP then waits for the
-    # rows of one report at most, not for those of a whole series
+    # a report of the C loop's full size (4 here) means the sender is going on: its rows wait for
+    # the A-RELEASE-RP (a commit beside the stream slows the stream), which finds all of them
+    # committed in one go; not even a pause of the puts (0.2 s here) commits them, and the batch
+    # wait is a minute here
     monkeypatch.setattr(ingest, "_C_REPORT", 4)
-    monkeypatch.setattr(ingest, "_PAUSE_S", 60.0)
+    monkeypatch.setattr(ingest, "_PAUSE_S", 0.2)
     monkeypatch.setattr(ingest, "_BATCH_WAIT_S", 60.0)
-    instances = _instances(tmp_path, 6)
+    commits: list[int] = []
+    commit = ingest._Recorder._commit
+
+    def spy(self: ingest._Recorder, batch: list[ingest._Received]) -> bool:
+        commits.append(len(batch))
+        return commit(self, batch)
+
+    monkeypatch.setattr(ingest._Recorder, "_commit", spy)
+    instances = _instances(tmp_path, 9)
     with _scp(tmp_path / "node", "c", monkeypatch) as scp, raw_association(scp.address[1]) as sock:
-        # the first makes the series' folder (in Python), the next 4 are the C loop's report
-        for number, (uid, data) in enumerate(instances[:5], start=1):
+        # the first makes the series' folder (in Python), the next 8 are two full reports; the
+        # peer pauses after the first report (the C loop then holds nothing to report)
+        for number, (uid, data) in enumerate(instances, start=1):
             sock.sendall(c_store_rq(uid, number) + p_data_tf(data, 0x02, 3))
             assert read_response(sock).Status == 0
-        wait_for(lambda: len(_rows(scp)) == 5, 10, "the report's rows, association still open")
-        uid, data = instances[5]
-        sock.sendall(c_store_rq(uid, 6) + p_data_tf(data, 0x02, 3))
+            if number == 5:
+                time.sleep(0.6)
+                # (the first instance alone may be committed, were the test slower than 0.2 s)
+                assert len(_rows(scp)) <= 1
+        release(sock)
+        assert len(_rows(scp)) == 9
+    assert commits in ([9], [1, 8])
+
+
+def test_a_report_after_a_pause_of_the_peer_is_committed_while_the_association_is_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a report smaller than the C loop's full size comes from a pause of the peer (50 ms here):
+    # committed at once, without waiting for the batch wait (a minute here) or the release
+    monkeypatch.setattr(ingest, "_PAUSE_S", 0.05)
+    monkeypatch.setattr(ingest, "_BATCH_WAIT_S", 60.0)
+    instances = _instances(tmp_path, 5)
+    with _scp(tmp_path / "node", "c", monkeypatch) as scp, raw_association(scp.address[1]) as sock:
+        for number, (uid, data) in enumerate(instances[:4], start=1):
+            sock.sendall(c_store_rq(uid, number) + p_data_tf(data, 0x02, 3))
+            assert read_response(sock).Status == 0
+        wait_for(lambda: len(_rows(scp)) == 4, 10, "the rows, association still open")
+        uid, data = instances[4]
+        sock.sendall(c_store_rq(uid, 5) + p_data_tf(data, 0x02, 3))
         assert read_response(sock).Status == 0
         release(sock)
-        assert len(_rows(scp)) == 6
+        assert len(_rows(scp)) == 5
 
 
 def test_a_c_echo_between_c_stores_is_answered_and_the_stores_go_on(
