@@ -273,7 +273,8 @@ class _Received:
                 final=final,
                 size=size,
             )
-            self._raw = None
+            # (the raw values stay: another thread may be reading them right now, the recorder
+            # and a completion tick's pending_series both ask)
         return self._info
 
     @property
