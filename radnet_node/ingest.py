@@ -278,6 +278,16 @@ class _Received:
         return self._info
 
     @property
+    def decoded(self) -> bool:
+        """Whether :attr:`info` and :attr:`received_at` are ready (no decoding left)."""
+        return self._info is not None and not isinstance(self._received_at, float)
+
+    def decode(self) -> None:
+        """Make :attr:`info` and :attr:`received_at` ready now."""
+        self.info  # noqa: B018
+        self.received_at  # noqa: B018
+
+    @property
     def received_at(self) -> dt.datetime:
         """When its command arrived (UTC, no tzinfo, as :func:`radnet_node.audit.utcnow`)."""
         if isinstance(self._received_at, float):
@@ -421,6 +431,18 @@ class _Recorder:
                 while len(self._queue) < _BATCH and not (
                     self._stopping or self._flushing or self._whole
                 ):
+                    if self._later:
+                        # rows that wait for the release: decode them now (the C loop does not
+                        # need the interpreter meanwhile), so that the release only commits
+                        waiting = [item for item in self._queue if not item.decoded]
+                        if waiting:
+                            self._wake.release()
+                            try:
+                                for item in waiting:
+                                    item.decode()
+                            finally:
+                                self._wake.acquire()
+                            continue
                     paused = deadline if self._later else self._last_put + _PAUSE_S
                     left = min(deadline, paused) - time.monotonic()
                     if left <= 0:
@@ -843,6 +865,7 @@ class _Association:
         # the C loop's temporary files: their names' start (per association) and number
         self._temporary_prefix = b""
         self._c_counter = 0
+        self._c_loop_on = False  # the C loop receives this association's ordinary C-STOREs
 
     def take_spare(self) -> tuple[Path, int] | None:
         """The temporary file opened ahead for the next C-STORE (now its caller's), or None."""
@@ -877,6 +900,7 @@ class _Association:
                 return
             dicom_ul.set_kernel_timeouts(self.sock, self.scp.NETWORK_TIMEOUT_S)
             fast = self._fast_contexts()
+            self._c_loop_on = bool(fast)
             while True:
                 if fast and self._incoming is None and not self._command_bytes:
                     pdu = self._receive_fast(fast)
@@ -1143,7 +1167,12 @@ class _Association:
             final=final,
             size=size if written else 0,
         )
-        self.state.recorder.put(_Received(self.info, received_at, written=written, info=info))
+        # where the C loop receives, an instance the Python code finishes is out of the ordinary
+        # (the first of a series, a duplicate, ...): committed at once, so that the rows the C
+        # loop leaves for the release do not wait behind it on the catalog's general path
+        self.state.recorder.put(
+            _Received(self.info, received_at, written=written, info=info), whole=self._c_loop_on
+        )
 
     def _abort(self) -> None:
         """Send an A-ABORT (service provider), if the peer still takes it."""
