@@ -569,23 +569,27 @@ static int keep_found(Loop *L, const uint8_t *d) {
     return 1;
 }
 
-/* append n bytes to the dataset's first bytes kept for the scan; -1 (the loop's error set) when
- * memory runs out */
-static int keep_head(Loop *L, const uint8_t *p, size_t n) {
+/* append n bytes to a growing buffer; -1 (the loop's error set) when memory runs out */
+static int append(Loop *L, uint8_t **buf, size_t *len, size_t *cap, const uint8_t *p, size_t n) {
     if (n == 0) return 0;
-    if (L->head_len + n > L->head_cap) {
-        size_t cap = (L->head_len + n) * 2;
-        uint8_t *grown = realloc(L->head, cap);
+    if (*len + n > *cap) {
+        size_t grown_cap = (*len + n) * 2;
+        uint8_t *grown = realloc(*buf, grown_cap);
         if (!grown) {
             fail(L, ERR_OS, ENOMEM, "%s", strerror(ENOMEM));
             return -1;
         }
-        L->head = grown;
-        L->head_cap = cap;
+        *buf = grown;
+        *cap = grown_cap;
     }
-    memcpy(L->head + L->head_len, p, n);
-    L->head_len += n;
+    memcpy(*buf + *len, p, n);
+    *len += n;
     return 0;
+}
+
+/* append n bytes to the dataset's first bytes kept for the scan */
+static int keep_head(Loop *L, const uint8_t *p, size_t n) {
+    return append(L, &L->head, &L->head_len, &L->head_cap, p, n);
 }
 
 /* scan a dataset fragment as it arrives (ingest._Incoming._scan_head), keeping what the Python
@@ -775,18 +779,8 @@ static int pdata(Loop *L, const uint8_t *body, size_t end) {
                 fail(L, ERR_PROTOCOL, 0, "a command set of more than %u bytes", MAX_COMMAND);
                 return -1;
             }
-            if (L->command_len + n > L->command_cap) {
-                size_t cap = (L->command_len + n) * 2;
-                uint8_t *grown = realloc(L->command, cap);
-                if (!grown) {
-                    fail(L, ERR_OS, ENOMEM, "%s", strerror(ENOMEM));
-                    return -1;
-                }
-                L->command = grown;
-                L->command_cap = cap;
-            }
-            if (n) memcpy(L->command + L->command_len, fragment, n);
-            L->command_len += n;
+            if (append(L, &L->command, &L->command_len, &L->command_cap, fragment, n) < 0)
+                return -1;
             if (control & 0x02) {
                 L->command_context = context_id;
                 if (!start_store(L, ctx)) {

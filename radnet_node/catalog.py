@@ -255,24 +255,28 @@ def register_instances(session: Session, arrivals: Sequence[Arrival]) -> list[Re
             _reopen(session, series, f"late instance {info.sop_instance_uid}", association_id)
         series.instance_count += 1
         series.last_instance_at = now
-        rows.append(
-            {
-                "sop_instance_uid": info.sop_instance_uid,
-                "sop_class_uid": info.sop_class_uid,
-                "series_id": series.id,
-                "transfer_syntax_uid": info.transfer_syntax_uid,
-                "size_bytes": info.size_bytes,
-                "spool_path": info.spool_path,
-                "association_id": association_id,
-                "received_at": now,
-                "generation": series.generation,
-            }
-        )
+        rows.append(_instance_row(arrival, series.id, series.generation))
         stored[info.sop_instance_uid] = (info.spool_path, series.id, series.generation)
         registrations.append(Registration(outcome, series.id, series.generation))
     if rows:
         session.execute(insert(Instance), rows)
     return registrations
+
+
+def _instance_row(arrival: Arrival, series_id: int, generation: int) -> dict[str, object]:
+    """The ``instances`` row of a new arrival in series ``series_id`` at ``generation``."""
+    info = arrival.info
+    return {
+        "sop_instance_uid": info.sop_instance_uid,
+        "sop_class_uid": info.sop_class_uid,
+        "series_id": series_id,
+        "transfer_syntax_uid": info.transfer_syntax_uid,
+        "size_bytes": info.size_bytes,
+        "spool_path": info.spool_path,
+        "association_id": arrival.association_id,
+        "received_at": arrival.received_at,
+        "generation": generation,
+    }
 
 
 # the statements of the usual case, made once (SQLAlchemy then reuses their compiled form)
@@ -320,19 +324,7 @@ def _register_in_receiving_series(
         if known is None or known[1] != SeriesState.RECEIVED:
             return None
         series_id, generation = known[0], known[2]
-        rows.append(
-            {
-                "sop_instance_uid": info.sop_instance_uid,
-                "sop_class_uid": info.sop_class_uid,
-                "series_id": series_id,
-                "transfer_syntax_uid": info.transfer_syntax_uid,
-                "size_bytes": info.size_bytes,
-                "spool_path": info.spool_path,
-                "association_id": arrival.association_id,
-                "received_at": arrival.received_at,
-                "generation": generation,
-            }
-        )
+        rows.append(_instance_row(arrival, series_id, generation))
         registrations.append(Registration(RegistrationOutcome.NEW, series_id, generation))
         counts[series_id] = (counts.get(series_id, (0, arrival.received_at))[0] + 1,
                              arrival.received_at)  # fmt: skip
