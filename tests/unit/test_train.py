@@ -21,6 +21,7 @@ from training.config import TrainConfig, load_config, validate_config
 from training.datasets import Case
 from training.train import (
     Batch,
+    CaseLoader,
     TrainingCase,
     _cli,
     _milestones,
@@ -560,6 +561,26 @@ def test_load_workers_load_the_same_cases_in_the_same_order(tiny_data: Path) -> 
     )
     for a, b in zip(serial, parallel, strict=True):
         assert np.array_equal(a.image, b.image)
+        assert np.array_equal(a.slice_labels, b.slice_labels)
+
+
+def test_one_loader_pool_serves_training_and_validation_with_their_own_label_rules(
+    tiny_data: Path,
+) -> None:
+    config = tiny_config(tiny_data)
+    data = open_training_data(config)
+    ids = sorted(i for i in data.case_ids() if i != "broken")
+    rule = 10**6  # more blood than any slice has: every positive slice label becomes unknown
+    with CaseLoader(data, "float32", workers=2, progress=False) as loader:
+        strict, _ = loader.load(ids, desc="", min_blood_pixels=rule)
+        pool = loader._pool
+        plain, _ = loader.load(ids, desc="")
+        assert pool is not None and loader._pool is pool  # started once, used twice
+    assert loader._pool is None  # closed on leaving
+    serial, _ = load_cases(data, ids, "float32", desc="", progress=False, min_blood_pixels=rule)
+    assert any((c.slice_labels == 1).any() for c in plain)
+    assert not any((c.slice_labels == 1).any() for c in strict)
+    for a, b in zip(strict, serial, strict=True):
         assert np.array_equal(a.slice_labels, b.slice_labels)
 
 
