@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -214,6 +215,7 @@ def head_atlas() -> HeadAtlas:
         except (OSError, ValueError) as error:
             logger.warning("atlas cache %s is unreadable (%s); rebuilding it", folder, error)
     atlas = build_head_atlas()
+    tmp: Path | None = None
     try:
         tmp = Path(
             tempfile.mkdtemp(
@@ -226,9 +228,17 @@ def head_atlas() -> HeadAtlas:
         (tmp / "landmarks.json").write_text(json.dumps(atlas.landmarks))
         os.replace(tmp, folder)
     except OSError as error:
-        logger.warning(
-            "atlas cache %s cannot be written (%s); every process will rebuild it", folder, error
-        )
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial copy is never left behind
+        if (folder / "landmarks.json").is_file():
+            # another process built it at the same time and put its copy in place first
+            logger.debug("atlas cache %s was written by another process", folder)
+        else:
+            logger.warning(
+                "atlas cache %s cannot be written (%s); every process will rebuild it",
+                folder,
+                error,
+            )
     return atlas
 
 

@@ -114,6 +114,31 @@ def test_render_refuses_a_volume_off_the_atlas_grid(atlas) -> None:  # type: ign
         render_lesions(np.zeros((4, 4, 4), np.float32), atlas, [], TissueHU())
 
 
+def test_a_process_that_loses_the_atlas_cache_race_keeps_no_copy_and_no_warning(
+    atlas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    import training.anatomy as anatomy
+
+    monkeypatch.setenv("RADNET_CACHE_DIR", str(tmp_path))
+    folder = anatomy._cache_dir()
+
+    def built_while_another_process_finished_first() -> object:
+        folder.mkdir(parents=True)
+        (folder / "landmarks.json").write_text("{}")  # the other process's copy, in place
+        return atlas  # the arrays this process built (the real atlas, not rebuilt here)
+
+    monkeypatch.setattr(anatomy, "build_head_atlas", built_while_another_process_finished_first)
+    anatomy.head_atlas.cache_clear()
+    try:
+        with caplog.at_level("DEBUG", logger=anatomy.logger.name):
+            assert anatomy.head_atlas() is atlas
+    finally:
+        anatomy.head_atlas.cache_clear()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary copy left
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert "another process" in caplog.records[0].getMessage()
+
+
 # ---------------------------------------------------------------- whole synthetic heads
 
 
