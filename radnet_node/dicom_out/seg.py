@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from radnet_node.dicom_out import codes
@@ -100,7 +101,11 @@ def seg_frames(
     thickness = float(np.median(spacing)) if np.isfinite(spacing).all() else None
     frame_numbers = [s.frame_number for s in series.slices]
     if all(f is None for f in frame_numbers):
-        return [metadata_only(ds, slice_thickness_mm=thickness) for ds in headers], binary
+        between = _spacing_along_normal(series.normal_positions_mm)
+        return [
+            _with_spacing_between_slices(metadata_only(ds, slice_thickness_mm=thickness), between)
+            for ds in headers
+        ], binary
     if len(headers) != 1 or any(f is None for f in frame_numbers):
         raise SeriesError(
             label,
@@ -118,6 +123,42 @@ def seg_frames(
             )
         pixels[frame - 1] = binary[k]
     return [metadata_only(source, slice_thickness_mm=thickness)], pixels
+
+
+def _spacing_along_normal(normal_positions_mm: object) -> float | None:
+    """The distance between neighbouring slices along the slice normal when it is one distance
+    (the gaps within 1 % of their median), else None."""
+    positions = np.sort(np.asarray(normal_positions_mm, dtype=np.float64))
+    if positions.size < 2:
+        return None
+    gaps = np.diff(positions)
+    median = float(np.median(gaps))
+    if not median > 0 or float(np.ptp(gaps)) > 0.01 * median:
+        return None
+    return median
+
+
+def _with_spacing_between_slices(copy: Dataset, spacing_mm: float | None) -> Dataset:
+    """A source copy whose SpacingBetweenSlices, if it has one, is the distance along the normal.
+
+    highdicom puts the source's value into the SEG's pixel measures, which hold for every frame.
+    On a tilted series scanners write the table increment there (2.5 mm for 2.37 mm along the
+    normal on the Philips series at -18.5 degrees), and on an unevenly spaced series no single
+    value is right; the frames themselves are placed by their positions. So the value becomes the
+    distance along the normal, or is left out when the gaps differ. The source is not changed.
+    """
+    if "SpacingBetweenSlices" not in copy:
+        return copy
+    if spacing_mm is None:
+        del copy[_SPACING_BETWEEN_SLICES]  # from the copy's own elements only
+    else:
+        copy[_SPACING_BETWEEN_SLICES] = DataElement(
+            _SPACING_BETWEEN_SLICES, "DS", f"{spacing_mm:.6g}"
+        )
+    return copy
+
+
+_SPACING_BETWEEN_SLICES = 0x00180088
 
 
 def build_seg(

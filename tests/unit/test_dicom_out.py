@@ -675,6 +675,35 @@ def test_seg_follows_a_tilted_unevenly_spaced_series(tilted_series: list[Path]) 
     assert outputs.key_image.PatientOrientation == ["L", "PF"]
 
 
+@pytest.mark.parametrize("uneven", [False, True])
+def test_seg_spacing_between_slices_is_along_the_normal_or_left_out(
+    write_series: Callable[..., list[Path]], head_hu: Callable[..., np.ndarray], uneven: bool
+) -> None:
+    # scanners write the table increment as SpacingBetweenSlices on a tilted series
+    table = (0.0, 4.0, 10.0, 13.0, 20.0, 27.5) if uneven else (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
+    geometry = SeriesGeometry(
+        rows=ROWS,
+        columns=COLUMNS,
+        pixel_spacing_mm=SPACING,
+        table_positions_mm=table,
+        gantry_tilt_deg=15.0,
+    )
+    paths = write_series(head_hu((6, ROWS, COLUMNS), SPACING), geometry, name="tilted-sbs")
+    result = make_result(paths, [1, 2, 3])
+    sources = headers(paths)
+    for ds in sources.values():
+        ds.SpacingBetweenSlices = "5"
+    seg = reread(build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(paths, result)).seg)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    if uneven:
+        assert "SpacingBetweenSlices" not in measures  # no one value is right
+    else:
+        assert float(measures.SpacingBetweenSlices) == pytest.approx(
+            5.0 * np.cos(np.radians(15.0)), abs=1e-4
+        )
+    assert all(ds.SpacingBetweenSlices == 5 for ds in sources.values())  # sources unchanged
+
+
 def test_seg_refuses_a_mask_off_the_source_grid(regular_series: list[Path]) -> None:
     good = make_result(regular_series, [2, 3, 4])
     bad = SeriesResult(
