@@ -499,7 +499,9 @@ def load_series_group(paths: Sequence[str], label: str) -> SeriesGroup:
     return groups[0]
 
 
-def select_series(db: AuditDB, series_id: int, *, min_slices: int) -> Selection:
+def select_series(
+    db: AuditDB, series_id: int, *, min_slices: int, accept_lossy: bool = False
+) -> Selection:
     """Decide whether a complete series is run: queue a job, or reject it with the reason.
 
     The headers are read outside any transaction; the decision is written only if the series is
@@ -540,7 +542,9 @@ def select_series(db: AuditDB, series_id: int, *, min_slices: int) -> Selection:
     state: SeriesState
     try:
         group, left_out = split_off_non_slices(load_series_group(paths, f"series {series_uid}"))
-        eligibility = classify_series(group.headers, min_slices=min_slices)
+        eligibility = classify_series(
+            group.headers, min_slices=min_slices, accept_lossy=accept_lossy
+        )
         state = SeriesState.QUEUED if eligibility.eligible else SeriesState.REJECTED
         reason = eligibility.reason
         if left_out:

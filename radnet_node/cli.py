@@ -154,7 +154,7 @@ def _infer(
         + rule_text(engine.min_consecutive, engine.min_extent_mm)
     )
     done = failed = unreadable = skipped = 0
-    for event in infer_paths(paths, out, engine):
+    for event in infer_paths(paths, out, engine, accept_lossy=settings.series.accept_lossy):
         if isinstance(event, SeriesDone):
             done += 1
             typer.echo(_done_line(event))

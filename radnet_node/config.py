@@ -145,6 +145,8 @@ class SeriesSection(_Section):
     min_slices: PositiveInt | None = None
     # several series waiting are handed to the engine together, up to this many
     max_batch_series: PositiveInt = 4
+    # run series whose images were lossy-compressed (LossyImageCompression 01); refused otherwise
+    accept_lossy: bool = False
 
 
 class ModelSection(_Section):

@@ -80,6 +80,8 @@ def infer_paths(
     out_dir: str | Path,
     engine: Engine,
     identity: NodeIdentity | None = None,
+    *,
+    accept_lossy: bool = False,
 ) -> Iterator[InferEvent]:
     """Run every eligible series found under ``paths`` and write its outputs into ``out_dir``.
 
@@ -97,6 +99,8 @@ def infer_paths(
         The loaded engine.
     identity
         The node as the DICOM objects name it; default :class:`NodeIdentity()`.
+    accept_lossy
+        Run series whose images were lossy-compressed (``[series] accept_lossy``); skipped else.
 
     Yields
     ------
@@ -118,7 +122,9 @@ def infer_paths(
     for whole in scan.series:
         group, left_out = split_off_non_slices(whole)
         yield from left_out
-        eligibility = classify_series(group.headers, min_slices=engine.spec.min_slices)
+        eligibility = classify_series(
+            group.headers, min_slices=engine.spec.min_slices, accept_lossy=accept_lossy
+        )
         if not eligibility.eligible:
             yield SkippedInput(group.label, eligibility.reason)
             continue

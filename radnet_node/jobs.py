@@ -189,7 +189,12 @@ class Worker:
                 select(Series.id).where(Series.state == SeriesState.COMPLETE).order_by(Series.id)
             ).all()
         for series_id in ids:
-            select_series(self.db, series_id, min_slices=self.engine.spec.min_slices)
+            select_series(
+                self.db,
+                series_id,
+                min_slices=self.engine.spec.min_slices,
+                accept_lossy=self.settings.series.accept_lossy,
+            )
         return len(ids)
 
     def _claim(self) -> list[_Claimed]:

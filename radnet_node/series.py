@@ -487,13 +487,17 @@ def _names_head(text: str) -> bool:
     return any(term in text for term in HEAD_TERMS)
 
 
-def classify_series(headers: Sequence[Dataset], *, min_slices: int = 5) -> Eligibility:
+def classify_series(
+    headers: Sequence[Dataset], *, min_slices: int = 5, accept_lossy: bool = False
+) -> Eligibility:
     """Decide from headers alone whether a series is an axial head CT that RADnet can run on.
 
     Eligible when every instance is Modality CT with a CT Image, Enhanced CT or Legacy Converted
     Enhanced CT SOP class, greyscale, not a localizer or derived map (perfusion, MIP), the slice
     normal lies within 45 degrees of the patient's z axis (gantry tilt is fine), the series
-    plausibly shows the head, and it holds at least ``min_slices`` images.
+    plausibly shows the head, it holds at least ``min_slices`` images, and no instance says it was
+    lossy-compressed (LossyImageCompression 01) unless ``accept_lossy``: the shipped model never
+    saw a lossy image and calls heavily compressed normal slices positive (its card's limitations).
 
     "Plausibly the head": a head word (HEAD_TERMS: HEAD, BRAIN, SKULL, CRANI..., KOPF, ...) in
     BodyPartExamined, SeriesDescription, ProtocolName or StudyDescription; or, when none names the
@@ -507,6 +511,8 @@ def classify_series(headers: Sequence[Dataset], *, min_slices: int = 5) -> Eligi
         The headers of every instance of one series (from :func:`read_header`).
     min_slices
         Fewest images (frames) a series needs.
+    accept_lossy
+        Run series whose images were lossy-compressed (``[series] accept_lossy``).
 
     Returns
     -------
@@ -556,6 +562,15 @@ def classify_series(headers: Sequence[Dataset], *, min_slices: int = 5) -> Eligi
     frames = sum(_frames_of(ds) for ds in headers)
     if frames < min_slices:
         return Eligibility(False, f"too few slices: {frames}, at least {min_slices} required")
+
+    lossy = sum(str(ds.get("LossyImageCompression", "")).strip() == "01" for ds in headers)
+    if lossy and not accept_lossy:
+        return Eligibility(
+            False,
+            f"lossy-compressed: {lossy} of {len(headers)} instance(s) have LossyImageCompression "
+            "01, and the model calls heavily compressed normal slices positive (see its card); "
+            "[series] accept_lossy = true runs such series",
+        )
 
     why_head = (
         f"{head_fields[0]} names the head"

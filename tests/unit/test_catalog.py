@@ -252,6 +252,7 @@ def test_a_rejected_series_names_the_instances_left_out_too(tmp_path: Path, db: 
         ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "a localizer (scout) image"),
         ({"Modality": "MR"}, "Modality MR, not CT"),
         ({}, "too few slices: 3"),
+        ({"LossyImageCompression": "01"}, "lossy-compressed: 6 of 6 instance(s)"),
     ],
 )
 def test_selection_rejects_with_the_reason_audited(
@@ -272,6 +273,19 @@ def test_selection_rejects_with_the_reason_audited(
         rejected = session.scalars(select(Event).where(Event.kind == "series.rejected")).one()
         assert reason in rejected.message
         assert session.scalars(select(Job)).all() == []
+
+
+def test_selection_runs_a_lossy_series_when_accepted(tmp_path: Path, db: AuditDB) -> None:
+    files = write_series(tmp_path, "l", slices=6)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.LossyImageCompression = "01"
+        ds.save_as(path)
+    _register(db, files)
+    with db.session() as session:
+        complete_quiet_series(session, 0.0)
+    selection = select_series(db, _series(db).id, min_slices=5, accept_lossy=True)
+    assert selection.state == "queued", selection
 
 
 def test_a_missing_spool_file_fails_the_series_naming_it(tmp_path: Path, db: AuditDB) -> None:

@@ -143,6 +143,19 @@ def test_slice_count_counts_frames_and_respects_min_slices() -> None:
     assert classify_series(headers, min_slices=4).eligible
 
 
+def test_lossy_compressed_series_are_refused_unless_accepted() -> None:
+    headers = [_header() for _ in range(5)]
+    assert classify_series(headers).eligible
+    headers[2].LossyImageCompression = "01"
+    verdict = classify_series(headers)
+    assert not verdict.eligible
+    assert "lossy-compressed: 1 of 5 instance(s) have LossyImageCompression 01" in verdict.reason
+    assert "accept_lossy" in verdict.reason
+    assert classify_series(headers, accept_lossy=True).eligible
+    headers[2].LossyImageCompression = "00"  # "not subjected to lossy compression"
+    assert classify_series(headers).eligible
+
+
 def test_mixed_series_names_the_offending_instance() -> None:
     headers = [_header() for _ in range(5)]
     headers[3].ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
