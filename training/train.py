@@ -182,8 +182,8 @@ class CaseLoader:
     every :meth:`load` of this loader (a run loads its training and its validation cases through
     one pool). They are forked from a fork server that imported this module once, so no worker
     repeats the import of torch and the rest, and none is a fork of a parent that may hold a CUDA
-    context; where the platform has no fork server they are spawned. With 16 spawned workers (two
-    pools) a GPU machine spent 3 of its 4 minutes after the cache was filled starting them.
+    context; where the platform has no fork server they are spawned. On a 16-core GPU machine, 144
+    cached cases took 72.5 s through a pool of 16 spawned workers and 2.9 s through this one.
     """
 
     def __init__(

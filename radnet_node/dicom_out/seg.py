@@ -3,7 +3,7 @@ grid and referencing the source series."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import highdicom as hd
@@ -125,7 +125,7 @@ def seg_frames(
     return [metadata_only(source, slice_thickness_mm=thickness)], pixels
 
 
-def _spacing_along_normal(normal_positions_mm: object) -> float | None:
+def _spacing_along_normal(normal_positions_mm: Sequence[float]) -> float | None:
     """The distance between neighbouring slices along the slice normal when it is one distance
     (the gaps within 1 % of their median), else None."""
     positions = np.sort(np.asarray(normal_positions_mm, dtype=np.float64))
