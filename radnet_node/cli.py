@@ -172,9 +172,16 @@ def _infer(
         f"{done} series done, {failed} failed, {unreadable} unreadable file(s), {skipped} skipped"
     )
     if failed or unreadable:
+        problems = [
+            text
+            for count, text in (
+                (failed, f"{failed} eligible series failed"),
+                (unreadable, f"{unreadable} DICOM file(s) could not be read"),
+            )
+            if count
+        ]
         typer.echo(
-            f"radnet-node: error: {failed} eligible series failed and {unreadable} DICOM file(s) "
-            "could not be read (see the FAILED / ERROR lines)",
+            f"radnet-node: error: {' and '.join(problems)} (see the FAILED / ERROR lines)",
             err=True,
         )
         return EXIT_FAILED

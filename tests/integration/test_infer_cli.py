@@ -181,8 +181,21 @@ def test_a_failed_series_gives_exit_1_and_the_others_are_still_written(
     failed_line = next(line for line in stdout.splitlines() if line.startswith("FAILED"))
     assert str(other[2]) in failed_line and "MPEG2" in failed_line
     assert f"ERROR   {truncated}: corrupt DICOM file" in stdout
-    assert "1 eligible series failed" in stderr
+    assert "1 eligible series failed and 1 DICOM file(s) could not be read" in stderr
     assert {p.name for p in out.iterdir()} == {pydicom.dcmread(generated[0]).SeriesInstanceUID}
+
+
+def test_summary_names_only_the_problems_there_were(
+    tmp_path: Path, generated: list[Path], weights: Path
+) -> None:
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(generated[0].read_bytes()[:400])
+    code, _, stderr = _invoke(
+        "infer", generated[0].parent, truncated, "--out", tmp_path / "out", "--weights", weights
+    )
+    assert code == EXIT_FAILED
+    assert "radnet-node: error: 1 DICOM file(s) could not be read (see" in stderr
+    assert "series failed" not in stderr
 
 
 def test_no_eligible_series_gives_exit_3(
