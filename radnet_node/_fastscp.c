@@ -325,6 +325,7 @@ typedef struct {
     int scan_bad; /* the first bytes are no dataset: the Python side refuses it */
     uint8_t *head;
     size_t head_len, head_cap;
+    size_t scan_next; /* the kept head is scanned again once it is this long */
     Found found;
     uint8_t uid[MAX_UID];
     size_t uid_len;
@@ -594,11 +595,15 @@ static int keep_head(Loop *L, const uint8_t *p, size_t n) {
 
 /* scan a dataset fragment as it arrives (ingest._Incoming._scan_head), keeping what the Python
  * side scans if the dataset is handed over; 0, or -1 with the loop's error set */
-static int scan_fragment(Loop *L, const uint8_t *fragment, size_t n) {
+static int scan_fragment(Loop *L, const uint8_t *fragment, size_t n, int last) {
     int kept = L->head_len > 0; /* the scan needs the bytes before this fragment too */
     if (kept && keep_head(L, fragment, n) < 0) return -1;
     const uint8_t *d = kept ? L->head : fragment;
     size_t len = kept ? L->head_len : n;
+    /* scanned again only once it has doubled: a peer sending tiny PDVs before a long header
+     * would otherwise cost a scan of the whole head per PDV (quadratic) */
+    if (kept && !last && len < L->scan_next && len <= HEAD_LIMIT) return 0;
+    L->scan_next = 2 * len;
     uint64_t stop = 0;
     int r = scan(d, len, L->in_context->implicit, &L->found, &stop);
     if (r == SCAN_OK) {
@@ -797,7 +802,7 @@ static int pdata(Loop *L, const uint8_t *body, size_t end) {
             return -1;
         }
         if (!L->scanned) {
-            if (scan_fragment(L, fragment, n) < 0) return -1;
+            if (scan_fragment(L, fragment, n, control & 0x02) < 0) return -1;
             if (L->scan_bad) { /* refused by the Python side, which stops writing it here */
                 hand_over(L, control & 0x02, 0, body + pos, end - pos);
                 return -1;

@@ -1533,6 +1533,7 @@ class _Incoming:
         self._scan_mode = _scan_mode(syntax)
         self._placed = False
         self._head = bytearray()
+        self._scan_next = 0  # the kept head is scanned again once it is this long
         self._found: dict[str, bytes] | None = None
         # set once the instance is at its place: what record() hands to the recorder
         self._to_record: tuple[dict[str, str], Path, bool] | None = None
@@ -1611,7 +1612,15 @@ class _Incoming:
         cannot be parsed (the instance is then refused, its file dropped)."""
         # the first fragment nearly always holds the header: scan it in place, keep a copy
         # only when the scan needs the next fragment too
-        head = memoryview(self._head + fragment) if self._head else fragment
+        if self._head:
+            self._head += fragment
+            # scanned again only once it has doubled: a peer sending tiny PDVs before a long
+            # header would otherwise cost a scan of the whole head per PDV (quadratic)
+            if len(self._head) < self._scan_next and len(self._head) <= _HEAD_LIMIT:
+                return True
+        # (a copy: the bytearray cannot grow while a view of it is held)
+        head = memoryview(bytes(self._head)) if self._head else fragment
+        self._scan_next = 2 * len(head)
         try:
             self._found = dicom_ul.scan_header(head, implicit=self._scan_mode).values
             self._head = bytearray()
@@ -1620,8 +1629,6 @@ class _Incoming:
                 self._scan_mode, self._head = None, bytearray()  # read it from the file
             elif not self._head:
                 self._head = bytearray(fragment)
-            else:
-                self._head += fragment
         except dicom_ul.ProtocolError as exc:
             self.error = (STATUS_CANNOT_UNDERSTAND, f"the dataset cannot be parsed ({exc})")
             self.discard()

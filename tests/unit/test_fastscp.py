@@ -437,3 +437,42 @@ def test_the_receive_loop_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         )
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize("loop", ["c", "python"])
+def test_a_long_header_in_tiny_pdvs_is_scanned_a_few_times_not_once_per_pdv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    # a private element of 192 KiB before the study and series UIDs the scan looks for, sent in 1,600 PDVs of
+    # 128 bytes: the kept head is scanned again only when it has doubled, not for every PDV
+    path = write_series(tmp_path / "in", "long", slices=1)[0]
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00090010, "LO", "RADNET TEST")
+    ds.add_new(0x00091001, "OB", bytes(range(256)) * 768)
+    data = encoded(ds, implicit=True)
+    # the Study Instance UID, which the scan needs, comes after the long element
+    assert data.index(str(ds.StudyInstanceUID).encode()) > 192 * 1024
+    scans = []
+    real_scan = dicom_ul.scan_header
+
+    def counted(*args: object, **kwargs: object) -> dicom_ul.HeaderScan:
+        scans.append(1)
+        return real_scan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dicom_ul, "scan_header", counted)
+    chunks = [data[i : i + 128] for i in range(0, len(data), 128)]
+    with _scp(tmp_path / loop, loop, monkeypatch) as scp, raw_association(scp.address[1]) as sock:
+        sock.sendall(
+            c_store_rq(str(ds.SOPInstanceUID), 1)
+            + b"".join(
+                p_data_tf(chunk, 0x02 if i == len(chunks) - 1 else 0x00, 3)
+                for i, chunk in enumerate(chunks)
+            )
+        )
+        assert read_response(sock).Status == 0
+        release(sock)
+        wait_for(lambda scp=scp: len(_rows(scp)) == 1, 10, "the instance's row")
+        (spooled,) = _spooled(scp).values()
+    assert pydicom.dcmread(BytesIO(spooled))[0x00091001].value == ds[0x00091001].value
+    if loop == "python":
+        assert 1 <= len(scans) <= 16, len(scans)  # log2(1,600) + the final scan, not 1,600
