@@ -443,8 +443,9 @@ def test_the_receive_loop_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_a_long_header_in_tiny_pdvs_is_scanned_a_few_times_not_once_per_pdv(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
 ) -> None:
-    # a private element of 192 KiB before the study and series UIDs the scan looks for, sent in 1,600 PDVs of
-    # 128 bytes: the kept head is scanned again only when it has doubled, not for every PDV
+    # a private element of 192 KiB before the study and series UIDs the scan looks for, sent in
+    # 1,600 PDVs of 128 bytes: the kept head is scanned again only when it has doubled, not for
+    # every PDV
     path = write_series(tmp_path / "in", "long", slices=1)[0]
     ds = pydicom.dcmread(path)
     ds.add_new(0x00090010, "LO", "RADNET TEST")

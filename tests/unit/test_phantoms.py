@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull
 
 from radnet_node.errors import DatasetError, InputError
+from training import anatomy
 from training.anatomy import TissueHU, compose_head_hu, head_atlas
 from training.dicom_writer import SeriesGeometry
 from training.lesions import SUBTYPES, render_lesions, sample_hemorrhages, sample_mimics
@@ -117,8 +118,6 @@ def test_render_refuses_a_volume_off_the_atlas_grid(atlas) -> None:  # type: ign
 def test_a_process_that_loses_the_atlas_cache_race_keeps_no_copy_and_no_warning(
     atlas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
-    import training.anatomy as anatomy
-
     monkeypatch.setenv("RADNET_CACHE_DIR", str(tmp_path))
     folder = anatomy._cache_dir()
 
