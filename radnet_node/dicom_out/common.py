@@ -67,6 +67,9 @@ PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
     "ReferringPhysicianName",
     "StudyDescription",
 )
+#: DeidentificationMethod of outputs whose source says PatientIdentityRemoved YES and names no
+#: method (the standard requires one of the two method attributes then)
+UNSTATED_DEIDENTIFICATION_METHOD = "not stated in the source images"
 # Type 2 attributes of those modules: present (possibly empty) even when the source lacks them.
 _TYPE2_KEYWORDS = (
     "PatientName",
@@ -356,7 +359,10 @@ def copy_patient_study(target: Dataset, source: Dataset) -> None:
     """Copy the patient and study modules of ``source`` onto ``target`` (a new object).
 
     Only the builders' own, freshly made ``target`` is modified; missing type 2 attributes are
-    written empty.
+    written empty. A source marked PatientIdentityRemoved YES that names no de-identification
+    method (as the CQ500 images do) gets :data:`UNSTATED_DEIDENTIFICATION_METHOD` as its
+    DeidentificationMethod, which the standard then requires: the outputs stay marked as
+    de-identified, and valid.
     """
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in source:
@@ -365,6 +371,12 @@ def copy_patient_study(target: Dataset, source: Dataset) -> None:
             setattr(target, keyword, None)
         elif keyword in target:
             delattr(target, keyword)
+    if (
+        str(target.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
+        and not target.get("DeidentificationMethod")
+        and not target.get("DeidentificationMethodCodeSequence")
+    ):
+        target.DeidentificationMethod = UNSTATED_DEIDENTIFICATION_METHOD
 
 
 def algorithm_label(result: SeriesResult) -> str:

@@ -22,6 +22,7 @@ from radnet_node.dicom_out import (
     build_outputs,
     build_seg,
     build_sr,
+    common,
     device_uid_for,
     output_uids,
     source_value_problems,
@@ -300,6 +301,34 @@ def test_sources_without_type2_patient_study_values_or_slice_thickness_still_bui
     seg = reread(outputs.seg)
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) == pytest.approx(5.0)  # the slice spacing
+
+
+@pytest.mark.parametrize(
+    ("removed", "method", "expected"),
+    [
+        ("YES", None, common.UNSTATED_DEIDENTIFICATION_METHOD),  # CQ500's images
+        ("YES", "CTP Basic Profile", "CTP Basic Profile"),
+        ("NO", None, None),
+        (None, None, None),
+    ],
+)
+def test_a_de_identified_source_without_its_method_gets_one_in_the_outputs(
+    regular_series: list[Path], removed: str | None, method: str | None, expected: str | None
+) -> None:
+    # the standard requires a method once PatientIdentityRemoved is YES
+    result = make_result(regular_series, [2, 3, 4])
+    sources = headers(regular_series)
+    for ds in sources.values():
+        if removed is not None:
+            ds.PatientIdentityRemoved = removed
+        if method is not None:
+            ds.DeidentificationMethod = method
+    outputs = build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result))
+    for kind in ("sr", "seg", "key_image"):
+        ds = reread(getattr(outputs, kind))
+        assert ds.get("PatientIdentityRemoved") == removed, kind
+        assert ds.get("DeidentificationMethod") == expected, kind
+        assert "DeidentificationMethodCodeSequence" not in ds, kind
 
 
 def test_one_component_patient_names_are_not_judged_in_warnings(regular_series: list[Path]) -> None:
