@@ -25,6 +25,7 @@ __all__ = [
     "algorithm_label",
     "contributing_equipment",
     "copy_patient_study",
+    "derived_frame_of_reference_uid",
     "device_uid_for",
     "for_highdicom",
     "highdicom_character_set",
@@ -185,7 +186,19 @@ def _public_copy(ds: Dataset, leave_out: frozenset[int] = frozenset()) -> Datase
     return copy
 
 
-def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Dataset:
+def derived_frame_of_reference_uid(series_instance_uid: str) -> UID:
+    """The Frame of Reference UID the outputs give a series whose images have none (the CQ500
+    images lost theirs to de-identification): the same for every result of the series, and
+    under this implementation's root, since it is new."""
+    return generate_uid(entropy_srcs=["radnet-node frame of reference", series_instance_uid])
+
+
+def metadata_only(
+    ds: Dataset,
+    *,
+    slice_thickness_mm: float | None = None,
+    frame_of_reference_uid: str | None = None,
+) -> Dataset:
     """A shallow copy of ``ds`` without pixel data and private elements (what highdicom needs of
     a source image).
 
@@ -196,7 +209,9 @@ def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Da
     patient and study attributes that the source lacks (anonymisers drop them) are added empty,
     since highdicom reads them unconditionally. A single-frame source without a SliceThickness
     value (type 2 in the CT Image module) gets ``slice_thickness_mm`` when given: the SEG's pixel
-    measures need one, and the nominal slice spacing is the best the series can tell.
+    measures need one, and the nominal slice spacing is the best the series can tell. A source
+    without a FrameOfReferenceUID gets ``frame_of_reference_uid`` when given (the SEG's plane
+    positions are in a frame of reference; see :func:`derived_frame_of_reference_uid`).
     """
     copy = _public_copy(ds, leave_out=_PIXEL_TAGS)
     for keyword in _TYPE2_KEYWORDS:
@@ -206,6 +221,8 @@ def metadata_only(ds: Dataset, *, slice_thickness_mm: float | None = None) -> Da
     if single_frame and slice_thickness_mm is not None and not ds.get("SliceThickness"):
         # a new element: an empty one of ds must not change
         copy.add_new("SliceThickness", "DS", f"{slice_thickness_mm:.6g}")
+    if frame_of_reference_uid is not None and not ds.get("FrameOfReferenceUID"):
+        copy.add_new("FrameOfReferenceUID", "UI", frame_of_reference_uid)
     return copy
 
 
@@ -342,6 +359,11 @@ def source_value_problems(source: Dataset, headers: Sequence[Dataset] = ()) -> l
             if fault is not None:
                 problems.append(f"{keyword}: {fault}")
                 break
+    if not source.get("FrameOfReferenceUID"):
+        problems.append(
+            "FrameOfReferenceUID: missing in the source images; the SEG gives the series one "
+            "derived from its Series Instance UID"
+        )
     reported = {problem.split(":", 1)[0] for problem in problems}
     for keyword in ("StudyInstanceUID", *_REFERENCED_UIDS):
         value = str(source.get(keyword, "") or "")

@@ -15,6 +15,7 @@ from radnet_node.dicom_out import codes
 from radnet_node.dicom_out.common import (
     contributing_equipment,
     copy_patient_study,
+    derived_frame_of_reference_uid,
     for_highdicom,
     highdicom_character_set,
     metadata_only,
@@ -99,11 +100,18 @@ def seg_frames(
     binary = mask.astype(bool).astype(np.uint8)
     spacing = np.asarray(series.slice_spacing_mm, dtype=np.float64)
     thickness = float(np.median(spacing)) if np.isfinite(spacing).all() else None
+    # (the preprocessing made sure the instances share one, or all lack it)
+    frame_of_reference = derived_frame_of_reference_uid(result.series_instance_uid)
     frame_numbers = [s.frame_number for s in series.slices]
     if all(f is None for f in frame_numbers):
         between = _spacing_along_normal(series.normal_positions_mm)
         return [
-            _with_spacing_between_slices(metadata_only(ds, slice_thickness_mm=thickness), between)
+            _with_spacing_between_slices(
+                metadata_only(
+                    ds, slice_thickness_mm=thickness, frame_of_reference_uid=frame_of_reference
+                ),
+                between,
+            )
             for ds in headers
         ], binary
     if len(headers) != 1 or any(f is None for f in frame_numbers):
@@ -122,7 +130,11 @@ def seg_frames(
                 label, f"slice {k} is frame {frame} of a source with {n_frames} frames"
             )
         pixels[frame - 1] = binary[k]
-    return [metadata_only(source, slice_thickness_mm=thickness)], pixels
+    return [
+        metadata_only(
+            source, slice_thickness_mm=thickness, frame_of_reference_uid=frame_of_reference
+        )
+    ], pixels
 
 
 def _spacing_along_normal(normal_positions_mm: Sequence[float]) -> float | None:

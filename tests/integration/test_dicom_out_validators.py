@@ -31,7 +31,8 @@ IDENTITY = NodeIdentity(institution_name="Test Hospital", station_name="RADNET1"
 SPACING = (3.5, 3.5)
 LCE_FILE = Path("derived-transcoded") / "Philips_S21610_LegacyConvertedEnhancedCT.dcm"
 # "japanese": a positive case whose patient name is in ISO 2022 IR 87 (value 1 empty);
-# "deidentified": a positive case marked PatientIdentityRemoved YES without a method
+# "deidentified": a positive case marked PatientIdentityRemoved YES without a method, and without
+# a FrameOfReferenceUID (as the CQ500 images are)
 CASES = ("positive", "negative", "tilted", "multiframe", "japanese", "deidentified")
 TOOL_TIMEOUT_S = 120
 
@@ -113,9 +114,10 @@ def written(
         for ds in headers:
             ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
             ds.PatientName = "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce"
-    if case == "deidentified":  # as the CQ500 images are: no method named
+    if case == "deidentified":  # as the CQ500 images are: no method named, no frame of reference
         for ds in headers:
             ds.PatientIdentityRemoved = "YES"
+            del ds.FrameOfReferenceUID
     sources = {str(ds.SOPInstanceUID): ds for ds in headers}
     key_slice_hu = (
         read_hu_slices(instances, SPEC).hu[result.key_slice_index] if result.ct_positive else None

@@ -331,6 +331,35 @@ def test_a_de_identified_source_without_its_method_gets_one_in_the_outputs(
         assert "DeidentificationMethodCodeSequence" not in ds, kind
 
 
+def test_a_series_without_a_frame_of_reference_gets_one_derived_from_its_uid(
+    regular_series: list[Path],
+) -> None:
+    # the CQ500 images have none; highdicom refuses such sources for a SEG
+    result = make_result(regular_series, [2, 3, 4])
+    sources = headers(regular_series)
+    for ds in sources.values():
+        del ds.FrameOfReferenceUID
+    expected = common.derived_frame_of_reference_uid(result.series_instance_uid)
+    for _ in range(2):  # the same for every build of the series' results
+        outputs = build_outputs(
+            result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result)
+        )
+        seg = reread(outputs.seg)
+        assert seg.FrameOfReferenceUID == expected
+        assert all(
+            frame.PlanePositionSequence[0].ImagePositionPatient
+            for frame in seg.PerFrameFunctionalGroupsSequence
+        )
+    assert expected.is_valid and expected != result.series_instance_uid
+    assert all("FrameOfReferenceUID" not in ds for ds in sources.values())  # left untouched
+    first = next(iter(sources.values()))
+    assert any(p.startswith("FrameOfReferenceUID: missing") for p in source_value_problems(first))
+    assert not any(
+        p.startswith("FrameOfReferenceUID")
+        for p in source_value_problems(headers(regular_series)[str(first.SOPInstanceUID)])
+    )
+
+
 def test_one_component_patient_names_are_not_judged_in_warnings(regular_series: list[Path]) -> None:
     # highdicom warns about "HEAD" (the Philips phantom's name) quoting it: a patient name in the
     # process log, about a value the node copies verbatim on purpose
