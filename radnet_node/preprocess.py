@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.uid import (
@@ -62,6 +63,8 @@ CT_SOP_CLASSES: dict[str, str] = {
 }
 
 AIR_HU = -1024.0
+#: the darkest 1 % of a head CT series (air around the head) must be below this
+_MAX_AIR_HU = -500.0
 # Body mask threshold: above fat/soft tissue noise floor of air, below every tissue of the head.
 _BODY_HU = -300.0
 # Head finding runs on a grid of about this pixel size: fast, and fine enough for a centre.
@@ -577,6 +580,7 @@ def read_hu_slices(
             if padding is not None:
                 hu[k][(stored[index] >= padding[0]) & (stored[index] <= padding[1])] = AIR_HU
     hu.setflags(write=False)
+    _check_hounsfield(hu, frames[0], label)
 
     thicknesses = {f.thickness for f in frames if f.thickness is not None}
     thickness = thicknesses.pop() if len(thicknesses) == 1 else None
@@ -681,6 +685,9 @@ def _describe(ds: Dataset, path: str | None) -> str:
 
 def _check_image(ds: Dataset, path: str | None, label: str) -> None:
     where = _describe(ds, path)
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not str(ds.get(keyword, "") or "").strip():
+            raise SeriesError(label, f"{where}: no {keyword}")
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in CT_SOP_CLASSES:
         name = pydicom.uid.UID(sop_class).name if sop_class else "(no SOPClassUID)"
@@ -774,7 +781,7 @@ def _frames(ds: Dataset, path: str | None, dataset_index: int, label: str) -> li
             ("ImageOrientationPatient", orientation, 6),
             ("PixelSpacing", spacing, 2),
         ):
-            if val is None or len(val) != count:
+            if val is None or _multiplicity(val) != count:
                 raise InconsistentGeometryError(
                     label, f"{frame_where}: {name} missing or malformed"
                 )
@@ -783,6 +790,23 @@ def _frames(ds: Dataset, path: str | None, dataset_index: int, label: str) -> li
                 label,
                 f"{frame_where}: no RescaleSlope/RescaleIntercept, Hounsfield units are unknown",
             )
+        position = _finite(position, "ImagePositionPatient", frame_where, label)
+        orientation = _finite(orientation, "ImageOrientationPatient", frame_where, label)
+        spacing = _finite(spacing, "PixelSpacing", frame_where, label)
+        (slope,) = _finite(slope, "RescaleSlope", frame_where, label, UnsupportedImageError)
+        (intercept,) = _finite(
+            intercept, "RescaleIntercept", frame_where, label, UnsupportedImageError
+        )
+        if slope == 0:
+            raise UnsupportedImageError(
+                label, f"{frame_where}: RescaleSlope is 0, Hounsfield units are unknown"
+            )
+        try:
+            thickness = None if thickness is None else float(thickness)
+        except (TypeError, ValueError):
+            thickness = None  # a hint only (type 2): the positions give the spacing
+        if thickness is not None and not np.isfinite(thickness):
+            thickness = None
         instance_number = top_instance_number
         if per_frame is not None:
             converted = _item(per_frame, "UnassignedPerFrameConvertedAttributesSequence")
@@ -805,17 +829,41 @@ def _frames(ds: Dataset, path: str | None, dataset_index: int, label: str) -> li
                     image_position_mm=(float(position[0]), float(position[1]), float(position[2])),
                     instance_number=instance_number,
                 ),
-                orientation=tuple(float(v) for v in orientation),
+                orientation=tuple(orientation),
                 pixel_spacing=pixel_spacing,
-                thickness=None if thickness is None else float(thickness),
-                slope=float(slope),
-                intercept=float(intercept),
+                thickness=thickness,
+                slope=slope,
+                intercept=intercept,
                 rows=rows,
                 columns=columns,
                 where=frame_where,
             )
         )
     return frames
+
+
+def _multiplicity(value: Any) -> int:
+    return len(value) if isinstance(value, (list, tuple, MultiValue)) else 1
+
+
+def _finite(
+    value: Any,
+    name: str,
+    where: str,
+    label: str,
+    error: type[SeriesError] = InconsistentGeometryError,
+) -> tuple[float, ...]:
+    """The values of a DS attribute as finite floats; ``error`` naming the file and the attribute
+    when one is not a number (a decimal comma, a NaN)."""
+    values = list(value) if _multiplicity(value) > 1 or isinstance(value, list) else [value]
+    try:
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != len(values) or not all(np.isfinite(n) for n in numbers):
+        shown = "\\".join(str(v) for v in values)
+        raise error(label, f"{where}: {name} {shown!r} is not a finite decimal number")
+    return numbers
 
 
 def _padding_range(ds: Dataset, dtype: np.dtype) -> tuple[int, int] | None:
@@ -966,6 +1014,7 @@ def _decode(ds: Dataset, path: str | None, label: str) -> np.ndarray:
     """Stored values of every frame as (frames, rows, columns), signedness resolved."""
     where = _describe(ds, path)
     ds = _with_syntax_as_read(ds)
+    _check_native_length(ds, where, label)
     try:
         stored = pixel_array(ds)
     except Exception as exc:
@@ -985,6 +1034,56 @@ def _decode(ds: Dataset, path: str | None, label: str) -> np.ndarray:
             f"{where}: decoded shape {stored.shape} in {_transfer_syntax(ds)}, expected {expected}",
         )
     return _resolve_j2k_sign(ds, stored)
+
+
+def _check_hounsfield(hu: np.ndarray, first: _Frame, label: str) -> None:
+    """Refuse a series whose values cannot be Hounsfield units of a head CT: air (about -1000 HU)
+    surrounds every head, so the darkest 1 % of the voxels is far below -500 HU. A rescale that
+    is wrong (data stored as HU + 1024 with RescaleIntercept 0, a slope of the wrong scale) or an
+    image without contrast would otherwise run and give a confident, meaningless result."""
+    sample = hu[:, ::4, ::4]
+    darkest = float(np.percentile(sample, 1))
+    if darkest > _MAX_AIR_HU or float(sample.max()) - float(sample.min()) < 1.0:
+        raise UnsupportedImageError(
+            label,
+            f"the pixel values are not Hounsfield units of a head CT: the darkest 1 % of the "
+            f"series is at {darkest:.0f} HU and the values span "
+            f"{float(sample.min()):.0f} to {float(sample.max()):.0f} HU, where air should be "
+            f"about -1000 (RescaleSlope {first.slope:g}, RescaleIntercept {first.intercept:g} "
+            f"in {first.where}: check them)",
+        )
+
+
+def _check_native_length(ds: Dataset, where: str, label: str) -> None:
+    """Uncompressed pixel data must be as long as the header says (one byte of padding to an even
+    length allowed): pydicom would cut an excess away with a warning and decode the rest on the
+    header's grid, which gives a wrong image, not an error (Rows or Columns wrong)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return
+    try:
+        bits = int(ds.BitsAllocated)
+        expected = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("NumberOfFrames", 1) or 1)
+            * int(ds.get("SamplesPerPixel", 1) or 1)
+            * bits
+            + 7
+        ) // 8
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DecodeError(
+            label, f"{where}: BitsAllocated, Rows or Columns unusable ({exc})"
+        ) from exc
+    found = len(ds.PixelData)
+    if found not in (expected, expected + 1):
+        raise DecodeError(
+            label,
+            f"{where}: PixelData holds {found} bytes, but Rows {ds.Rows} x Columns {ds.Columns} x "
+            f"{int(ds.get('NumberOfFrames', 1) or 1)} frame(s) x BitsAllocated {bits} need "
+            f"{expected}",
+        )
 
 
 def _resolve_j2k_sign(ds: Dataset, stored: np.ndarray) -> np.ndarray:

@@ -548,9 +548,56 @@ def _two_stacks(datasets: list[pydicom.Dataset]) -> None:
     datasets[2].ImagePositionPatient = [x + 30.0, y, z]  # a second field of view mixed in
 
 
+def _decimal_comma(datasets: list[pydicom.Dataset]) -> None:
+    datasets[1].add_new(0x00281053, "LO", "1,0")  # RescaleSlope as some locales write it
+    datasets[1][0x00281053].VR = "DS"
+
+
+def _nan_position(datasets: list[pydicom.Dataset]) -> None:
+    x, y, _ = datasets[2].ImagePositionPatient
+    datasets[2].ImagePositionPatient = [x, y, float("nan")]
+
+
+def _slope_zero(datasets: list[pydicom.Dataset]) -> None:
+    for ds in datasets:
+        ds.RescaleSlope = 0
+
+
+def _no_study_uid(datasets: list[pydicom.Dataset]) -> None:
+    for ds in datasets:
+        del ds.StudyInstanceUID
+
+
+def _no_sop_uid(datasets: list[pydicom.Dataset]) -> None:
+    del datasets[3].SOPInstanceUID
+
+
+def _rows_not_the_pixel_data(datasets: list[pydicom.Dataset]) -> None:
+    for ds in datasets:  # 32 x 32 pixels, described as 32 x 16: pydicom would cut half away
+        ds.Columns = 16
+
+
+def _stored_as_hu_plus_1024(datasets: list[pydicom.Dataset]) -> None:
+    for ds in datasets:  # air at about 0 "HU": data written as HU + 1024 with the old intercept
+        ds.RescaleIntercept = float(ds.RescaleIntercept) + 1024
+
+
+def _constant_image(datasets: list[pydicom.Dataset]) -> None:
+    for ds in datasets:
+        ds.PixelData = np.full((ds.Rows, ds.Columns), 24, ds.pixel_array.dtype).tobytes()
+
+
 @pytest.mark.parametrize(
     ("damage", "error", "words"),
     [
+        (_decimal_comma, UnsupportedImageError, "RescaleSlope '1,0' is not a finite decimal"),
+        (_nan_position, InconsistentGeometryError, "ImagePositionPatient .* is not a finite"),
+        (_slope_zero, UnsupportedImageError, "RescaleSlope is 0"),
+        (_no_study_uid, SeriesError, "no StudyInstanceUID"),
+        (_no_sop_uid, SeriesError, "no SOPInstanceUID"),
+        (_rows_not_the_pixel_data, DecodeError, "PixelData holds 2048 bytes, but Rows 32 x Col"),
+        (_stored_as_hu_plus_1024, UnsupportedImageError, "not Hounsfield units of a head CT"),
+        (_constant_image, UnsupportedImageError, "not Hounsfield units of a head CT"),
         (_mixed_orientation, InconsistentGeometryError, "mixed orientations"),
         (_mixed_size, InconsistentGeometryError, "mixed image sizes"),
         (_duplicate_position, DuplicatePositionError, "share the position"),
@@ -559,7 +606,23 @@ def _two_stacks(datasets: list[pydicom.Dataset]) -> None:
         (_mr_sop_class, UnsupportedImageError, "MR Image Storage"),
         (_two_stacks, InconsistentGeometryError, "one stack"),
     ],
-    ids=["orientation", "size", "duplicate", "no-pixels", "modality", "sop-class", "two-stacks"],
+    ids=[
+        "decimal-comma",
+        "nan-position",
+        "slope-zero",
+        "no-study-uid",
+        "no-sop-uid",
+        "columns-wrong",
+        "hu-plus-1024",
+        "constant",
+        "orientation",
+        "size",
+        "duplicate",
+        "no-pixels",
+        "modality",
+        "sop-class",
+        "two-stacks",
+    ],
 )
 def test_refuses_broken_series_naming_it(
     five_datasets: list[pydicom.Dataset],
