@@ -456,12 +456,21 @@ def contributing_equipment(
     return [equipment]
 
 
+#: BodyPartExamined values of a source that the outputs keep (the standard's defined terms for
+#: what RADnet reads); any other (empty, "Head", KOPF, CABEZA, ...) becomes HEAD
+_KEPT_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL"})
+
+
 def set_body_part(target: Dataset, source: Dataset) -> None:
-    """General Series BodyPartExamined of an image-like object: the source's, else HEAD.
+    """General Series BodyPartExamined of an image-like object: HEAD, or the source's BRAIN or
+    SKULL.
 
     RADnet reads head CT only; without it validators cannot tell that no laterality is needed.
+    Sources write this in many ways (lower case, which a CS may not hold, or a local language),
+    so only a defined term is kept: a value validators do not know asks for a Laterality.
     """
-    target.BodyPartExamined = str(source.get("BodyPartExamined", "") or "HEAD")
+    body_part = str(source.get("BodyPartExamined", "") or "")
+    target.BodyPartExamined = body_part if body_part in _KEPT_BODY_PARTS else "HEAD"
 
 
 def set_equipment(target: Dataset, identity: NodeIdentity) -> None:

@@ -331,6 +331,26 @@ def test_a_de_identified_source_without_its_method_gets_one_in_the_outputs(
         assert "DeidentificationMethodCodeSequence" not in ds, kind
 
 
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [("BRAIN", "BRAIN"), ("SKULL", "SKULL"), ("Head", "HEAD"), ("KOPF", "HEAD"), (None, "HEAD")],
+)
+def test_outputs_name_the_body_part_with_a_defined_term(
+    regular_series: list[Path], source: str | None, expected: str
+) -> None:
+    # "Head" is no CS value, and validators ask KOPF or CABEZA series for a Laterality
+    result = make_result(regular_series, [2, 3, 4])
+    sources = headers(regular_series)
+    for ds in sources.values():
+        if source is None:
+            ds.pop("BodyPartExamined", None)
+        else:
+            ds.BodyPartExamined = source
+    outputs = build_outputs(result, sources, IDENTITY, key_slice_hu=key_hu(regular_series, result))
+    for kind in ("seg", "key_image"):
+        assert reread(getattr(outputs, kind)).BodyPartExamined == expected, kind
+
+
 def test_a_series_without_a_frame_of_reference_gets_one_derived_from_its_uid(
     regular_series: list[Path],
 ) -> None:
