@@ -145,7 +145,8 @@ class SeriesSection(_Section):
     min_slices: PositiveInt | None = None
     # several series waiting are handed to the engine together, up to this many
     max_batch_series: PositiveInt = 4
-    # run series whose images were lossy-compressed (LossyImageCompression 01); refused otherwise
+    # run series whose images were lossy-compressed (LossyImageCompression 01 or a lossy encoding,
+    # series.lossy_encoding); refused otherwise
     accept_lossy: bool = False
 
 

@@ -1,7 +1,8 @@
 """Which DICOM instances form which series, and which series RADnet should run on.
 
-Headers only (no pixel data is read here), so selection is cheap; used by ``radnet-node infer`` now
-and by the network node's completion step later.
+Headers only, so selection is cheap (the one exception: the first compressed frame of one instance
+per transfer syntax whose lossiness only its codestream tells, :func:`lossy_encoding`); used by
+``radnet-node infer`` and by the network node's completion step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, MediaStorageDirectoryStorage
 
@@ -27,6 +29,7 @@ __all__ = [
     "SkippedInput",
     "classify_series",
     "group_by_series",
+    "lossy_encoding",
     "read_header",
     "scan_paths",
     "split_off_non_slices",
@@ -476,6 +479,97 @@ def _plane(ds: Dataset) -> str | None:
     return None if found is None else found[0]
 
 
+# JPEG processes that are lossy by definition (PS3.5 Table A-1: Baseline, Extended and the
+# retired DCT processes; 57, 58 and 70 are the lossless ones)
+_LOSSY_JPEG = frozenset(
+    f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 52, 53, 54, 55, 56, 59, 60, 61, 62, 63, 64)
+)
+# may be lossy or not: the codestream says (JPEG 2000 and HTJ2K: the wavelet; JPEG-LS: NEAR)
+_J2K_EITHER = frozenset(
+    {"1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203"}
+)
+_JPEG_LS_NEAR = "1.2.840.10008.1.2.4.81"
+
+
+def lossy_encoding(headers: Sequence[Dataset]) -> str | None:
+    """How the series' pixel data is lossy-compressed, judged from the encoding rather than the
+    LossyImageCompression flag (which not every archive that recompresses sets); None when no
+    instance is.
+
+    A lossy JPEG process is lossy by its transfer syntax. For JPEG 2000 (and HTJ2K) the first
+    codestream of one instance per transfer syntax is read: the irreversible 9-7 wavelet is
+    lossy (a reversible codestream cut short by rate control is not detected); for JPEG-LS
+    near-lossless, a NEAR above 0 is. Headers read without their file (no ``filename``) and
+    without pixel data cannot be judged this way.
+    """
+    checked: set[str] = set()
+    for ds in headers:
+        meta = getattr(ds, "file_meta", None)
+        syntax = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+        if syntax in _LOSSY_JPEG:
+            return f"{UID(syntax).name} is lossy"
+        if syntax in checked or (syntax not in _J2K_EITHER and syntax != _JPEG_LS_NEAR):
+            continue
+        checked.add(syntax)
+        frame = _first_frame(ds)
+        if frame is None:
+            continue
+        if syntax == _JPEG_LS_NEAR:
+            near = _jpeg_ls_near(frame)
+            if near:
+                return f"{UID(syntax).name} with NEAR {near}"
+        elif _j2k_irreversible(frame):
+            return f"{UID(syntax).name} with the irreversible 9-7 wavelet"
+    return None
+
+
+def _first_frame(ds: Dataset) -> bytes | None:
+    """The first compressed frame of an instance (from its file when read without pixels)."""
+    try:
+        if "PixelData" not in ds:
+            filename = getattr(ds, "filename", None)
+            if not isinstance(filename, str | os.PathLike):
+                return None
+            ds = pydicom.dcmread(filename, specific_tags=["NumberOfFrames", "PixelData"])
+        if "PixelData" not in ds:
+            return None
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return next(generate_frames(ds.PixelData, number_of_frames=frames))
+    except (OSError, ValueError, StopIteration, InvalidDicomError, KeyError, TypeError):
+        return None  # unreadable here: the decoder names the problem later
+
+
+def _j2k_irreversible(codestream: bytes) -> bool:
+    """Whether a JPEG 2000 codestream's COD marker names the irreversible 9-7 wavelet."""
+    pos = codestream.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (a JP2 header may come first)
+    if pos < 0:
+        return False
+    pos += 2
+    while pos + 4 <= len(codestream):
+        marker = int.from_bytes(codestream[pos : pos + 2], "big")
+        if marker in (0xFF90, 0xFF93):  # SOT / SOD: the main header ended without a COD
+            return False
+        if marker == 0xFF52:  # COD: Lcod, Scod, SGcod (4), levels, block w, h, style, transform
+            return pos + 13 < len(codestream) and codestream[pos + 13] == 0
+        pos += 2 + int.from_bytes(codestream[pos + 2 : pos + 4], "big")
+    return False
+
+
+def _jpeg_ls_near(stream: bytes) -> int:
+    """NEAR of a JPEG-LS stream's first scan (0: lossless)."""
+    pos = 2 if stream[:2] == b"\xff\xd8" else 0
+    while pos + 4 <= len(stream):
+        if stream[pos] != 0xFF:
+            return 0
+        marker = stream[pos + 1]
+        if marker == 0xDA:  # SOS: Ls, Ns, Ns x (Cs, Tm), NEAR
+            components = stream[pos + 4] if pos + 4 < len(stream) else 0
+            at = pos + 5 + 2 * components
+            return stream[at] if at < len(stream) else 0
+        pos += 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
+    return 0
+
+
 def _texts(ds: Dataset) -> dict[str, str]:
     return {
         keyword: str(ds.get(keyword, "") or "").strip().upper()
@@ -496,7 +590,8 @@ def classify_series(
     Enhanced CT SOP class, greyscale, not a localizer or derived map (perfusion, MIP), the slice
     normal lies within 45 degrees of the patient's z axis (gantry tilt is fine), the series
     plausibly shows the head, it holds at least ``min_slices`` images, and no instance says it was
-    lossy-compressed (LossyImageCompression 01) unless ``accept_lossy``: the shipped model never
+    lossy-compressed (LossyImageCompression 01, or a lossy encoding: :func:`lossy_encoding`)
+    unless ``accept_lossy``: the shipped model never
     saw a lossy image and calls heavily compressed normal slices positive (its card's limitations).
 
     "Plausibly the head": a head word (HEAD_TERMS: HEAD, BRAIN, SKULL, CRANI..., KOPF, ...) in
@@ -570,6 +665,14 @@ def classify_series(
             f"lossy-compressed: {lossy} of {len(headers)} instance(s) have LossyImageCompression "
             "01, and the model calls heavily compressed normal slices positive (see its card); "
             "[series] accept_lossy = true runs such series",
+        )
+    encoding = None if accept_lossy else lossy_encoding(headers)
+    if encoding is not None:
+        return Eligibility(
+            False,
+            f"lossy-compressed: {encoding} (LossyImageCompression does not say so), and the model "
+            "calls heavily compressed normal slices positive (see its card); [series] "
+            "accept_lossy = true runs such series",
         )
 
     why_head = (

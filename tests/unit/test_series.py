@@ -17,6 +17,7 @@ from radnet_node.series import (
     SeriesGroup,
     classify_series,
     group_by_series,
+    lossy_encoding,
     read_header,
     scan_paths,
     split_off_non_slices,
@@ -154,6 +155,49 @@ def test_lossy_compressed_series_are_refused_unless_accepted() -> None:
     assert classify_series(headers, accept_lossy=True).eligible
     headers[2].LossyImageCompression = "00"  # "not subjected to lossy compression"
     assert classify_series(headers).eligible
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        # real files: a vendor's lossy JPEG 2000 without the flag, and flagged ones
+        ("pylibjpeg-data/MAROTECH_CT_JP2Lossy.dcm", "JPEG 2000 Image Compression with the irr"),
+        ("pylibjpeg-data/ELSCINT1_JP2vsJ2K.dcm", "irreversible 9-7 wavelet"),
+        ("pylibjpeg-data/CT1_JLSN.dcm", "Near-Lossless) Image Compression with NEAR 4"),
+        ("deid-data/ctbrain1.dcm", "JPEG Baseline (Process 1) is lossy"),
+        ("pydicom-testfiles/693_J2KR.dcm", None),
+        ("pylibjpeg-data/TOSHIBA_J2K_SIZ1_PixRep0.dcm", None),
+        ("pylibjpeg-data/JPEGLossless_1s_1f_i_16_16_bad.dcm", None),
+        ("pydicom-testfiles/693_UNCR.dcm", None),
+    ],
+)
+def test_lossy_encodings_are_told_from_the_codestream(
+    dicom_data_dir: Path, name: str, words: str | None
+) -> None:
+    found = lossy_encoding([read_header(dicom_data_dir / name)])  # the pixels read from the file
+    assert found is None if words is None else words in str(found), found
+
+
+def test_a_lossy_encoding_without_the_flag_is_refused_unless_accepted(
+    dicom_data_dir: Path, tmp_path: Path
+) -> None:
+    # pydicom's own lossy JPEG 2000 encoder writes no LossyImageCompression
+    headers = []
+    for k in range(5):
+        ds = pydicom.dcmread(dicom_data_dir / "pydicom-testfiles" / "693_UNCR.dcm")
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.7{k}"
+        if k == 3:
+            ds.compress(pydicom.uid.JPEG2000, j2k_cr=[20])
+        assert "LossyImageCompression" not in ds
+        ds.save_as(tmp_path / f"{k}.dcm", enforce_file_format=True)
+        headers.append(read_header(tmp_path / f"{k}.dcm"))
+    verdict = classify_series(headers)
+    assert not verdict.eligible
+    assert "lossy-compressed: JPEG 2000 Image Compression with the irreversible 9-7" in (
+        verdict.reason
+    )
+    assert "LossyImageCompression does not say so" in verdict.reason
+    assert classify_series(headers, accept_lossy=True).eligible
 
 
 def test_mixed_series_names_the_offending_instance() -> None:
