@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -142,9 +143,23 @@ def infer(
     raise typer.Exit(code)
 
 
+def _short_warning(  # noqa: PLR0917 - the signature of warnings.showwarning
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for ``infer``: a library's warning (pydicom on a value that breaks
+    its VR's rules) as one line, without the library's source path."""
+    typer.echo(f"warning: {message}", err=True)
+
+
 def _infer(
     paths: list[Path], out: Path, weights: str | None, device: str | None, config: Path | None
 ) -> int:
+    warnings.showwarning = _short_warning
     settings = _settings(config, weights, device)
     engine = Engine(settings.engine_settings())
     runtime = engine.describe()

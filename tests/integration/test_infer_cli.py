@@ -264,3 +264,20 @@ def test_console_script_runs(tmp_path: Path, weights: Path, generated: list[Path
     )  # fmt: skip
     assert run.returncode == EXIT_OK, run.stderr
     assert "1 series done, 0 failed" in run.stdout
+
+
+def test_library_warnings_are_one_line_without_the_library_s_path(
+    tmp_path: Path, generated: list[Path], weights: Path
+) -> None:
+    for path in generated:  # an accession number longer than SH allows, as some RIS write them
+        ds = pydicom.dcmread(path)
+        ds.AccessionNumber = "ACC-2026-000000012345"
+        ds.save_as(path, enforce_file_format=True)
+    code, _, stderr = _invoke(
+        "infer", generated[0].parent, "--out", tmp_path / "out", "--weights", weights
+    )
+    assert code == EXIT_OK
+    assert "warning: The value length (21) exceeds the maximum length of 16 allowed for VR SH" in (
+        stderr
+    )
+    assert "site-packages" not in stderr and "warn_and_log" not in stderr
