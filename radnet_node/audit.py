@@ -823,6 +823,8 @@ class StatusSummary:
     last_results: tuple[dict[str, Any], ...]
     dead_exports: tuple[dict[str, Any], ...]
     last_event_at: dt.datetime | None
+    #: the last failed jobs and series not run (rejected), newest first, with the reason
+    last_problems: tuple[dict[str, Any], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -830,13 +832,15 @@ class StatusSummary:
             "jobs_by_state": dict(self.jobs_by_state),
             "exports_by_state": dict(self.exports_by_state),
             "last_results": list(self.last_results),
+            "last_problems": list(self.last_problems),
             "dead_exports": list(self.dead_exports),
             "last_event_at": _iso(self.last_event_at),
         }
 
 
 def status_summary(session: Session, *, last: int = 5) -> StatusSummary:
-    """Counts per state, the last ``last`` results and every dead-lettered export."""
+    """Counts per state, the last ``last`` results, the last ``last`` problems (failed jobs and
+    rejected series, with the reason) and every dead-lettered export."""
 
     def counts(column: Any) -> dict[str, int]:
         rows = session.execute(select(column, func.count()).group_by(column)).all()
@@ -856,6 +860,39 @@ def status_summary(session: Session, *, last: int = 5) -> StatusSummary:
         .where(Export.state == ExportState.DEAD)
         .order_by(Export.id)
     ).all()
+    failed = session.execute(
+        select(Job, Series)
+        .join(Series, Series.id == Job.series_id)
+        .where(Job.state == JobState.FAILED)
+        .order_by(Job.id.desc())
+        .limit(last)
+    ).all()
+    rejected = session.scalars(
+        select(Series)
+        .where(Series.state == SeriesState.REJECTED)
+        .order_by(Series.updated_at.desc())
+        .limit(last)
+    ).all()
+    problems = [
+        {
+            "at": _iso(job.finished_at or job.created_at),
+            "what": f"job {job.id} failed",
+            "series_instance_uid": series.series_instance_uid,
+            "accession_number": series.accession_number,
+            "reason": job.error or "",
+        }
+        for job, series in failed
+    ] + [
+        {
+            "at": _iso(series.updated_at),
+            "what": "series not run",
+            "series_instance_uid": series.series_instance_uid,
+            "accession_number": series.accession_number,
+            "reason": series.eligibility_reason or "",
+        }
+        for series in rejected
+    ]
+    problems.sort(key=lambda p: p["at"] or "", reverse=True)
     return StatusSummary(
         series_by_state=counts(Series.state),
         jobs_by_state=counts(Job.state),
@@ -878,6 +915,7 @@ def status_summary(session: Session, *, last: int = 5) -> StatusSummary:
             {**_export_dict(e), "series_instance_uid": s.series_instance_uid} for e, s in dead
         ),
         last_event_at=session.scalar(select(func.max(Event.at))),
+        last_problems=tuple(problems[:last]),
     )
 
 

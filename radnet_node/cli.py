@@ -389,6 +389,13 @@ def _print_status(document: dict[str, Any], has_destinations: bool) -> None:
             f"result {r['result_id']} {r['at']} series {r['series_instance_uid']}: hemorrhage "
             f"{decision}, certainty {r['certainty']:.2f}{unchanged}"
         )
+    for problem in document["last_problems"]:
+        accession = problem["accession_number"]
+        typer.echo(
+            f"problem {problem['at']} {problem['what']}, series {problem['series_instance_uid']}"
+            + (f" (accession {accession})" if accession else "")
+            + f": {problem['reason']}"
+        )
     dead = document["dead_exports"]
     typer.echo(f"dead letters: {len(dead)}" + (" (radnet-node resend --all-dead)" if dead else ""))
     for e in dead:

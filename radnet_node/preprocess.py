@@ -862,7 +862,7 @@ def _finite(
         numbers = ()
     if len(numbers) != len(values) or not all(np.isfinite(n) for n in numbers):
         shown = "\\".join(str(v) for v in values)
-        raise error(label, f"{where}: {name} {shown!r} is not a finite decimal number")
+        raise error(label, f"{where}: {name} '{shown}' is not a finite decimal number")
     return numbers
 
 

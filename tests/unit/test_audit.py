@@ -170,6 +170,50 @@ def test_status_counts_states_and_lists_dead_letters(db: AuditDB) -> None:
     assert summary.last_results[0]["series_instance_uid"] == "1.2.3.1"
 
 
+def test_status_lists_the_last_failed_jobs_and_series_not_run_with_the_reason(
+    db: AuditDB,
+) -> None:
+    _study(db)
+    with db.session() as session:
+        rejected = Series(
+            series_instance_uid="1.2.3.2",
+            study_instance_uid="1.2.3",
+            accession_number="A100",
+            state="rejected",
+            eligibility_reason="a LOCALIZER (scout) image, not an axial slice",
+            updated_at=_at(20),
+        )
+        failed = Series(
+            series_instance_uid="1.2.3.3",
+            study_instance_uid="1.2.3",
+            state="failed",
+            updated_at=_at(30),
+        )
+        session.add_all([rejected, failed])
+        session.flush()
+        session.add(
+            Job(
+                series_id=failed.id,
+                generation=1,
+                state="failed",
+                created_at=_at(29),
+                finished_at=_at(31),
+                error="InconsistentGeometryError: slices 3 and 4 share the position 12.000 mm",
+            )
+        )
+    with db.session() as session:
+        problems = status_summary(session).last_problems
+    assert [(p["what"].split()[-1], p["series_instance_uid"], p["reason"]) for p in problems] == [
+        (
+            "failed",
+            "1.2.3.3",
+            "InconsistentGeometryError: slices 3 and 4 share the position 12.000 mm",
+        ),
+        ("run", "1.2.3.2", "a LOCALIZER (scout) image, not an axial slice"),
+    ]
+    assert problems[1]["accession_number"] == "A100"
+
+
 def test_tail_returns_the_last_events_then_the_new_ones(db: AuditDB) -> None:
     with db.session() as session:
         for n in range(5):
