@@ -712,8 +712,34 @@ def study_story(session: Session, query: str) -> StudyStory | None:
     )
     if output_study:
         studies.add(output_study)
+    # a study known only from audit rows: every instance of it refused, say
+    matching_events = or_(
+        Event.study_instance_uid == text,
+        Event.series_instance_uid == text,
+        Event.sop_instance_uid == text,
+        Event.accession_number == text,
+    )
     if not studies:
-        return None
+        studies.update(
+            uid
+            for uid in session.scalars(
+                select(Event.study_instance_uid).where(matching_events).distinct()
+            )
+            if uid
+        )
+    if not studies:
+        events = session.scalars(select(Event).where(matching_events).order_by(Event.id)).all()
+        if not events:
+            return None
+        return StudyStory(  # not even a valid Study Instance UID is known
+            query=text,
+            study_instance_uids=(),
+            accession_numbers=tuple(
+                sorted({e.accession_number for e in events if e.accession_number})
+            ),
+            series=(),
+            events=tuple(event_view(e) for e in events),
+        )
     series_rows = session.scalars(
         select(Series)
         .where(Series.study_instance_uid.in_(studies))
@@ -789,7 +815,10 @@ def study_story(session: Session, query: str) -> StudyStory | None:
     events = session.scalars(
         select(Event).where(Event.study_instance_uid.in_(studies)).order_by(Event.id)
     ).all()
-    accessions = sorted({s.accession_number for s in series_rows if s.accession_number})
+    accessions = sorted(
+        {s.accession_number for s in series_rows if s.accession_number}
+        | {e.accession_number for e in events if e.accession_number}
+    )
     return StudyStory(
         query=text,
         study_instance_uids=tuple(sorted(studies)),

@@ -515,7 +515,7 @@ def audit_show(
 
 def _print_story(story: audit.StudyStory) -> None:
     typer.echo(
-        f"study {', '.join(story.study_instance_uids)}"
+        f"study {', '.join(story.study_instance_uids) or '(no valid Study Instance UID received)'}"
         + (f"  accession {', '.join(story.accession_numbers)}" if story.accession_numbers else "")
     )
     for series in story.series:

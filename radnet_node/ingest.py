@@ -1663,6 +1663,24 @@ class _Incoming:
         )
         return status
 
+    def _known_ids(self, header: dict[str, str]) -> dict[str, str]:
+        """What names the refused instance's study in its audit row, so that ``audit show`` finds
+        it by accession or by a UID the sender knows: the valid study and series UIDs, and the
+        accession number."""
+        ids = {
+            key: header[name]
+            for key, name in (
+                ("study_instance_uid", "StudyInstanceUID"),
+                ("series_instance_uid", "SeriesInstanceUID"),
+            )
+            if is_safe_uid(header[name])
+        }
+        texts = self._found_text or (_texts_of(self._found) if self._found else {})
+        accession = texts.get("AccessionNumber", "")[:64]
+        if accession:
+            ids["accession_number"] = accession
+        return ids
+
     def _finish(self) -> int:
         if self.error is not None:
             return self._refuse(*self.error)
@@ -1687,7 +1705,9 @@ class _Incoming:
         for name in _UID_ELEMENTS:
             if not is_safe_uid(header[name]):
                 return self._refuse(
-                    STATUS_CANNOT_UNDERSTAND, f"{name} {header[name]!r} is missing or not a UID"
+                    STATUS_CANNOT_UNDERSTAND,
+                    f"{name} {header[name]!r} is missing or not a UID",
+                    **self._known_ids(header),
                 )
         if header["SOPInstanceUID"] != sop_uid:
             return self._refuse(

@@ -65,7 +65,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import func, select
 
 from radnet_node import dicom_ul, ingest
-from radnet_node.audit import Association, AuditDB, Base, Event, Instance, Series
+from radnet_node.audit import Association, AuditDB, Base, Event, Instance, Series, study_story
 from radnet_node.config import NodeSection
 from radnet_node.ingest import (
     CT_STORAGE_CLASSES,
@@ -347,6 +347,25 @@ def test_a_dataset_without_valid_uids_is_not_understood(
     )
     assert not list((tmp_path / "data").rglob(".incoming*"))
     assert "SeriesInstanceUID '../../etc'" in _events(db, "instance.refused")[0].message
+
+
+def test_a_refused_study_is_found_by_audit_show_by_its_accession_or_series(
+    tmp_path: Path, scp: IngestSCP, db: AuditDB
+) -> None:
+    # every instance refused: no series row, yet the admin looks it up by what the PACS shows
+    datasets = [pydicom.dcmread(p) for p in write_series(tmp_path, "nostudy", slices=2)]
+    for ds in datasets:
+        del ds.StudyInstanceUID
+        ds.AccessionNumber = "ACC-REFUSED"
+    assert send(scp.address[1], datasets) == [0xC000, 0xC000]
+    with db.session() as session:
+        for query in ("ACC-REFUSED", str(datasets[0].SeriesInstanceUID)):
+            story = study_story(session, query)
+            assert story is not None, query
+            assert story.series == () and story.accession_numbers == ("ACC-REFUSED",)
+            assert [e.kind for e in story.events] == ["instance.refused"] * 2
+            assert "StudyInstanceUID '' is missing or not a UID" in story.events[0].message
+        assert study_story(session, "ACC-OTHER") is None
 
 
 def test_only_ct_classes_when_other_storage_is_not_accepted(tmp_path: Path, db: AuditDB) -> None:
