@@ -669,12 +669,14 @@ def _series_identity(
                 f"{_describe(ds, path)} name different patients",
             )
     # one frame of reference: the SEG places its frames in it
-    frames = sorted({str(ds.get("FrameOfReferenceUID", "") or "") for ds, _ in loaded})
+    frames: dict[str, str] = {}  # each FrameOfReferenceUID and the first instance with it
+    for ds, path in loaded:
+        frames.setdefault(str(ds.get("FrameOfReferenceUID", "") or ""), _describe(ds, path))
     if len(frames) > 1:
         raise SeriesError(
             label,
             "instances disagree on FrameOfReferenceUID: "
-            + ", ".join(uid or "(none)" for uid in frames),
+            + ", ".join(f"{uid or '(none)'} ({where})" for uid, where in sorted(frames.items())),
         )
     return label, series_uids[0], study_uids[0]
 
@@ -939,7 +941,8 @@ def _sort_and_check_geometry(
     ):
         raise InconsistentGeometryError(
             label,
-            f"ImageOrientationPatient {list(first.orientation)} is not two orthonormal directions",
+            f"{first.where}: ImageOrientationPatient {list(first.orientation)} is not two "
+            "orthonormal directions",
         )
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)

@@ -686,7 +686,9 @@ def test_refuses_a_series_whose_instances_disagree_on_patient_or_frame_of_refere
     if keyword == "PatientID":
         # the message names the instances, never the patient identifiers
         assert "SOMEONE-ELSE" not in str(caught.value)
-        assert str(datasets[3].filename) in str(caught.value)
+    else:  # each frame of reference with an instance that has it
+        assert f"1.2.3.4 ({datasets[3].filename})" in str(caught.value)
+    assert str(datasets[3].filename) in str(caught.value)
 
 
 def test_refuses_rgb_secondary_capture(dicom_data_dir: Path) -> None:
