@@ -591,8 +591,8 @@ def classify_series(
     normal lies within 45 degrees of the patient's z axis (gantry tilt is fine), the series
     plausibly shows the head, it holds at least ``min_slices`` images, and no instance says it was
     lossy-compressed (LossyImageCompression 01, or a lossy encoding: :func:`lossy_encoding`)
-    unless ``accept_lossy``: the shipped model never
-    saw a lossy image and calls heavily compressed normal slices positive (its card's limitations).
+    unless ``accept_lossy``: the shipped model never saw a lossy image and calls heavily
+    compressed normal slices positive (its card's limitations).
 
     "Plausibly the head": a head word (HEAD_TERMS: HEAD, BRAIN, SKULL, CRANI..., KOPF, ...) in
     BodyPartExamined, SeriesDescription, ProtocolName or StudyDescription; or, when none names the
