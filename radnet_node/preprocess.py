@@ -792,12 +792,12 @@ def _frames(ds: Dataset, path: str | None, dataset_index: int, label: str) -> li
                 label,
                 f"{frame_where}: no RescaleSlope/RescaleIntercept, Hounsfield units are unknown",
             )
-        position = _finite(position, "ImagePositionPatient", frame_where, label)
-        orientation = _finite(orientation, "ImageOrientationPatient", frame_where, label)
-        spacing = _finite(spacing, "PixelSpacing", frame_where, label)
-        (slope,) = _finite(slope, "RescaleSlope", frame_where, label, UnsupportedImageError)
+        position = _finite(position, "ImagePositionPatient", frame_where, label, count=3)
+        orientation = _finite(orientation, "ImageOrientationPatient", frame_where, label, count=6)
+        spacing = _finite(spacing, "PixelSpacing", frame_where, label, count=2)
+        (slope,) = _finite(slope, "RescaleSlope", frame_where, label, error=UnsupportedImageError)
         (intercept,) = _finite(
-            intercept, "RescaleIntercept", frame_where, label, UnsupportedImageError
+            intercept, "RescaleIntercept", frame_where, label, error=UnsupportedImageError
         )
         if slope == 0:
             raise UnsupportedImageError(
@@ -853,17 +853,21 @@ def _finite(
     name: str,
     where: str,
     label: str,
+    *,
     error: type[SeriesError] = InconsistentGeometryError,
+    count: int = 1,
 ) -> tuple[float, ...]:
     """The values of a DS attribute as finite floats; ``error`` naming the file and the attribute
-    when one is not a number (a decimal comma, a NaN)."""
-    values = list(value) if _multiplicity(value) > 1 or isinstance(value, list) else [value]
+    when one is not a number (a decimal comma, a NaN) or there are not ``count`` of them."""
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    shown = "\\".join(str(v) for v in values)
+    if len(values) != count:
+        raise error(label, f"{where}: {name} '{shown}' has {len(values)} value(s), not {count}")
     try:
         numbers = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         numbers = ()
-    if len(numbers) != len(values) or not all(np.isfinite(n) for n in numbers):
-        shown = "\\".join(str(v) for v in values)
+    if len(numbers) != count or not all(np.isfinite(n) for n in numbers):
         raise error(label, f"{where}: {name} '{shown}' is not a finite decimal number")
     return numbers
 

@@ -553,6 +553,10 @@ def _decimal_comma(datasets: list[pydicom.Dataset]) -> None:
     datasets[1][0x00281053].VR = "DS"
 
 
+def _two_slopes(datasets: list[pydicom.Dataset]) -> None:
+    datasets[0].RescaleSlope = [1, 1]
+
+
 def _nan_position(datasets: list[pydicom.Dataset]) -> None:
     x, y, _ = datasets[2].ImagePositionPatient
     datasets[2].ImagePositionPatient = [x, y, float("nan")]
@@ -591,6 +595,7 @@ def _constant_image(datasets: list[pydicom.Dataset]) -> None:
     ("damage", "error", "words"),
     [
         (_decimal_comma, UnsupportedImageError, "RescaleSlope '1,0' is not a finite decimal"),
+        (_two_slopes, UnsupportedImageError, "RescaleSlope '1.0\\\\1.0' has 2 value\\(s\\), not 1"),
         (_nan_position, InconsistentGeometryError, "ImagePositionPatient .* is not a finite"),
         (_slope_zero, UnsupportedImageError, "RescaleSlope is 0"),
         (_no_study_uid, SeriesError, "no StudyInstanceUID"),
@@ -608,6 +613,7 @@ def _constant_image(datasets: list[pydicom.Dataset]) -> None:
     ],
     ids=[
         "decimal-comma",
+        "two-slopes",
         "nan-position",
         "slope-zero",
         "no-study-uid",
