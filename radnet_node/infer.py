@@ -21,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from radnet_node.dicom_out import NodeIdentity, build_outputs, source_value_problems
+from radnet_node.dicom_out.common import derived_frame_of_reference_uid
 from radnet_node.durable import fsync_folder
 from radnet_node.engine import Engine, LoadedSeries
 from radnet_node.errors import InputError, RadnetError, SeriesError
@@ -284,6 +285,11 @@ def build_series_outputs(
         series_description=str(group.first.get("SeriesDescription", "") or ""),
         runtime=runtime,
         source_value_problems=source_value_problems(group.first, group.headers),
+        derived_frame_of_reference_uid=(
+            None
+            if group.first.get("FrameOfReferenceUID")
+            else str(derived_frame_of_reference_uid(result.series_instance_uid))
+        ),
     )
     files[OUTPUT_FILES["result"]] = (json.dumps(document, indent=2) + "\n").encode("utf-8")
     return SeriesOutputs(files, uids, content_hash(datasets), document)
@@ -298,6 +304,7 @@ def result_document(
     series_description: str = "",
     runtime: Mapping[str, Any] | None = None,
     source_value_problems: Sequence[str] = (),
+    derived_frame_of_reference_uid: str | None = None,
 ) -> dict[str, Any]:
     """The ``result.json`` content of one series (schema version 1).
 
@@ -319,6 +326,9 @@ def result_document(
     source_value_problems
         Faults of the source's patient and study values (copied into the DICOM outputs as they
         are), by attribute.
+    derived_frame_of_reference_uid
+        The Frame of Reference UID the SEG was given because the source images have none
+        (:func:`radnet_node.dicom_out.common.derived_frame_of_reference_uid`); None otherwise.
 
     Returns
     -------
@@ -364,6 +374,7 @@ def result_document(
         "output_sop_instance_uids": dict(output_uids),
         "intended_use": INTENDED_USE,
         "source_value_problems": list(source_value_problems),
+        "derived_frame_of_reference_uid": derived_frame_of_reference_uid,
     }
 
 

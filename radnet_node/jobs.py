@@ -402,6 +402,17 @@ class Worker:
                     data={"problems": list(problems)},
                     **claimed.ids,
                 )
+            derived = outputs.document.get("derived_frame_of_reference_uid")
+            if derived:
+                add_event(
+                    session,
+                    "result.frame_of_reference",
+                    "the source images have no FrameOfReferenceUID: the SEG places its frames in "
+                    f"{derived}, derived from the Series Instance UID",
+                    level="warning",
+                    data={"frame_of_reference_uid": derived},
+                    **claimed.ids,
+                )
             queued = self._queue_exports(session, row, claimed)
             row.unchanged = not queued if self.destinations else self._same_as_last(session, row)
             if row.unchanged:

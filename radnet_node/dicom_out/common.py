@@ -359,11 +359,6 @@ def source_value_problems(source: Dataset, headers: Sequence[Dataset] = ()) -> l
             if fault is not None:
                 problems.append(f"{keyword}: {fault}")
                 break
-    if not source.get("FrameOfReferenceUID"):
-        problems.append(
-            "FrameOfReferenceUID: missing in the source images; the SEG gives the series one "
-            "derived from its Series Instance UID"
-        )
     reported = {problem.split(":", 1)[0] for problem in problems}
     for keyword in ("StudyInstanceUID", *_REFERENCED_UIDS):
         value = str(source.get(keyword, "") or "")

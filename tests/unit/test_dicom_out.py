@@ -372,12 +372,9 @@ def test_a_series_without_a_frame_of_reference_gets_one_derived_from_its_uid(
         )
     assert expected.is_valid and expected != result.series_instance_uid
     assert all("FrameOfReferenceUID" not in ds for ds in sources.values())  # left untouched
+    # not a fault carried into the outputs: result.json and the audit say it (test_jobs)
     first = next(iter(sources.values()))
-    assert any(p.startswith("FrameOfReferenceUID: missing") for p in source_value_problems(first))
-    assert not any(
-        p.startswith("FrameOfReferenceUID")
-        for p in source_value_problems(headers(regular_series)[str(first.SOPInstanceUID)])
-    )
+    assert not any(p.startswith("FrameOfReferenceUID") for p in source_value_problems(first))
 
 
 def test_one_component_patient_names_are_not_judged_in_warnings(regular_series: list[Path]) -> None:

@@ -137,6 +137,28 @@ def test_faulty_patient_and_study_values_are_copied_as_they_are_and_audited(
     assert accession not in event.message
 
 
+def test_a_series_without_a_frame_of_reference_is_run_and_the_derived_one_audited(
+    tmp_path: Path, db: AuditDB, worker: Worker
+) -> None:
+    # the CQ500 images lost theirs to de-identification
+    paths = write_series(tmp_path, "a")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    _receive(db, paths)
+    assert worker.step()
+    (result,) = _rows(db, Result)
+    document = json.loads((Path(result.result_dir) / "result.json").read_text())
+    derived = document["derived_frame_of_reference_uid"]
+    seg = pydicom.dcmread(Path(result.result_dir) / "seg.dcm")
+    assert derived and seg.FrameOfReferenceUID == derived
+    assert document["source_value_problems"] == []
+    (event,) = [e for e in _rows(db, Event) if e.kind == "result.frame_of_reference"]
+    assert event.level == "warning" and derived in event.message
+    assert not [e for e in _rows(db, Event) if e.kind == "result.source_values"]
+
+
 def test_series_waiting_together_go_through_one_engine_call(
     tmp_path: Path, db: AuditDB, worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
