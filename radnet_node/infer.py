@@ -21,7 +21,6 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from radnet_node.dicom_out import NodeIdentity, build_outputs, source_value_problems
-from radnet_node.dicom_out.common import derived_frame_of_reference_uid
 from radnet_node.durable import fsync_folder
 from radnet_node.engine import Engine, LoadedSeries
 from radnet_node.errors import InputError, RadnetError, SeriesError
@@ -285,10 +284,9 @@ def build_series_outputs(
         series_description=str(group.first.get("SeriesDescription", "") or ""),
         runtime=runtime,
         source_value_problems=source_value_problems(group.first, group.headers),
+        # the one the SEG builder gave it, when the source has none
         derived_frame_of_reference_uid=(
-            None
-            if group.first.get("FrameOfReferenceUID")
-            else str(derived_frame_of_reference_uid(result.series_instance_uid))
+            None if group.first.get("FrameOfReferenceUID") else str(dicom.seg.FrameOfReferenceUID)
         ),
     )
     files[OUTPUT_FILES["result"]] = (json.dumps(document, indent=2) + "\n").encode("utf-8")

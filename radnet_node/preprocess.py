@@ -783,7 +783,7 @@ def _frames(ds: Dataset, path: str | None, dataset_index: int, label: str) -> li
             ("ImageOrientationPatient", orientation, 6),
             ("PixelSpacing", spacing, 2),
         ):
-            if val is None or _multiplicity(val) != count:
+            if val is None or len(_values(val)) != count:
                 raise InconsistentGeometryError(
                     label, f"{frame_where}: {name} missing or malformed"
                 )
@@ -844,8 +844,9 @@ def _frames(ds: Dataset, path: str | None, dataset_index: int, label: str) -> li
     return frames
 
 
-def _multiplicity(value: Any) -> int:
-    return len(value) if isinstance(value, (list, tuple, MultiValue)) else 1
+def _values(value: Any) -> list[Any]:
+    """The values of a multi-valued attribute, or the one value of a single-valued one."""
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
 
 
 def _finite(
@@ -859,7 +860,7 @@ def _finite(
 ) -> tuple[float, ...]:
     """The values of a DS attribute as finite floats; ``error`` naming the file and the attribute
     when one is not a number (a decimal comma, a NaN) or there are not ``count`` of them."""
-    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    values = _values(value)
     shown = "\\".join(str(v) for v in values)
     if len(values) != count:
         raise error(label, f"{where}: {name} '{shown}' has {len(values)} value(s), not {count}")
