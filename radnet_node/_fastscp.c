@@ -5,14 +5,15 @@
  * itself it hands back, at a clean point, to the Python code, which then goes on exactly as if it
  * had read those bytes itself (any command but an ordinary C-STORE-RQ, any PDU but P-DATA-TF, a
  * dataset whose header cannot be found in its first bytes or whose checks fail, a duplicate, a
- * missing series folder, a write error, a budget of disk space used up). What it settles:
+ * series folder it cannot make, a write error, a budget of disk space used up). What it settles:
  *
  *   - PDU framing and the PDVs of P-DATA-TF (the same checks and messages as dicom_ul);
  *   - a C-STORE-RQ on its own context (SOP class = the context's, UIDs valid);
  *   - the dataset streamed to a temporary spool file behind its file meta information;
  *   - the header elements found in its first bytes (the walk of dicom_ul.scan_header);
  *   - the checks of ingest._Incoming._finish (dataset UIDs valid, SOP Instance UID and SOP class
- *     the request's), the move to spool/<study>/<series>/<sop>.dcm, and the C-STORE-RSP.
+ *     the request's), the move to spool/<study>/<series>/<sop>.dcm (making the folders of a new
+ *     series), and the C-STORE-RSP.
  *
  * The loop runs without the GIL and returns to Python after at most max_instances instances, or
  * at a PDU boundary max_seconds after the first instance it has not yet reported, or when the
@@ -647,6 +648,25 @@ static int place(const char *temporary, const char *final) {
     return rename(temporary, final);
 }
 
+/* make the study and series folders of a final path (<spool>/<study>/<series>/<sop>.dcm), as
+ * ingest._place does; 0, or -1 with errno (the spool folder itself is not made here) */
+static int make_folders(char *final) {
+    char *series_end = strrchr(final, '/');
+    if (!series_end) return -1;
+    *series_end = 0;
+    char *study_end = strrchr(final, '/');
+    int r = -1;
+    if (study_end) {
+        *study_end = 0;
+        r = mkdir(final, 0777);
+        *study_end = '/';
+        if (r == 0 || errno == EEXIST) r = mkdir(final, 0777);
+        if (r != 0 && errno == EEXIST) r = 0;
+    }
+    *series_end = '/';
+    return r;
+}
+
 /* the whole dataset is in: check, place and answer it here (1), or hand it over (0) */
 static int finish_store(Loop *L) {
     if (!L->settled) return 0;
@@ -677,7 +697,11 @@ static int finish_store(Loop *L) {
         return -(errno ? errno : EIO); /* handed over closed: the Python side refuses it */
     }
     L->fd = -1;
-    if (place(L->temp, final) != 0) return 0; /* a new series' folder, a duplicate: Python */
+    if (place(L->temp, final) != 0) {
+        /* the first instance of a series: its folders, then again; anything else (a duplicate,
+         * a folder that cannot be made): the Python side */
+        if (errno != ENOENT || make_folders(final) != 0 || place(L->temp, final) != 0) return 0;
+    }
     s->size = L->size;
     s->received_at = L->received_at;
     s->context_id = L->in_context->id;

@@ -219,8 +219,6 @@ _PAUSE_S = 0.02
 #: instances the C loop reports at most at a time (its results array; a report of this size means
 #: the sender is going on, and its rows wait: :meth:`_Association._record_stored`)
 _C_REPORT = 32
-#: how long the A-RELEASE-RP waits for the association's rows to be committed
-_RELEASE_FLUSH_S = 5.0
 #: A-ASSOCIATE-RQs whose answers :meth:`IngestSCP.negotiate` keeps (all forgotten when full), and
 #: the largest it keeps
 _NEGOTIATIONS = 64
@@ -278,16 +276,6 @@ class _Received:
         return self._info
 
     @property
-    def decoded(self) -> bool:
-        """Whether :attr:`info` and :attr:`received_at` are ready (no decoding left)."""
-        return self._info is not None and not isinstance(self._received_at, float)
-
-    def decode(self) -> None:
-        """Make :attr:`info` and :attr:`received_at` ready now."""
-        self.info  # noqa: B018
-        self.received_at  # noqa: B018
-
-    @property
     def received_at(self) -> dt.datetime:
         """When its command arrived (UTC, no tzinfo, as :func:`radnet_node.audit.utcnow`)."""
         if isinstance(self._received_at, float):
@@ -337,8 +325,9 @@ class _Recorder:
     follows once the arrivals pause (:data:`_PAUSE_S`), or with a full batch, or at most
     :data:`_BATCH_WAIT_S` after it: a commit holds the interpreter for milliseconds, which every
     association thread would wait for. What the C loop reports is a batch already: committed at
-    once (``put(..., whole=True)``), unless the sender is going on (``later=True``), whose rows
-    wait for the release's flush, a full batch or the batch wait. A kill in between loses
+    once (``put(..., whole=True)``), unless the sender is going on or releasing
+    (``later=True``), whose rows wait for the association's end (after its A-RELEASE-RP), a
+    full batch or the batch wait. A kill in between loses
     nothing: recovery registers spool files without a row at the next start
     (:func:`radnet_node.jobs.recover`). While the database fails, the batch is retried with
     backoff and :attr:`error` says why, so ingest refuses new instances (0xA700) instead of
@@ -431,18 +420,6 @@ class _Recorder:
                 while len(self._queue) < _BATCH and not (
                     self._stopping or self._flushing or self._whole
                 ):
-                    if self._later:
-                        # rows that wait for the release: decode them now (the C loop does not
-                        # need the interpreter meanwhile), so that the release only commits
-                        waiting = [item for item in self._queue if not item.decoded]
-                        if waiting:
-                            self._wake.release()
-                            try:
-                                for item in waiting:
-                                    item.decode()
-                            finally:
-                                self._wake.acquire()
-                            continue
                     paused = deadline if self._later else self._last_put + _PAUSE_S
                     left = min(deadline, paused) - time.monotonic()
                     if left <= 0:
@@ -913,10 +890,9 @@ class _Association:
                     self._pdata(body)
                 elif pdu_type == dicom_ul.RELEASE_RQ:
                     self._drop_spare()  # before the peer learns that the association is over
-                    # the peer learns it once its instances are in the catalog too (if the
-                    # database answers within the wait, and not while it fails: the files are
-                    # in the spool either way)
-                    self.state.recorder.flush(_RELEASE_FLUSH_S, unless_failing=True)
+                    # answered at once: every instance was answered once its file was at its
+                    # place in the spool, which recovery registers after any crash; the rows
+                    # and the association's end are committed after the answer (_closed)
                     self.sock.sendall(dicom_ul.release_rp_pdu())
                     how = "released"
                     return
@@ -1069,10 +1045,13 @@ class _Association:
         if spare_out is not None:
             self._spare = (Path(os.fsdecode(spare_out[0])), spare_out[1])
         if stored:
-            # a full report means the sender is going on: its rows wait for the release, a pause
-            # or a full batch (a commit beside the stream slows the stream's next instance by
-            # about half the commit's CPU time); any other report is committed at once
-            self._record_stored(stored, going_on=len(stored) >= _C_REPORT)
+            # a full report means the sender is going on: its rows wait for the association's
+            # end, a full batch or the batch wait (a commit beside the stream slows the stream's
+            # next instance by about half the commit's CPU time); so do the rows of a report that
+            # ends at the A-RELEASE-RQ, which is answered first (a commit holds the interpreter:
+            # the answer would wait for it); any other report is committed at once
+            releasing = kind == _fastscp.KIND_PDU and detail[0] == dicom_ul.RELEASE_RQ
+            self._record_stored(stored, going_on=len(stored) >= _C_REPORT or releasing)
         if kind == _fastscp.KIND_BATCH:
             return None
         if kind == _fastscp.KIND_PDU:

@@ -246,8 +246,8 @@ def _spooled(scp: IngestSCP) -> dict[str, bytes]:
 def test_both_loops_spool_the_same_bytes_and_record_the_same_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # more instances than the C loop reports at once (8 here), two series (a second series'
-    # folder is made by the Python code), implicit and explicit VR, a non-ASCII description
+    # more instances than the C loop reports at once (8 here), two series (each series' folders
+    # made by the loop), implicit and explicit VR, a non-ASCII description
     monkeypatch.setattr(ingest, "_C_REPORT", 8)
     files = write_series(tmp_path / "in", "a", slices=20)
     files += write_series(tmp_path / "in", "b", slices=3, series_number=3)
@@ -298,7 +298,7 @@ def test_a_peer_pausing_inside_a_dataset_finds_the_instances_before_it_recorded(
         sock.sendall(p_data_tf(second[half:], 0x02, 3))
         assert read_response(sock).Status == 0
         release(sock)
-        rows = _rows(scp)
+        rows = wait_for(lambda: _rows(scp) if len(_rows(scp)) == 2 else None, 10, "both rows")
     assert [r["sop_instance_uid"] for r in rows] == sorted([first_uid, second_uid])
     spooled = _spooled(scp)
     assert {pydicom.dcmread(BytesIO(b)).SOPInstanceUID for b in spooled.values()} == {
@@ -311,34 +311,43 @@ def test_full_reports_of_the_c_loop_wait_for_the_release_and_commit_in_one_go(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a report of the C loop's full size (4 here) means the sender is going on: its rows wait for
-    # the A-RELEASE-RP (a commit beside the stream slows the stream), which finds all of them
-    # committed in one go (after the first instance's, committed at once); not even a pause of
-    # the puts (0.2 s here) commits them, and the batch wait is a minute here
+    # the association's end (a commit beside the stream slows the stream), and so does the last
+    # report, cut by the A-RELEASE-RQ (answered first): all are committed in one go after the
+    # A-RELEASE-RP; not even a pause of the puts (0.2 s here) commits them, and the batch wait is
+    # a minute here. The first instance makes the series' folders in the C loop too.
     monkeypatch.setattr(ingest, "_C_REPORT", 4)
     monkeypatch.setattr(ingest, "_PAUSE_S", 0.2)
     monkeypatch.setattr(ingest, "_BATCH_WAIT_S", 60.0)
     commits: list[int] = []
     commit = ingest._Recorder._commit
+    resumed: list[object] = []
 
     def spy(self: ingest._Recorder, batch: list[ingest._Received]) -> bool:
         commits.append(len(batch))
         return commit(self, batch)
 
     monkeypatch.setattr(ingest._Recorder, "_commit", spy)
+    original = ingest._Incoming._resumed
+
+    def resumed_spy(self: ingest._Incoming, resume: ingest._Resume) -> None:
+        resumed.append(resume)
+        original(self, resume)
+
+    monkeypatch.setattr(ingest._Incoming, "_resumed", resumed_spy)
     instances = _instances(tmp_path, 9)
     with _scp(tmp_path / "node", "c", monkeypatch) as scp, raw_association(scp.address[1]) as sock:
-        # the first makes the series' folder (in Python), the next 8 are two full reports; the
-        # peer pauses after the first report (the C loop then holds nothing to report)
+        # 1-4 and 5-8 are full reports, 9 is cut by the release; the peer pauses after the first
+        # report (the C loop then holds nothing to report)
         for number, (uid, data) in enumerate(instances, start=1):
             sock.sendall(c_store_rq(uid, number) + p_data_tf(data, 0x02, 3))
             assert read_response(sock).Status == 0
-            if number == 5:
+            if number == 4:
                 time.sleep(0.6)
-                # the first, finished by the Python code, is out of the ordinary: committed at once
-                assert len(_rows(scp)) == 1
+                assert _rows(scp) == []
         release(sock)
-        assert len(_rows(scp)) == 9
-    assert commits == [1, 8]
+        wait_for(lambda: len(_rows(scp)) == 9, 10, "the rows, after the release")
+    assert commits == [9]
+    assert resumed == []  # nothing finished in Python, the first instance neither
 
 
 def test_a_report_after_a_pause_of_the_peer_is_committed_while_the_association_is_open(
@@ -358,7 +367,7 @@ def test_a_report_after_a_pause_of_the_peer_is_committed_while_the_association_i
         sock.sendall(c_store_rq(uid, 5) + p_data_tf(data, 0x02, 3))
         assert read_response(sock).Status == 0
         release(sock)
-        assert len(_rows(scp)) == 5
+        wait_for(lambda: len(_rows(scp)) == 5, 10, "the fifth row, after the release")
 
 
 def test_a_c_echo_between_c_stores_is_answered_and_the_stores_go_on(
@@ -372,7 +381,7 @@ def test_a_c_echo_between_c_stores_is_answered_and_the_stores_go_on(
             sock.sendall(command_pdu(0x0030, 100 + number))
             assert read_response(sock).Status == 0
         release(sock)
-        assert len(_rows(scp)) == 4
+        wait_for(lambda: len(_rows(scp)) == 4, 10, "the rows, after the release")
 
 
 def test_one_p_data_tf_holding_more_c_stores_than_a_report_takes(
@@ -394,6 +403,7 @@ def test_one_p_data_tf_holding_more_c_stores_than_a_report_takes(
         sock.sendall(struct.pack(">BBI", 0x04, 0, len(pdvs)) + pdvs)
         assert [read_response(sock).Status for _ in rest] == [0] * len(rest)
         release(sock)
+        wait_for(lambda: len(_rows(scp)) == len(instances), 10, "the rows, after the release")
         assert sorted(r["sop_instance_uid"] for r in _rows(scp)) == sorted(u for u, _ in instances)
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -734,6 +735,7 @@ def test_an_instance_whose_answer_cannot_be_sent_is_still_recorded(
         raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr("radnet_node.ingest._Association._answer", broken)
+    monkeypatch.setattr(ingest, "_C_BUDGET", 1)  # the C loop hands the dataset to that code
     ds, data = _implicit_dataset(tmp_path)
     with _running(_node(tmp_path), db) as scp, raw_association(scp.address[1]) as sock:
         sock.sendall(c_store_rq(ds.SOPInstanceUID))
@@ -770,21 +772,41 @@ def test_a_series_number_that_is_no_usable_number_is_stored_without_one(
     assert "released: 1 instance(s) stored" in closed[0].message
 
 
-def test_the_release_answer_waits_until_the_instances_are_in_the_catalog(
+def test_the_release_is_answered_before_the_catalog_commit_and_the_rows_follow(
     tmp_path: Path, db: AuditDB, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # a slow database: a sender that sees its association released finds every row all the same
-    commit = _Recorder._commit
+    # every instance was answered once its file was in the spool: the A-RELEASE-RP does not
+    # wait for the catalog (a commit blocked here), and the rows and the association's end follow
+    commit, flush, release_rp = _Recorder._commit, _Recorder.flush, dicom_ul.release_rp_pdu
+    go = threading.Event()
+    steps: list[str] = []
 
-    def slow_commit(self: _Recorder, batch: list[Any]) -> bool:
-        time.sleep(0.5)
+    def blocked_commit(self: _Recorder, batch: list[Any]) -> bool:
+        go.wait(60)
         return commit(self, batch)
 
-    monkeypatch.setattr(_Recorder, "_commit", slow_commit)
+    def flush_noted(self: _Recorder, timeout_s: float, **kwargs: Any) -> bool:
+        steps.append("flush")
+        return flush(self, timeout_s, **kwargs)
+
+    def release_rp_noted() -> bytes:
+        steps.append("A-RELEASE-RP")
+        return release_rp()
+
+    monkeypatch.setattr(_Recorder, "_commit", blocked_commit)
+    monkeypatch.setattr(_Recorder, "flush", flush_noted)
+    monkeypatch.setattr(dicom_ul, "release_rp_pdu", release_rp_noted)
     files = write_series(tmp_path, "r", slices=3)
     with _running(_node(tmp_path), db) as scp:
-        assert send(scp.address[1], files) == [0x0000] * 3
-        assert _instance_count(db) == 3  # no waiting here
+        assert send(scp.address[1], files) == [0x0000] * 3  # released, the commit still blocked
+        assert not go.is_set()
+        assert _instance_count(db) == 0
+        assert steps[0] == "A-RELEASE-RP"  # not after waiting for the recorder
+        assert len(list((tmp_path / "data" / "spool").rglob("*.dcm"))) == 3
+        go.set()
+        wait_for(lambda: _instance_count(db) == 3, 10, "the three rows")
+        closed = wait_for(lambda: _events(db, "association.closed"), 10, "association closed row")
+        assert "association released: 3 instance(s) stored" in closed[0].message
 
 
 _UNKNOWN_CLASS = "1.2.826.0.1.3680043.8.498.99"
@@ -1147,6 +1169,7 @@ def test_an_instance_stored_whose_answer_cannot_be_sent_is_not_called_unfinished
         real(self, request, status, context_id, **kw)
 
     monkeypatch.setattr(ingest._Association, "_answer", failing)
+    monkeypatch.setattr(ingest, "_C_BUDGET", 1)  # the C loop hands the dataset to that code
     ds, data = _implicit_dataset(tmp_path)
     with raw_association(scp.address[1]) as sock:
         sock.sendall(c_store_rq(str(ds.SOPInstanceUID)))
