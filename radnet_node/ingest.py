@@ -376,22 +376,19 @@ class _Recorder:
         """Instances answered but not yet committed."""
         return len(self._queue) + self._in_flight
 
-    def flush(self, timeout_s: float, *, unless_failing: bool = False) -> bool:
-        """Wait until every instance handed over so far is committed; False on timeout (and,
-        ``unless_failing``, as soon as a commit fails)."""
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every instance handed over so far is committed; False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._wake:
             self._flushing += 1
             self._wake.notify_all()
             try:
-                return self._wait_empty(deadline, unless_failing=unless_failing)
+                return self._wait_empty(deadline)
             finally:
                 self._flushing -= 1
 
-    def _wait_empty(self, deadline: float, *, unless_failing: bool = False) -> bool:
+    def _wait_empty(self, deadline: float) -> bool:
         while self._queue or self._in_flight:
-            if unless_failing and self.error is not None:
-                return False
             left = deadline - time.monotonic()
             if left <= 0 or not self._wake.wait(left):
                 return not (self._queue or self._in_flight)
@@ -432,7 +429,6 @@ class _Recorder:
             backoff = 0.2
             while not self._commit(batch):
                 with self._wake:
-                    self._wake.notify_all()  # flush(unless_failing=True) stops waiting
                     if self._stopping:
                         self._in_flight = 0
                         self._batch = []
