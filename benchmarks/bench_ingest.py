@@ -245,6 +245,28 @@ def _positive(text: str) -> int:
     return value
 
 
+def pool(files: list[Path]) -> dict[str, Any]:
+    """The rounds of several saved runs as one sample: the ratio of the median times, the median
+    of the per-round ratios and the bootstrap interval, as a single run prints them."""
+    reference: list[float] = []
+    node: list[float] = []
+    for path in files:
+        try:
+            walls = json.loads(path.read_text())["wall_seconds"]
+            reference += walls["dcmtk storescp"]
+            node += walls["radnet-node"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}: not a bench_ingest.py --json result ({exc})") from None
+    ratio = statistics.median(reference) / statistics.median(node)
+    paired = statistics.median(r / n for r, n in zip(reference, node, strict=True))
+    low, high = _ratio_interval(reference, node)
+    print(f"{len(files)} runs, {len(node)} rounds: ratio radnet-node / DCMTK {ratio:.2f} (target "
+          f">= 1); median of the per-round ratios {paired:.2f}; 90 % bootstrap interval of the "
+          f"ratio {low:.2f}-{high:.2f} (rounds resampled)")  # fmt: skip
+    return {"runs": len(files), "rounds": len(node), "ratio_node_over_dcmtk": ratio,
+            "median_round_ratio": paired, "ratio_interval_90": [low, high]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark and print a Markdown table; returns the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -260,7 +282,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--split", action="store_true", help="also time the node's C-STORE handler in-process"
     )
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: pool the rounds of runs saved with --json and print their ratio",
+    )
     args = parser.parse_args(argv)
+    if args.pool:
+        return pool(args.pool)
 
     names = (
         "dcmtk storescp",

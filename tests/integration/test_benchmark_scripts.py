@@ -25,10 +25,14 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_bench_ingest_runs_and_prints_the_ratio_to_dcmtk() -> None:
+def test_bench_ingest_runs_and_prints_the_ratio_to_dcmtk(tmp_path: Path) -> None:
     need_program("storescu")
     need_program("storescp")
-    out = _run("bench_ingest.py", "--slices", "6", "--size", "64", "--repeats", "1", "--split")
+    saved = tmp_path / "run.json"
+    out = _run(
+        "bench_ingest.py", "--slices", "6", "--size", "64", "--repeats", "1", "--split",
+        "--json", str(saved),
+    )  # fmt: skip
     assert re.search(r"^\| dcmtk storescp \| \d+", out, re.MULTILINE), out
     assert re.search(r"^\| radnet-node \| \d+", out, re.MULTILINE), out
     assert re.search(r"^\| radnet-node, Python loop \| \d+", out, re.MULTILINE), out
@@ -39,6 +43,9 @@ def test_bench_ingest_runs_and_prints_the_ratio_to_dcmtk() -> None:
     assert re.search(r"recorder thread, in parallel \d+\.\d+", out), out
     assert "CPU per instance, us" in out, out
     assert re.search(r"^\| radnet-node \|( \d+ \|){4}$", out, re.MULTILINE), out
+    # saved runs pooled: their rounds as one sample
+    pooled = _run("bench_ingest.py", "--pool", str(saved), str(saved))
+    assert re.search(r"^2 runs, 2 rounds: ratio radnet-node / DCMTK \d+\.\d+", pooled), pooled
 
 
 def test_bench_node_latency_runs_against_orthanc() -> None:
