@@ -129,6 +129,7 @@ def test_store_spools_the_bytes_as_sent_and_records_them(
 ) -> None:
     files = write_series(tmp_path, "a")
     assert send(scp.address[1], files) == [0x0000] * len(files)
+    _closed_associations(db, 1)
     with db.session() as session:
         rows = session.scalars(select(Instance).order_by(Instance.id)).all()
         series = session.scalars(select(Series)).one()
@@ -157,6 +158,7 @@ def test_a_duplicate_sop_instance_is_stored_once_and_audited(
     send(scp.address[1], files[:2])
     before = Path(spool_path(scp.spool_dir, *_uids(files[0]))).stat().st_mtime_ns
     assert send(scp.address[1], files[:1]) == [0x0000]
+    _closed_associations(db, 2)
     with db.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 2
         assert session.scalars(select(Series)).one().instance_count == 2
@@ -176,6 +178,7 @@ def test_compressed_transfer_syntaxes_are_accepted_without_decoding(
 ) -> None:
     files = write_series(tmp_path, "c", slices=1, transfer_syntax=syntax)
     assert send(scp.address[1], files) == [0x0000]
+    _closed_associations(db, 1)
     with db.session() as session:
         row = session.scalars(select(Instance)).one()
     assert row.transfer_syntax_uid == syntax
@@ -328,9 +331,13 @@ def test_an_association_whose_row_cannot_be_written_is_aborted_then_rejected_unt
     Base.metadata.create_all(db.engine)  # the database is back
     assert send(scp.address[1], [first]) == [0x0000]
     assert send(scp.address[1], [first]) == [0x0000]  # (a duplicate) answered first again
-    with db.session() as session:
-        rows = session.execute(select(Association.accepted, Association.end_reason)).all()
-    assert rows == [(True, "released"), (True, "released")]
+
+    def ends() -> list[Any]:  # (written after the A-RELEASE-RP)
+        with db.session() as session:
+            rows = session.execute(select(Association.accepted, Association.end_reason)).all()
+        return rows if all(end for _, end in rows) else []
+
+    assert wait_for(ends, 10, "both associations' ends") == [(True, "released")] * 2
     assert not scp._state.audit_failing  # type: ignore[union-attr]
 
 
@@ -421,6 +428,12 @@ def test_fsync_spool_makes_every_file_durable_before_success(tmp_path: Path, db:
         assert send(running.address[1], files) == [0x0000, 0x0000]
         for path in files:
             assert spool_path(running.spool_dir, *_uids(path)).read_bytes()[128:132] == b"DICM"
+
+
+def _closed_associations(db: AuditDB, count: int) -> None:
+    """Wait until ``count`` associations have their closed row: each association's instance rows
+    are committed before it (after the A-RELEASE-RP, which does not wait for them)."""
+    wait_for(lambda: len(_events(db, "association.closed")) >= count, 10, "the closed rows")
 
 
 def _uids_of(ds: pydicom.Dataset) -> tuple[str, str, str]:
