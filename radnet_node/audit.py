@@ -284,8 +284,10 @@ def add_event(
     job_id: int | None = None,
     export_id: int | None = None,
     data: Mapping[str, Any] | None = None,
+    at: dt.datetime | None = None,
 ) -> Event:
-    """Add an audit event to ``session`` (committed with it) and write it to the process log.
+    """Add an audit event to ``session`` (committed with it) and write it to the process log;
+    ``at``: when it happened (UTC, as :func:`utcnow`), where that is before now (default: now).
 
     Raises
     ------
@@ -295,7 +297,7 @@ def add_event(
     if level not in _LEVELS:
         raise ValueError(f"event level {level!r} is not one of {', '.join(_LEVELS)}")
     row = Event(
-        at=utcnow(),
+        at=at or utcnow(),
         kind=kind,
         level=level,
         study_instance_uid=study_instance_uid,

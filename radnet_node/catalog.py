@@ -212,6 +212,7 @@ def register_instances(session: Session, arrivals: Sequence[Arrival]) -> list[Re
                 f"SOP Instance UID already stored, kept the first copy ({existing[0]})",
                 level="warning",
                 association_id=association_id,
+                at=now,
                 **info.event_ids(),
             )
             registrations.append(
@@ -248,6 +249,7 @@ def register_instances(session: Session, arrivals: Sequence[Arrival]) -> list[Re
                 f"first instance of series {info.series_number or '?'} "
                 f"{info.series_description!r} ({info.modality or 'no modality'})",
                 association_id=association_id,
+                at=now,  # (its row may be committed at the association's end)
                 **info.event_ids(),
             )
         elif series.state != SeriesState.RECEIVED:

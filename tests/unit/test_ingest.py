@@ -135,6 +135,9 @@ def test_store_spools_the_bytes_as_sent_and_records_them(
         series = session.scalars(select(Series)).one()
     assert len(rows) == len(files) and series.instance_count == len(files)
     assert series.state == "received" and series.accession_number == "ACCa"
+    # dated when the instance came, not when its row was committed (after the release)
+    (first,) = _events(db, "series.first_instance")
+    assert first.at == series.first_instance_at == rows[0].received_at
     for path, row in zip(files, rows, strict=True):
         sent = pydicom.dcmread(path)
         spooled = Path(row.spool_path)
