@@ -205,17 +205,20 @@ def run_split(files: list[Path], work: Path) -> dict[str, float]:
     return {"wall": elapsed, **spent}
 
 
-def _ratio_interval(
+def _ratio_stats(
     reference: list[float], node: list[float], resamples: int = 10_000
-) -> tuple[float, float]:
-    """5th and 95th percentiles of the ratio node / reference in images/s (the median time of the
-    reference over the node's) over the rounds resampled with replacement, each round's pair of
-    runs kept together: how far the ratio could move on this machine's noise alone."""
+) -> tuple[float, float, float, float]:
+    """The ratio node / reference in images/s (the median time of the reference over the
+    node's), the median of the per-round ratios, and the 5th and 95th percentiles of the ratio
+    over the rounds resampled with replacement, each round's pair of runs kept together: how far
+    the ratio could move on this machine's noise alone."""
+    ratio = statistics.median(reference) / statistics.median(node)
+    paired = statistics.median(r / n for r, n in zip(reference, node, strict=True))
     pairs = np.array([reference, node])
     picks = np.random.default_rng(0).integers(0, pairs.shape[1], size=(resamples, pairs.shape[1]))
     ratios = np.median(pairs[0][picks], axis=1) / np.median(pairs[1][picks], axis=1)
     low, high = np.percentile(ratios, [5, 95])
-    return float(low), float(high)
+    return ratio, paired, float(low), float(high)
 
 
 def _wait_for_rows(node: NodeProcess, count: int, timeout_s: float = 30.0) -> None:
@@ -257,9 +260,7 @@ def pool(files: list[Path]) -> dict[str, Any]:
             node += walls["radnet-node"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"{path}: not a bench_ingest.py --json result ({exc})") from None
-    ratio = statistics.median(reference) / statistics.median(node)
-    paired = statistics.median(r / n for r, n in zip(reference, node, strict=True))
-    low, high = _ratio_interval(reference, node)
+    ratio, paired, low, high = _ratio_stats(reference, node)
     print(f"{len(files)} runs, {len(node)} rounds: ratio radnet-node / DCMTK {ratio:.2f} (target "
           f">= 1); median of the per-round ratios {paired:.2f}; 90 % bootstrap interval of the "
           f"ratio {low:.2f}-{high:.2f} (rounds resampled)")  # fmt: skip
@@ -363,13 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.split:
                 files = synthetic_series(work / "split", args.slices, args.size, f"-split-{repeat}")
                 splits.append(run_split(files, work / f"split-{repeat}"))
-    paired = statistics.median(
-        dcmtk_s / node_s for dcmtk_s, node_s in zip(times[names[0]], times[names[1]], strict=True)
-    )
-
     rates = {name: args.slices / statistics.median(t) for name, t in times.items()}
-    ratio = rates["radnet-node"] / rates["dcmtk storescp"]
-    low, high = _ratio_interval(times[names[0]], times[names[1]])
+    ratio, paired, low, high = _ratio_stats(times[names[0]], times[names[1]])
     print(
         f"\n{args.slices} instances, {args.size} x {args.size}, {megabytes:.0f} MB, one "
         f"association, max PDU {MAX_PDU}, TCP_NODELAY=1, {args.repeats} runs each (median), "

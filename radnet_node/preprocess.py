@@ -1072,14 +1072,9 @@ def _check_native_length(ds: Dataset, where: str, label: str) -> None:
         return
     try:
         bits = int(ds.BitsAllocated)
-        expected = (
-            int(ds.Rows)
-            * int(ds.Columns)
-            * int(ds.get("NumberOfFrames", 1) or 1)
-            * int(ds.get("SamplesPerPixel", 1) or 1)
-            * bits
-            + 7
-        ) // 8
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        expected = (int(ds.Rows) * int(ds.Columns) * n_frames * samples * bits + 7) // 8
     except (AttributeError, TypeError, ValueError) as exc:
         raise DecodeError(
             label, f"{where}: BitsAllocated, Rows or Columns unusable ({exc})"
@@ -1089,7 +1084,7 @@ def _check_native_length(ds: Dataset, where: str, label: str) -> None:
         raise DecodeError(
             label,
             f"{where}: PixelData holds {found} bytes, but Rows {ds.Rows} x Columns {ds.Columns} x "
-            f"{int(ds.get('NumberOfFrames', 1) or 1)} frame(s) x BitsAllocated {bits} need "
+            f"{n_frames} frame(s) x BitsAllocated {bits} need "
             f"{expected}",
         )
 
